@@ -1,0 +1,609 @@
+"""Gaussian diffusion: the forward process, its posterior, the reverse model, the variational
+bound, the training losses, and the DDPM and DDIM samplers.
+
+References, cited by equation number in the docstrings below:
+  [Ho]      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
+  [Nichol]  Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
+  [Song]    Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models".
+  [Salimans] Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models".
+
+Timestep convention (stated once, used everywhere): a timestep `t` is a LongTensor of 0-based
+indices into the schedule tables. Index 0 is the paper's t = 1 (the least noisy step, whose reverse
+step is the decoder p(x_0 | x_1)); index T-1 is the paper's t = T. "t - 1" in an equation is the
+previous index, and the table `alphas_cumprod_prev[i]` holds ᾱ of the paper's step i, i.e. 1 at
+index 0.
+
+Notation (Ho): α_t = 1 - β_t, ᾱ_t = ∏_{s<=t} α_s. DDIM [Song] writes α_t for what is ᾱ_t here.
+
+The network enters only as a callable `model(x_t, t) -> output`, so every formula can be driven by
+an analytic model. Tables are computed once in float64; each call casts the entries it needs to the
+input's dtype (float64 input -> float64 end to end) and takes them from a copy kept on the input's
+device (made once per device, never per call).
+"""
+import math
+
+import numpy as np
+import torch
+
+LOG2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedules
+# ---------------------------------------------------------------------------------------------
+
+def _cosine_alpha_bar(t, num_timesteps, s=0.008):
+    """f(t) / f(0) with f(t) = cos²(((t/T) + s) / (1 + s) · π/2)   ([Nichol] Eq. 17)."""
+    f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    return f(np.asarray(t, dtype=np.float64)) / f(0.0)
+
+
+def make_beta_schedule(name, num_timesteps):
+    """β_1..β_T as a float64 tensor [T].
+
+    "linear": [Ho] §4, β from 1e-4 to 0.02 at T = 1000; for other T both ends scale by 1000/T
+        (so that ᾱ_T stays about the same), as in [Nichol]'s code.
+    "cosine": [Nichol] Eq. 17, ᾱ_t = f(t)/f(0), β_t = 1 - ᾱ_t/ᾱ_{t-1} clipped at 0.999; the
+        tables then use ᾱ as the cumulative product of the clipped β.
+    """
+    if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) \
+            or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+    T = int(num_timesteps)
+    if name == "linear":
+        scale = 1000.0 / T
+        betas = np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+    elif name == "cosine":
+        abar = _cosine_alpha_bar(np.arange(T + 1), T)
+        betas = np.minimum(1.0 - abar[1:] / abar[:-1], 0.999)
+    else:
+        raise ValueError(f"unknown beta schedule {name!r}; use 'linear' or 'cosine'")
+    return _check_betas(torch.from_numpy(betas), what=f"the {name} schedule at T={T}")
+
+
+def _check_betas(betas, what="betas"):
+    """Validate a β sequence: 1-D, non-empty, finite, each in the open interval (0, 1)."""
+    betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+    if betas.dim() != 1 or betas.numel() == 0:
+        raise ValueError(f"{what}: betas must be a non-empty 1-D sequence, got shape "
+                         f"{tuple(betas.shape)}")
+    if not torch.isfinite(betas).all():
+        raise ValueError(f"{what}: betas must be finite, got a non-finite value at index "
+                         f"{int((~torch.isfinite(betas)).nonzero()[0])}")
+    bad = ((betas <= 0) | (betas >= 1)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{what}: every beta must lie in (0, 1), but beta[{i}] = "
+                         f"{betas[i].item():.6g}; use more timesteps or another schedule")
+    return betas
+
+
+# ---------------------------------------------------------------------------------------------
+# Densities
+# ---------------------------------------------------------------------------------------------
+
+def mean_flat(x):
+    """Mean over every dimension but the first: [B, ...] -> [B]."""
+    return x.mean(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """D_KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) in nats, elementwise (broadcasting).
+
+    = ½ (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)² e^(-logvar2) - 1).
+    """
+    ref = next(a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor))
+    mean1, logvar1, mean2, logvar2 = (torch.as_tensor(a, dtype=ref.dtype, device=ref.device)
+                                      for a in (mean1, logvar1, mean2, logvar2))
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+
+
+def _log1mexp(d):
+    """log(1 - e^-d) for d >= 0, accurate at both ends (Mächler 2012); each branch is fed only
+    the range where it is used, so neither produces inf or nan gradients."""
+    small = d < LOG2
+    return torch.where(small, torch.log(-torch.expm1(-d.clamp(max=LOG2))),
+                       torch.log1p(-torch.exp(-d.clamp(min=LOG2))))
+
+
+def _log_normal_cdf_diff(a, b):
+    """log(Φ(b) - Φ(a)) for a < b, without cancellation: where a > 0 both are reflected into
+    the left tail (Φ(b) - Φ(a) = Φ(-a) - Φ(-b)), where log Φ is accurate."""
+    flip = a > 0
+    hi = torch.where(flip, -a, b)
+    lo = torch.where(flip, -b, a)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + _log1mexp(log_hi - log_lo)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of data on 256 levels in [-1, 1] under N(means, e^(2 log_scales)), in nats,
+    elementwise ([Ho] Eq. 13: the decoder p_θ(x_0 | x_1)).
+
+    Each level owns the bin [x - 1/255, x + 1/255]; the bins of -1 and +1 extend to -∞ and +∞,
+    so the 256 probabilities sum to 1. Computed exactly (normal CDF, no approximation) and in log
+    space, so far-tail bins stay finite.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    upper = inv_std * (centered + 1.0 / 255)
+    lower = inv_std * (centered - 1.0 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)        # bin of -1: Φ(upper)
+    log_sf_lower = torch.special.log_ndtr(-lower)        # bin of +1: 1 - Φ(lower)
+    log_mid = _log_normal_cdf_diff(lower, upper)
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mid))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian diffusion
+# ---------------------------------------------------------------------------------------------
+
+MEAN_TYPES = ("eps", "x0", "v")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
+LOSS_TYPES = ("simple", "vlb", "hybrid")
+HYBRID_LAMBDA = 0.001  # [Nichol] Eq. 16
+
+
+def _choice(value, options, what):
+    if value not in options:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+    return value
+
+
+def _progress(iterable, progress, desc):
+    """Wrap `iterable` in a progress bar: `progress` is False, True (tqdm) or a callable."""
+    if not progress:
+        return iterable
+    if progress is True:
+        from tqdm.auto import tqdm  # only when a bar is asked for
+        progress = tqdm
+    return progress(iterable, desc=desc)
+
+
+class GaussianDiffusion:
+    """The diffusion process of [Ho] with the choices of [Nichol] and [Salimans].
+
+    mean_type: what the network predicts: "eps" (ε, [Ho] Eq. 11), "x0" (x_0), "v"
+        (v = √ᾱ_t ε - √(1-ᾱ_t) x_0, [Salimans] §4).
+    var_type: Σ_θ(x_t, t) = σ_t² I with "fixed_small" (σ² = β̃_t), "fixed_large" (σ² = β_t, and
+        β̃_2 at the first step as in [Ho]'s code), or "learned_range" ([Nichol] Eq. 15: the network
+        emits 2C channels, the last C give v ∈ [-1, 1] and Σ = exp(u log β_t + (1-u) log β̃_t),
+        u = (v + 1)/2).
+    loss_type: "simple" (L_simple, [Ho] Eq. 14, on the predicted quantity), "vlb" (T · L_t, the
+        unbiased one-sample estimate of Σ_t L_t) or "hybrid" ([Nichol] Eq. 16: L_simple +
+        λ T L_t with λ = 0.001 and the mean detached in L_t).
+    """
+
+    def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple"):
+        self.mean_type = _choice(mean_type, MEAN_TYPES, "mean_type")
+        self.var_type = _choice(var_type, VAR_TYPES, "var_type")
+        self.loss_type = _choice(loss_type, LOSS_TYPES, "loss_type")
+        if var_type == "learned_range" and loss_type == "simple":
+            raise ValueError("var_type='learned_range' needs loss_type 'hybrid' or 'vlb': "
+                             "L_simple gives the variance output no gradient")
+        betas = _check_betas(betas)
+        T = self.num_timesteps = betas.numel()
+        self.timestep_map = torch.arange(T)  # index -> the timestep the model is told (respace)
+
+        # ᾱ_t = ∏ α_s, in log space so that 1 - ᾱ_t keeps its precision for tiny β.
+        log_alphas_cumprod = torch.cumsum(torch.log1p(-betas), 0)
+        self.betas = betas
+        self.alphas_cumprod = torch.exp(log_alphas_cumprod)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64),
+                                              self.alphas_cumprod[:-1]])
+        one_minus_ac = -torch.expm1(log_alphas_cumprod)                   # 1 - ᾱ_t
+        one_minus_ac_prev = torch.cat([torch.zeros(1, dtype=torch.float64), one_minus_ac[:-1]])
+
+        # q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I), [Ho] Eq. 6-7.
+        self.posterior_variance = betas * one_minus_ac_prev / one_minus_ac    # β̃_t
+        # β̃_1 = 0: its log is clipped to log β̃_2 (β_1 when T = 1, where there is no β̃_2).
+        first = self.posterior_variance[1] if T > 1 else betas[0]
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([first.reshape(1), self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = torch.sqrt(self.alphas_cumprod_prev) * betas / one_minus_ac
+        self.posterior_mean_coef2 = torch.sqrt(1.0 - betas) * one_minus_ac_prev / one_minus_ac
+
+        self._tables = {
+            "betas": betas,
+            "log_betas": torch.log(betas),
+            "alphas_cumprod": self.alphas_cumprod,
+            # ᾱ of the step before index i is entry i; entry 0 is ᾱ = 1 (DDIM's last target).
+            "alphas_cumprod_ext": torch.cat([torch.ones(1, dtype=torch.float64),
+                                             self.alphas_cumprod]),
+            "sqrt_alphas_cumprod": torch.sqrt(self.alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": torch.sqrt(one_minus_ac),
+            "log_one_minus_alphas_cumprod": torch.log(one_minus_ac),
+            "sqrt_recip_alphas_cumprod": torch.exp(-0.5 * log_alphas_cumprod),   # 1/√ᾱ_t
+            "sqrt_recipm1_alphas_cumprod": torch.sqrt(torch.expm1(-log_alphas_cumprod)),  # √(1/ᾱ_t - 1)
+            "posterior_variance": self.posterior_variance,
+            "posterior_log_variance_clipped": self.posterior_log_variance_clipped,
+            "posterior_mean_coef1": self.posterior_mean_coef1,
+            "posterior_mean_coef2": self.posterior_mean_coef2,
+            # fixed_large: β_t, with β̃_2 at the first step ([Ho]'s code; a better decoder).
+            "fixed_large_log_variance": torch.log(torch.cat([first.reshape(1), betas[1:]])),
+        }
+        bad = [k for k, v in self._tables.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"betas give non-finite {', '.join(bad)}; betas this close to 0 or 1 "
+                             "cannot be represented in float64")
+        self._tables["timestep_map"] = self.timestep_map
+        self._device_tables = {}
+
+    def __repr__(self):
+        return (f"GaussianDiffusion(T={self.num_timesteps}, mean_type={self.mean_type!r}, "
+                f"var_type={self.var_type!r}, loss_type={self.loss_type!r})")
+
+    # ---- tables --------------------------------------------------------------------------------
+
+    def _table(self, name, device):
+        """The float64 table `name`, from the copy kept on `device` (made on first use)."""
+        tables = self._device_tables.get(device)
+        if tables is None:
+            tables = self._device_tables[device] = {k: v.to(device) for k, v in self._tables.items()}
+        return tables[name]
+
+    def _extract(self, name, t, x):
+        """table[t] as a [B, 1, ..., 1] factor in x's dtype, ready to broadcast against x."""
+        return self._table(name, x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def _check_t(self, t, x):
+        """t must be a LongTensor [B] on x's device; its range is checked on the CPU only (a CUDA
+        check would cost a host sync in every call)."""
+        if isinstance(t, int):
+            t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a LongTensor of shape [{x.shape[0]}] (one 0-based "
+                             f"timestep per example), got {getattr(t, 'dtype', type(t))} "
+                             f"of shape {tuple(getattr(t, 'shape', ()))}")
+        t = t.to(x.device)
+        if t.device.type == "cpu" and len(t) and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}] (0-based), got "
+                             f"values from {int(t.min())} to {int(t.max())}")
+        return t
+
+    def respace(self, timesteps):
+        """The diffusion restricted to the kept 0-based `timesteps`, for sampling in fewer steps.
+
+        β is recomputed from the kept ᾱ: β'_i = 1 - ᾱ_{k_i} / ᾱ_{k_{i-1}} (ᾱ before the first
+        kept step is 1), so q(x_{k_i} | x_0) is unchanged ([Nichol] §4). Keeping the original β_k
+        instead would change ᾱ. The model is still called with the original timestep k_i.
+        """
+        keep = sorted({int(k) for k in timesteps})
+        if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
+            raise ValueError(f"respace needs a non-empty set of timesteps in "
+                             f"[0, {self.num_timesteps - 1}], got {keep[:1]}..{keep[-1:]}")
+        log_ac = torch.log(self.alphas_cumprod[keep])
+        log_ac_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_ac[:-1]])
+        betas = -torch.expm1(log_ac - log_ac_prev)
+        new = GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type)
+        new.timestep_map = self.timestep_map[keep]
+        new._tables["timestep_map"] = new.timestep_map
+        return new
+
+    # ---- forward process q -------------------------------------------------------------------
+
+    def q_mean_variance(self, x0, t):
+        """q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) ([Ho] Eq. 4).
+
+        x0: [B, ...]; t: [B]. Returns (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]).
+        """
+        t = self._check_t(t, x0)
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0,
+                1.0 - self._extract("alphas_cumprod", t, x0),
+                self._extract("log_one_minus_alphas_cumprod", t, x0))
+
+    def q_sample(self, x0, t, noise=None):
+        """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε, a draw from q(x_t | x_0) ([Ho] Eq. 4). Shapes as x0."""
+        t = self._check_t(t, x0)
+        noise = torch.randn_like(x0) if noise is None else noise
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, x0 has {tuple(x0.shape)}")
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+
+    def q_posterior_mean_variance(self, x0, x_t, t):
+        """q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) ([Ho] Eq. 6-7):
+        μ̃_t = √ᾱ_{t-1} β_t / (1-ᾱ_t) · x_0 + √α_t (1-ᾱ_{t-1}) / (1-ᾱ_t) · x_t,
+        β̃_t = (1-ᾱ_{t-1}) / (1-ᾱ_t) · β_t.
+
+        Returns (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]); at index 0, where
+        β̃ = 0, the log-variance is clipped to log β̃ of index 1.
+        """
+        t = self._check_t(t, x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x0
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        return (mean, self._extract("posterior_variance", t, x_t),
+                self._extract("posterior_log_variance_clipped", t, x_t))
+
+    # ---- the three parameterisations ----------------------------------------------------------
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t ([Ho] Eq. 15), written 1/√ᾱ_t x_t - √(1/ᾱ_t - 1) ε."""
+        t = self._check_t(t, x_t)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        """ε̂ = (x_t - √ᾱ_t x̂_0) / √(1-ᾱ_t), the inverse of predict_x0_from_eps."""
+        t = self._check_t(t, x_t)
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+
+    def predict_x0_from_v(self, x_t, t, v):
+        """x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v̂ ([Salimans] §4, with v = √ᾱ_t ε - √(1-ᾱ_t) x_0)."""
+        t = self._check_t(t, x_t)
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+
+    def _eps_from_output(self, mean_out, x_t, t):
+        """ε̂ implied by the network's (unclipped) output, whatever it predicts."""
+        if self.mean_type == "eps":
+            return mean_out
+        if self.mean_type == "x0":
+            return self.predict_eps_from_x0(x_t, t, mean_out)
+        return (self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+                + self._extract("sqrt_alphas_cumprod", t, x_t) * mean_out)
+
+    def _target(self, x0, t, noise):
+        """What the network is trained to output for x_t = q_sample(x0, t, noise)."""
+        if self.mean_type == "eps":
+            return noise
+        if self.mean_type == "x0":
+            return x0
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+
+    # ---- reverse process p_θ ------------------------------------------------------------------
+
+    def _split_output(self, output, x_t):
+        """(mean part, variance part or None) of the network output, with a clear shape error."""
+        C = x_t.shape[1] if x_t.dim() > 1 else 1
+        if self.var_type == "learned_range":
+            want = (x_t.shape[0], 2 * C, *x_t.shape[2:])
+            if tuple(output.shape) != want:
+                raise ValueError(f"var_type='learned_range' needs a model output of shape {want} "
+                                 f"(2x the input channels), got {tuple(output.shape)}")
+            return output[:, :C], output[:, C:]
+        if output.shape != x_t.shape:
+            raise ValueError(f"the model output has shape {tuple(output.shape)}, expected the input "
+                             f"shape {tuple(x_t.shape)} (set out_channels = 2x in_channels only for "
+                             "var_type='learned_range')")
+        return output, None
+
+    def _model_variance(self, var_out, x_t, t):
+        """(σ², log σ²) of p_θ(x_{t-1} | x_t) for the chosen var_type."""
+        if self.var_type == "fixed_small":
+            log_var = self._extract("posterior_log_variance_clipped", t, x_t)
+            return self._extract("posterior_variance", t, x_t), log_var
+        if self.var_type == "fixed_large":
+            log_var = self._extract("fixed_large_log_variance", t, x_t)
+            return torch.exp(log_var), log_var
+        u = (var_out + 1) / 2                                     # [Nichol] Eq. 15
+        log_var = (u * self._extract("log_betas", t, x_t)
+                   + (1 - u) * self._extract("posterior_log_variance_clipped", t, x_t))
+        return torch.exp(log_var), log_var
+
+    def _p_from_output(self, output, x_t, t, clip_denoised):
+        """p_mean_variance for a network output already computed."""
+        mean_out, var_out = self._split_output(output, x_t)
+        variance, log_variance = self._model_variance(var_out, x_t, t)
+        if self.mean_type == "eps":
+            pred_x0 = self.predict_x0_from_eps(x_t, t, mean_out)
+        elif self.mean_type == "x0":
+            pred_x0 = mean_out
+        else:
+            pred_x0 = self.predict_x0_from_v(x_t, t, mean_out)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance,
+                "pred_x0": pred_x0, "model_output": mean_out}
+
+    def _call_model(self, model, x_t, t):
+        return model(x_t, self._table("timestep_map", x_t.device)[t])
+
+    def p_mean_variance(self, model, x_t, t, clip_denoised=True):
+        """p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ) ([Ho] Eq. 1), with μ_θ = μ̃_t(x_t, x̂_0) ([Ho] Eq. 11
+        for ε: then μ_θ = (x_t - β_t/√(1-ᾱ_t) ε_θ)/√α_t exactly). With clip_denoised, x̂_0 is
+        clipped to [-1, 1] before it enters μ̃ (as in [Ho]'s sampler).
+
+        x_t: [B, ...]; t: [B]. Returns a dict of "mean", "pred_x0", "model_output" ([B, ...]) and
+        "variance", "log_variance" ([B, 1, ...] for fixed variances, [B, ...] when learned).
+        """
+        t = self._check_t(t, x_t)
+        return self._p_from_output(self._call_model(model, x_t, t), x_t, t, clip_denoised)
+
+    def p_sample(self, model, x_t, t, clip_denoised=True, noise=None, generator=None):
+        """One step of [Ho] Algorithm 2: x_{t-1} = μ_θ(x_t, t) + σ_t z, with z = 0 at index 0.
+
+        Returns {"sample": x_{t-1}, "pred_x0": x̂_0}.
+        """
+        t = self._check_t(t, x_t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised)
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_x0": out["pred_x0"]}
+
+    def _loop(self, step, pairs, x, progress, trajectory, desc):
+        """Run `step(x, t, t_prev) -> dict` over (t, t_prev) pairs, keeping `trajectory` evenly
+        spaced snapshots of (t, x_t, x̂_0) when asked."""
+        keep = set(np.linspace(0, len(pairs) - 1, trajectory).round().astype(int).tolist()) \
+            if trajectory else set()
+        snaps = {"t": [], "x_t": [], "pred_x0": []}
+        for i, (t, t_prev) in enumerate(_progress(pairs, progress, desc)):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            out = step(x, tt, t_prev)
+            if i in keep:
+                snaps["t"].append(t)
+                snaps["x_t"].append(x)
+                snaps["pred_x0"].append(out["pred_x0"])
+            x = out["sample"]
+        if not trajectory:
+            return x
+        return x, {"t": torch.tensor(snaps["t"]), "x_t": torch.stack(snaps["x_t"]),
+                   "pred_x0": torch.stack(snaps["pred_x0"])}
+
+    @staticmethod
+    def _initial_noise(shape, noise, generator, device, dtype):
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+            return noise
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        return torch.randn(tuple(shape), generator=generator, device=device,
+                           dtype=dtype or torch.float32)
+
+    @torch.no_grad()
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, generator=None,
+                      progress=False, device=None, dtype=None, trajectory=0):
+        """[Ho] Algorithm 2: x_T ~ N(0, I), then p_sample for t = T..1; no noise at the last step.
+
+        x_T is `noise` if given (its device and dtype are used), else drawn from `generator` on
+        `device`. Each step's z is drawn from `generator` too, so a seed fixes the samples.
+        trajectory=K > 0 also returns K evenly spaced snapshots {"t", "x_t", "pred_x0"}.
+        """
+        x = self._initial_noise(shape, noise, generator, device, dtype)
+
+        def step(x, t, t_prev):
+            z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                 if t_prev >= 0 else torch.zeros_like(x))
+            return self.p_sample(model, x, t, clip_denoised, noise=z)
+
+        pairs = [(t, t - 1) for t in reversed(range(self.num_timesteps))]
+        return self._loop(step, pairs, x, progress, trajectory, "DDPM sampling")
+
+    # ---- DDIM ---------------------------------------------------------------------------------
+
+    def ddim_timesteps(self, steps, spacing="uniform"):
+        """The ascending 0-based timesteps a DDIM run of `steps` steps visits ([Song]'s code).
+
+        "uniform": 0, k, 2k, ... below T with k = T // steps (e.g. T=1000, 50 steps: 0, 20, ...,
+        980; when steps does not divide T this gives a few more than `steps`).
+        "quad": ⌊(linspace(0, √(0.8 T), steps))²⌋, duplicates removed.
+        """
+        T = self.num_timesteps
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+            raise ValueError(f"DDIM steps must be an integer in [1, {T}], got {steps!r}")
+        if spacing == "uniform":
+            return list(range(0, T, T // steps))
+        if spacing == "quad":
+            return sorted(set((np.linspace(0, math.sqrt(T * 0.8), steps) ** 2).astype(int).tolist()))
+        raise ValueError(f"unknown DDIM spacing {spacing!r}; use 'uniform' or 'quad'")
+
+    def ddim_sample(self, model, x_t, t, t_prev, eta=0.0, clip_denoised=True, noise=None,
+                    generator=None):
+        """One DDIM step from index t to index t_prev < t (t_prev = -1 means ᾱ_prev = 1, x_0)
+        ([Song] Eq. 12, whose α is ᾱ here):
+
+        x_prev = √ᾱ_prev x̂_0 + √(1 - ᾱ_prev - σ²) ε̂ + σ z,
+        σ = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev)   ([Song] Eq. 16).
+
+        ε̂ is recomputed from the (possibly clipped) x̂_0, so that η = 1 over consecutive steps is
+        exactly [Ho]'s step with σ² = β̃_t. Returns {"sample", "pred_x0"}.
+        """
+        t = self._check_t(t, x_t)
+        t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised)
+        eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
+        ac = self._extract("alphas_cumprod", t, x_t)
+        ac_prev = self._extract("alphas_cumprod_ext", t_prev + 1, x_t)
+        sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
+        mean = (torch.sqrt(ac_prev) * out["pred_x0"]
+                + torch.sqrt((1 - ac_prev - sigma ** 2).clamp(min=0)) * eps)
+        if eta == 0:
+            return {"sample": mean, "pred_x0": out["pred_x0"]}
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return {"sample": mean + sigma * noise, "pred_x0": out["pred_x0"]}
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model, shape, steps=50, eta=0.0, noise=None, clip_denoised=True,
+                         generator=None, progress=False, device=None, dtype=None, spacing="uniform",
+                         trajectory=0):
+        """DDIM sampling ([Song] Eq. 12) over ddim_timesteps(steps, spacing), descending; the last
+        step goes from the smallest kept index to ᾱ = 1 (x_0). E.g. T=1000, steps=50 visits
+        980 -> 960 -> ... -> 20 -> 0 -> x_0. Noise, generator and trajectory as in p_sample_loop;
+        with eta > 0 one z per step is drawn from `generator`, none at the last step.
+        """
+        x = self._initial_noise(shape, noise, generator, device, dtype)
+        seq = self.ddim_timesteps(steps, spacing)
+        pairs = list(zip(reversed(seq), reversed([-1] + seq[:-1])))
+
+        def step(x, t, t_prev):
+            z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                 if eta > 0 and t_prev >= 0 else None)
+            return self.ddim_sample(model, x, t, t_prev, eta, clip_denoised, noise=z)
+
+        return self._loop(step, pairs, x, progress, trajectory, f"DDIM-{len(seq)} sampling")
+
+    # ---- the variational bound and the losses -------------------------------------------------
+
+    def _vb_terms_bpd(self, output, x0, x_t, t, clip_denoised):
+        """L_{t-1} of [Ho] Eq. 5 in bits/dim, [B]: D_KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for
+        index > 0, and the decoder -log p_θ(x_0 | x_1) ([Ho] Eq. 13) at index 0."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
+        p = self._p_from_output(output, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / LOG2
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x0, p["mean"], 0.5 * p["log_variance"])) / LOG2
+        return torch.where(t == 0, decoder_nll, kl), p
+
+    def training_losses(self, model, x0, t, noise=None):
+        """Per-example training loss for x0 [B, ...] at timesteps t [B] ([Ho] Algorithm 1).
+
+        Returns a dict of [B] tensors: "loss"; "mse" (the mean squared error of the predicted
+        quantity, [Ho] Eq. 14 for ε) unless loss_type is "vlb"; "vb" (L_t in bits/dim) for "vlb",
+        "hybrid", or a learned variance.
+        """
+        t = self._check_t(t, x0)
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        output = self._call_model(model, x_t, t)
+        mean_out, var_out = self._split_output(output, x0)
+        terms = {}
+        if self.loss_type != "vlb":
+            terms["mse"] = mean_flat((self._target(x0, t, noise) - mean_out) ** 2)
+        if self.loss_type != "simple":
+            if self.loss_type == "hybrid":  # L_vlb trains the variance only ([Nichol] §3.1)
+                output = mean_out.detach() if var_out is None else \
+                    torch.cat([mean_out.detach(), var_out], dim=1)
+            terms["vb"], _ = self._vb_terms_bpd(output, x0, x_t, t, clip_denoised=False)
+        T = self.num_timesteps
+        if self.loss_type == "simple":
+            terms["loss"] = terms["mse"]
+        elif self.loss_type == "vlb":
+            terms["loss"] = T * terms["vb"]
+        else:
+            terms["loss"] = terms["mse"] + HYBRID_LAMBDA * T * terms["vb"]
+        return terms
+
+    def prior_bpd(self, x0):
+        """L_T = D_KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, [B] ([Ho] Eq. 5)."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x0.device)
+        mean, _, log_var = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / LOG2
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model, x0, clip_denoised=True, generator=None, progress=False):
+        """The full variational bound ([Ho] Eq. 5) of each example in bits/dim, one x_t draw per t.
+
+        x0: [B, ...] on the 256 levels of [-1, 1]. Returns a dict: "total_bpd" [B] = Σ_t vb + prior,
+        "prior_bpd" [B] (L_T), "vb" [B, T] (column 0 is L_0, the decoder; column i > 0 is
+        L_i = the KL at index i), "mse" [B, T] (the squared error of the network's ε prediction, unclipped, at each t).
+        """
+        B, T = x0.shape[0], self.num_timesteps
+        vb = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
+        mse = torch.zeros_like(vb)
+        for i in _progress(list(reversed(range(T))), progress, "bound"):
+            t = torch.full((B,), i, dtype=torch.long, device=x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, t, noise)
+            vb[:, i], p = self._vb_terms_bpd(self._call_model(model, x_t, t), x0, x_t, t,
+                                             clip_denoised)
+            mse[:, i] = mean_flat((self._eps_from_output(p["model_output"], x_t, t) - noise) ** 2)
+        prior = self.prior_bpd(x0)
+        return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "mse": mse}
