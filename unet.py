@@ -1,0 +1,289 @@
+"""The ε-network of Ho et al. 2020 (Appendix B): a U-Net with residual blocks,
+self-attention at chosen resolutions and a sinusoidal timestep embedding.
+
+The model predicts ε (or, with out_channels = 2 * in_channels, ε and a variance
+interpolation vector as in Nichol & Dhariwal 2021). It imports nothing from the
+project and decides no device or dtype: it follows its inputs.
+
+Shapes: x is [B, C, H, W]; t is [B] of 0-based timestep indices (the array index
+into the schedule tables, as in Ho et al.'s code); the output is [B, out_channels, H, W].
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GN_EPS = 1e-6  # Ho et al.'s group norm epsilon
+
+
+# ---------------------------------------------------------------------------
+# building blocks
+
+
+def timestep_embedding(t, dim, dtype=torch.float32):
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020 App. B).
+
+    Frequencies f_i = exp(-log(10000) * i / (dim/2 - 1)), i = 0..dim/2-1, as in Ho et al.'s code.
+    t: [B] (any numeric dtype) -> [B, dim] of `dtype` (float32 or float64), [sin(t f) | cos(t f)].
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * (-math.log(10000.0) / (half - 1)))
+    args = t.to(dtype)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def num_groups(channels, max_groups=32, min_group_size=4):
+    """GroupNorm group count: the largest divisor of `channels` that is <= 32 and leaves
+    at least 4 channels per group (1 group if none does).
+
+    32 for Ho et al.'s widths (>= 128). The floor on the group size matters in narrow models:
+    with one channel per group the norm after the timestep projection subtracts each
+    channel's mean, which removes the per-channel shift added from the embedding, so the
+    block would ignore t.
+    """
+    cap = min(max_groups, channels // min_group_size)
+    return max([g for g in range(1, cap + 1) if channels % g == 0], default=1)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(num_groups(channels), channels, eps=GN_EPS)
+
+
+def zero_(module):
+    """Zero a layer's weight and bias in place (Ho et al.'s init_scale=0); returns the layer."""
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block with a timestep projection added after the first conv.
+
+    x: [B, in_ch, H, W], emb: [B, emb_dim] -> [B, out_ch, H, W].
+    """
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection.
+
+    softmax(Q K^T / sqrt(C)) V, Q, K, V from one 1x1 conv. x: [B, C, H, W] -> [B, C, H, W].
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2)  # [B, 3, HW, C]
+        q, k, v = qkv.unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, HW, C], scale 1/sqrt(C)
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 conv. [B, C, H, W] -> [B, C, 2H, 2W]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: res blocks (each followed by attention or identity),
+    then an optional resampling layer (None at the coarsest level going down / finest going up)."""
+
+    def __init__(self, blocks, attns, resample):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.resample = resample
+
+
+# ---------------------------------------------------------------------------
+# the U-Net
+
+
+class UNet(nn.Module):
+    """Ho et al. 2020's ε_θ(x_t, t). forward: x [B, C, H, W], t [B] int -> [B, out_channels, H, W]."""
+
+    def __init__(self, in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
+                 num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28):
+        super().__init__()
+        _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size)
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.base_channels = base_channels
+        self.image_size = image_size
+        ch, emb_dim = base_channels, 4 * base_channels
+
+        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        def attn(c, res):
+            return AttnBlock(c) if res in attn_resolutions else nn.Identity()
+
+        # down path: remember the channel count of every activation pushed as a skip
+        skips, cur, res = [ch], ch, image_size
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(channel_mult):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(cur, ch * mult, emb_dim, dropout))
+                cur = ch * mult
+                attns.append(attn(cur, res))
+                skips.append(cur)
+            last = i == len(channel_mult) - 1
+            self.down.append(Level(blocks, attns, None if last else Downsample(cur)))
+            if not last:
+                skips.append(cur)
+                res //= 2
+
+        self.mid1 = ResBlock(cur, cur, emb_dim, dropout)
+        self.mid_attn = AttnBlock(cur)
+        self.mid2 = ResBlock(cur, cur, emb_dim, dropout)
+
+        # up path: each res block eats one skip, concatenated on channels
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mult))):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(cur + skips.pop(), ch * mult, emb_dim, dropout))
+                cur = ch * mult
+                attns.append(attn(cur, res))
+            self.up.append(Level(blocks, attns, Upsample(cur) if i != 0 else None))
+            if i != 0:
+                res *= 2
+
+        self.norm_out = group_norm(cur)
+        self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
+        self._init_weights()
+
+    def _init_weights(self):
+        """Ho et al.'s init: fan-avg uniform (Xavier) weights, zero biases; residual-branch
+        output convs, attention projections and conv_out start at zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                zero_(m.conv2)
+            elif isinstance(m, AttnBlock):
+                zero_(m.proj)
+        zero_(self.conv_out)
+
+    def forward(self, x, t):
+        """x: [B, in_channels, image_size, image_size] float, t: [B] 0-based timestep indices
+        -> [B, out_channels, image_size, image_size]."""
+        self._check_inputs(x, t)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        emb = self.emb(timestep_embedding(t, self.base_channels, dtype).to(x.dtype))  # [B, 4ch]
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                hs.append(h)
+
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+
+        for level in self.up:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check_inputs(self, x, t):
+        """Shape checks only (no host-device sync)."""
+        want = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must be [B, {want[0]}, {want[1]}, {want[2]}], got {list(x.shape)}")
+        if tuple(t.shape) != (x.shape[0],):
+            raise ValueError(f"t must be [B] = [{x.shape[0]}], got {list(t.shape)}")
+
+
+def _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size):
+    """Raise ValueError (one line) on a configuration the U-Net cannot build."""
+    if len(channel_mult) == 0 or num_res_blocks < 1:
+        raise ValueError(f"need at least one level and one res block, got channel_mult={channel_mult}, "
+                         f"num_res_blocks={num_res_blocks}")
+    if base_channels < 4 or base_channels % 2:
+        raise ValueError(f"base_channels must be even and >= 4 (timestep embedding), got {base_channels}")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} must be divisible by 2**(len(channel_mult)-1) = {factor}; "
+                         f"use a multiple of {factor} or fewer channel_mult levels")
+    resolutions = [image_size // 2 ** i for i in range(len(channel_mult))]
+    unused = [r for r in attn_resolutions if r not in resolutions]
+    if unused:
+        raise ValueError(f"attn_resolutions {unused} never reached; resolutions are {resolutions}")
+
+
+# ---------------------------------------------------------------------------
+# presets
+
+PRESETS = {
+    # 28x28 MNIST on a GPU
+    "mnist": dict(in_channels=1, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                  attn_resolutions=(14,), dropout=0.1, image_size=28),
+    # 28x28 MNIST in minutes on a small CPU
+    "mnist-small": dict(in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attn_resolutions=(7,), dropout=0.0, image_size=28),
+    # Ho et al. 2020's CIFAR-10 model (35.7M parameters)
+    "cifar10": dict(in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attn_resolutions=(16,), dropout=0.1, image_size=32),
+}
+
+
+def build_unet(preset, **overrides):
+    """UNet from a named preset in PRESETS, with any constructor kwargs overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
+    return UNet(**{**PRESETS[preset], **overrides})
+
+
+def count_parameters(model):
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
