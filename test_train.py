@@ -1,0 +1,260 @@
+"""train.py and sample.py end to end on a tiny synthetic dataset (8x8 images, a 2-level UNet,
+T = 100), on the CPU: the loss goes down, resume is exact, two Gloo processes train like one,
+signals and non-finite losses stop cleanly, sample.py writes what it says, bad input gives one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import checkpoint
+import data
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses share two cores with this one
+TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
+        "dropout": 0.0, "timesteps": 100, "batch_size": 16, "lr": 2e-3, "warmup": 10,
+        "log_every": 5, "ckpt_every": 10, "sample_every": 1000, "num_samples": 4,
+        "precision": "fp32", "device": "cpu", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    """96 8x8 images: a bright bar at a random row or column on a dark background."""
+    rng = np.random.default_rng(0)
+    images = np.zeros((96, 8, 8), np.uint8)
+    for k, (horizontal, pos) in enumerate(zip(rng.integers(0, 2, 96), rng.integers(0, 8, 96))):
+        if horizontal:
+            images[k, pos, :] = 255
+        else:
+            images[k, :, pos] = 255
+    path = tmp_path_factory.mktemp("data") / "bars.npz"
+    np.savez(path, images=images)
+    return f"npz:{path}"
+
+
+def run_train(npz, out, **overrides):
+    given = {**TINY, "dataset": npz, "out": str(out), **overrides}
+    return train.train(given, progress=False)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def cli(script, *args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
+
+
+def test_loss_goes_down_and_outputs_are_written(npz, tmp_path):
+    """A short run lowers the loss, logs every metric it promises, and writes a checkpoint whose
+    config rebuilds the model, plus a final sample grid of the right size."""
+    run_train(npz, tmp_path, steps=120)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(5, 121, 5))
+    assert {"loss", "lr", "grad_norm", "img_per_s", "loss_q0", "loss_q3"} <= set(log[0])
+    first, last = np.mean([r["loss"] for r in log[:2]]), np.mean([r["loss"] for r in log[-4:]])
+    assert last < 0.6 * first
+    state = checkpoint.load(tmp_path)
+    assert state["step"] == 120 and state["config"]["unet"]["image_size"] == 8
+    grid = data.read_png(tmp_path / "samples_final.png")
+    assert grid.shape == data.make_grid(np.zeros((4, 1, 8, 8), np.uint8)).shape
+
+
+def test_resume_is_exact(npz, tmp_path):
+    """N steps straight and N/2 + --resume + N/2 give identical weights, EMA and optimizer state."""
+    run_train(npz, tmp_path / "a", steps=20)
+    run_train(npz, tmp_path / "b", steps=10)
+    run_train(npz, tmp_path / "b", steps=20, resume=True)
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+        assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+    assert b["step"] == 20
+
+
+def _ddp_worker(rank, world, port, npz, out, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        _, model, _ = run_train(npz, out, steps=6, batch_size=16)
+        torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_train_like_one(npz, tmp_path):
+    """torchrun-style DDP with 2 Gloo processes on the CPU: each draws a different half of the
+    global batch, the ranks' weights stay identical, and they match one process trained with the
+    same global batch (up to the order of the gradient all-reduce)."""
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(2, port, npz, str(tmp_path / "ddp"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    _, single, _ = run_train(npz, tmp_path / "single", steps=6, batch_size=16)
+    for name, w in single.state_dict().items():
+        assert torch.equal(r0[name], r1[name]), name
+        torch.testing.assert_close(r0[name], w, rtol=1e-4, atol=1e-5)
+    assert os.path.exists(tmp_path / "ddp" / "ckpt.pt")
+    assert not any(n.startswith("rank") for n in os.listdir(tmp_path / "ddp"))
+
+
+def test_batches_cover_each_epoch_once():
+    """The stateless data order: every image once per epoch, across batch boundaries."""
+    b = train.Batches(10, 4, seed=3, device="cpu")
+    seen = torch.cat([b.indices(s) for s in range(5)])  # 20 positions = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(b.indices(3), train.Batches(10, 4, 3, "cpu").indices(3))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(npz, tmp_path):
+    args = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", npz, "--out", tmp_path,
+            "--steps", 100000, "--log-every", 5, "--ckpt-every", 100000, "--device", "cpu",
+            "--precision", "fp32", "--base-channels", 8, "--channel-mult", 1, 2,
+            "--num-res-blocks", 1, "--attn-resolutions", 4, "--timesteps", 100,
+            "--batch-size", 8, "--seed", 0]
+    proc = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env=ENV)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 90
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "--resume" in err
+    state = checkpoint.load(tmp_path)
+    assert state["step"] >= 10
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(npz, tmp_path, monkeypatch):
+    run_train(npz, tmp_path, steps=10)  # a good checkpoint at step 10
+    calls = {"n": 0}
+    real = train.unet.UNet.forward
+
+    def poisoned(self, x, t):
+        calls["n"] += 1
+        out = real(self, x, t)
+        return out * float("nan") if calls["n"] > 3 else out
+
+    monkeypatch.setattr(train.unet.UNet, "forward", poisoned)
+    with pytest.raises(train.TrainError, match="non-finite loss by step 15.*last good checkpoint"):
+        run_train(npz, tmp_path, steps=40, resume=True)
+    state = checkpoint.load(tmp_path)
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.fixture(scope="module")
+def trained(npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_train(npz, out, steps=10)
+    return out
+
+
+def test_sample_writes_png_npz_and_trajectory(trained, tmp_path):
+    """sample.py rebuilds the model from the checkpoint alone; PNG grid of the right size, .npz of
+    uint8 [N, H, W], the same seed giving the same images, a trajectory strip of K + 1 columns."""
+    r = cli("sample.py", "--ckpt", trained, "--n", 6, "--sampler", "ddim", "--steps", 5,
+            "--out", tmp_path / "s.png")
+    assert r.returncode == 0, r.stderr
+    png = data.read_png(tmp_path / "s.png")
+    assert png.shape == data.make_grid(np.zeros((6, 1, 8, 8), np.uint8)).shape
+    for name in ("a.npz", "b.npz"):
+        assert cli("sample.py", "--ckpt", trained / "ckpt.pt", "--n", 5, "--sampler", "ddim",
+                   "--steps", 5, "--eta", 1, "--batch-size", 2, "--out", tmp_path / name).returncode == 0
+    a, b = (np.load(tmp_path / n)["images"] for n in ("a.npz", "b.npz"))
+    assert a.shape == (5, 8, 8) and a.dtype == np.uint8 and np.array_equal(a, b)
+    r = cli("sample.py", "--ckpt", trained, "--n", 3, "--trajectory", 4, "--out", tmp_path / "t.png")
+    assert r.returncode == 0, r.stderr
+    assert data.read_png(tmp_path / "t.png").shape == data.make_grid(
+        np.zeros((15, 1, 8, 8), np.uint8), nrow=5).shape
+
+
+def test_sample_uses_the_newest_run_by_default(trained, tmp_path):
+    runs = tmp_path / "runs" / "x"
+    runs.mkdir(parents=True)
+    (runs / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--n", "2",
+                        "--sampler", "ddim", "--steps", "3"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / "samples.png")
+
+
+def _one_line_error(r, *fragments):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_command_lines_give_one_line_errors(npz, trained, tmp_path):
+    _one_line_error(cli("train.py", "--dataset", npz, "--steps", -5), "--steps must be >= 1")
+    _one_line_error(cli("train.py", "--dataset", "imagenet"), "unknown dataset 'imagenet'")
+    _one_line_error(cli("train.py", "--dataset", f"npz:{tmp_path}/none.npz"), "none.npz")
+    _one_line_error(cli("train.py", "--dataset", npz, "--steps", "ten"), "--steps")
+    _one_line_error(cli("train.py", "--dataset", npz, "--out", tmp_path, "--resume"), "no checkpoint")
+    _one_line_error(cli("train.py", "--dataset", npz, "--out", trained, "--resume",
+                        "--base-channels", 16), "cannot change base_channels")
+    _one_line_error(cli("train.py", "--dataset", npz, "--preset", "huge"), "unknown preset")
+    _one_line_error(cli("sample.py", "--ckpt", tmp_path / "missing.pt"), "no checkpoint")
+    _one_line_error(cli("sample.py", "--n", 0), "--n must be >= 1")
+    _one_line_error(cli("sample.py", "--out", "x.jpg"), ".png or .npz")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    _one_line_error(cli("sample.py", "--ckpt", garbage), "not a readable checkpoint")
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
+    state = checkpoint.load(trained)
+    state["config"]["unet"]["base_channels"] = 16
+    checkpoint.save(tmp_path / "other.pt", state)
+    _one_line_error(cli("sample.py", "--ckpt", tmp_path / "other.pt", "--n", 1),
+                    "another architecture")
+
+
+def test_checkpoint_loading_never_executes_code(tmp_path):
+    """A pickle that would run a command when unpickled is refused by weights_only loading."""
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format_version": 1, "evil": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous checkpoint intact and no temporary file."""
+    checkpoint.save(tmp_path / "ckpt.pt", {"step": 1})
+
+    def broken(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path / "ckpt.pt", {"step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
