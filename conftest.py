@@ -6,6 +6,7 @@ Hypothesis profiles (choose with HYPOTHESIS_PROFILE=<name>):
 """
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -17,3 +18,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Two cores: one intra-op thread per test process keeps runs predictable.
 torch.set_num_threads(int(os.environ.get("DDPM_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Tests draw from seeded generators; this also fixes torch's global generator, so that a test
+    that forgets one is still reproducible."""
+    torch.manual_seed(0)

@@ -92,7 +92,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
     = ½ (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)² e^(-logvar2) - 1).
     """
-    ref = next(a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor))
+    ref = next((a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor)),
+               torch.zeros((), dtype=torch.float64))
     mean1, logvar1, mean2, logvar2 = (torch.as_tensor(a, dtype=ref.dtype, device=ref.device)
                                       for a in (mean1, logvar1, mean2, logvar2))
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
@@ -170,9 +171,10 @@ class GaussianDiffusion:
         β̃_2 at the first step as in [Ho]'s code), or "learned_range" ([Nichol] Eq. 15: the network
         emits 2C channels, the last C give v ∈ [-1, 1] and Σ = exp(u log β_t + (1-u) log β̃_t),
         u = (v + 1)/2).
-    loss_type: "simple" (L_simple, [Ho] Eq. 14, on the predicted quantity), "vlb" (T · L_t, the
-        unbiased one-sample estimate of Σ_t L_t) or "hybrid" ([Nichol] Eq. 16: L_simple +
-        λ T L_t with λ = 0.001 and the mean detached in L_t).
+    loss_type: "simple" (L_simple, [Ho] Eq. 14, on the predicted quantity), "vlb" (T · L_t with
+        t uniform, the unbiased one-sample estimate of L_0 + ... + L_{T-1}; the prior L_T has no
+        parameters) or "hybrid" ([Nichol] Eq. 16: L_simple + λ T L_t with λ = 0.001 and the mean
+        detached in L_t; needs var_type "learned_range").
     """
 
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple"):
@@ -182,6 +184,9 @@ class GaussianDiffusion:
         if var_type == "learned_range" and loss_type == "simple":
             raise ValueError("var_type='learned_range' needs loss_type 'hybrid' or 'vlb': "
                              "L_simple gives the variance output no gradient")
+        if loss_type == "hybrid" and var_type != "learned_range":
+            raise ValueError("loss_type='hybrid' trains a learned variance (its VB term has the "
+                             "mean detached); with a fixed variance use loss_type 'simple'")
         betas = _check_betas(betas)
         T = self.num_timesteps = betas.numel()
         self.timestep_map = torch.arange(T)  # index -> the timestep the model is told (respace)
@@ -208,9 +213,13 @@ class GaussianDiffusion:
             "betas": betas,
             "log_betas": torch.log(betas),
             "alphas_cumprod": self.alphas_cumprod,
-            # ᾱ of the step before index i is entry i; entry 0 is ᾱ = 1 (DDIM's last target).
-            "alphas_cumprod_ext": torch.cat([torch.ones(1, dtype=torch.float64),
-                                             self.alphas_cumprod]),
+            "one_minus_alphas_cumprod": one_minus_ac,
+            # log ᾱ and 1 - ᾱ of the step before index i are entry i; entry 0 is ᾱ = 1, the
+            # target of DDIM's last step.
+            "log_alphas_cumprod_ext": torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                 log_alphas_cumprod]),
+            "one_minus_alphas_cumprod_ext": torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                       one_minus_ac]),
             "sqrt_alphas_cumprod": torch.sqrt(self.alphas_cumprod),
             "sqrt_one_minus_alphas_cumprod": torch.sqrt(one_minus_ac),
             "log_one_minus_alphas_cumprod": torch.log(one_minus_ac),
@@ -290,7 +299,7 @@ class GaussianDiffusion:
         """
         t = self._check_t(t, x0)
         return (self._extract("sqrt_alphas_cumprod", t, x0) * x0,
-                1.0 - self._extract("alphas_cumprod", t, x0),
+                self._extract("one_minus_alphas_cumprod", t, x0),
                 self._extract("log_one_minus_alphas_cumprod", t, x0))
 
     def q_sample(self, x0, t, noise=None):
@@ -464,7 +473,8 @@ class GaussianDiffusion:
 
         x_T is `noise` if given (its device and dtype are used), else drawn from `generator` on
         `device`. Each step's z is drawn from `generator` too, so a seed fixes the samples.
-        trajectory=K > 0 also returns K evenly spaced snapshots {"t", "x_t", "pred_x0"}.
+        trajectory=K > 0 also returns K evenly spaced snapshots {"t", "x_t", "pred_x0"} of the
+        loop's steps (fewer when the loop has fewer than K steps); the first is x_T itself.
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
 
@@ -507,18 +517,24 @@ class GaussianDiffusion:
         """
         t = self._check_t(t, x_t)
         t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
+        if t_prev.device.type == "cpu" and ((t_prev < -1) | (t_prev >= t)).any():
+            raise ValueError("DDIM needs -1 <= t_prev < t (t_prev = -1 is the final step to x_0)")
         out = self.p_mean_variance(model, x_t, t, clip_denoised)
         eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
-        ac = self._extract("alphas_cumprod", t, x_t)
-        ac_prev = self._extract("alphas_cumprod_ext", t_prev + 1, x_t)
-        sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
-        mean = (torch.sqrt(ac_prev) * out["pred_x0"]
-                + torch.sqrt((1 - ac_prev - sigma ** 2).clamp(min=0)) * eps)
+        # The coefficients in float64 from the tables, cast once: in fp16/bf16 1 - ᾱ rounds to 0.
+        log_ac = self._table("log_alphas_cumprod_ext", x_t.device)
+        one_minus = self._table("one_minus_alphas_cumprod_ext", x_t.device)
+        log_ac_t, log_ac_prev = log_ac[t + 1], log_ac[t_prev + 1]
+        om_t, om_prev = one_minus[t + 1], one_minus[t_prev + 1]
+        var = eta ** 2 * om_prev / om_t * -torch.expm1(log_ac_t - log_ac_prev)   # σ², Eq. 16
+        cast = lambda c: c.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        mean = (cast(torch.exp(0.5 * log_ac_prev)) * out["pred_x0"]
+                + cast(torch.sqrt((om_prev - var).clamp(min=0))) * eps)
         if eta == 0:
             return {"sample": mean, "pred_x0": out["pred_x0"]}
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return {"sample": mean + sigma * noise, "pred_x0": out["pred_x0"]}
+        return {"sample": mean + cast(torch.sqrt(var)) * noise, "pred_x0": out["pred_x0"]}
 
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, steps=50, eta=0.0, noise=None, clip_denoised=True,

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import scipy.special as special
+
 import ddpm
 
 F64 = torch.float64
@@ -262,7 +264,8 @@ def test_ddim_timesteps():
     (dict(mean_type="score"), "unknown mean_type 'score'; choose one of eps, x0, v"),
     (dict(var_type="learned"), "unknown var_type"),
     (dict(loss_type="l1"), "unknown loss_type"),
-    (dict(var_type="learned_range"), "needs loss_type 'hybrid' or 'vlb'")])
+    (dict(var_type="learned_range"), "needs loss_type 'hybrid' or 'vlb'"),
+    (dict(loss_type="hybrid"), "with a fixed variance use loss_type 'simple'")])
 def test_bad_options_raise(kwargs, match, cosine100):
     with pytest.raises(ValueError, match=match):
         ddpm.GaussianDiffusion(cosine100, **kwargs)
@@ -284,6 +287,8 @@ def test_bad_calls_raise_one_line_errors(cosine100):
         (lambda: d.ddim_timesteps(10, "cubic"), "unknown DDIM spacing"),
         (lambda: d.p_sample_loop(zero, x.shape, noise=torch.zeros(3, 1, 3, 3)), "noise has shape"),
         (lambda: d.respace([]), "non-empty"),
+        (lambda: d.ddim_sample(zero, x, at(5, 2), -2), "t_prev"),
+        (lambda: d.ddim_sample(zero, x, at(5, 2), 5), "t_prev"),
         (lambda: d.respace([5, 100]), "respace needs"),
     ]
     for call, match in cases:
@@ -305,3 +310,174 @@ def test_short_chains():
         assert torch.isfinite(d.ddim_sample_loop(zero, (2, 1), steps=len(betas))).all()
         assert torch.isfinite(d.training_losses(zero, x0, at(0, 2))["loss"]).all()
         assert torch.isfinite(d.calc_bpd_loop(zero, x0)["total_bpd"]).all()
+
+
+# ---- exact behaviour of single steps, loops and the bound ----------------------------------
+
+def reference(betas):
+    """β, ᾱ (a plain cumulative product), ᾱ_{t-1} and β̃ in NumPy."""
+    b = np.asarray(betas, dtype=np.float64)
+    ac = np.cumprod(1 - b)
+    ac_prev = np.append(1.0, ac[:-1])
+    return {"beta": b, "ac": ac, "ac_prev": ac_prev, "post_var": b * (1 - ac_prev) / (1 - ac)}
+
+
+# ---- p_sample adds no noise at index 0 (Ho Algorithm 2: z = 0 at t = 1) ---------------------
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_p_sample_adds_noise_only_above_index_0(var_type):
+    """Ho Alg. 2: x_{t-1} = μ_θ + σ_t z with z ~ N(0, I) for t > 1 and z = 0 for t = 1. p_sample
+    with an explicit z (and with a generator) returns exactly the mean at index 0, and
+    mean + σ z at index 1 with σ² = β̃_2 (fixed_small) or β_2 (fixed_large) from NumPy."""
+    betas = ddpm.make_beta_schedule("cosine", 50)
+    d, ref = ddpm.GaussianDiffusion(betas, var_type=var_type), reference(betas.numpy())
+    model = lambda x, t: torch.tanh(x)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, dtype=F64, generator=g)
+    z = torch.randn(4, 3, dtype=F64, generator=g)
+    mean0 = d.p_mean_variance(model, x, at(0, 4))["mean"]
+    assert torch.equal(d.p_sample(model, x, at(0, 4), noise=z)["sample"], mean0)
+    assert torch.equal(d.p_sample(model, x, at(0, 4), generator=g)["sample"], mean0)
+    mean1 = d.p_mean_variance(model, x, at(1, 4))["mean"]
+    sigma1 = math.sqrt(ref["post_var"][1] if var_type == "fixed_small" else ref["beta"][1])
+    np.testing.assert_allclose(d.p_sample(model, x, at(1, 4), noise=z)["sample"],
+                               mean1 + sigma1 * z, rtol=1e-12, atol=1e-14)
+
+
+# ---- a DDIM step is Song Eq. 12 with the σ of Eq. 16, for fractional η too ------------------
+
+@pytest.mark.parametrize("eta", [0.25, 0.5, 0.8])
+@pytest.mark.parametrize("t,t_prev", [(999, 979), (600, 300), (20, 0), (0, -1)])
+def test_ddim_step_is_song_eq12_with_eq16_sigma(eta, t, t_prev):
+    """Song Eq. 12: x_prev = √ᾱ_prev x̂_0 + √(1 - ᾱ_prev - σ²) ε + σ z, with
+    σ = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev) (Eq. 16), x̂_0 = (x_t - √(1-ᾱ_t) ε)/√ᾱ_t,
+    ᾱ_prev = 1 for t_prev = -1; all in NumPy. η = 0 and η = 1 are covered elsewhere; η ∉ {0, 1}
+    is what separates η from η²."""
+    betas = ddpm.make_beta_schedule("linear", 1000)
+    d, ac = ddpm.GaussianDiffusion(betas), reference(betas.numpy())["ac"]
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(5, 2, dtype=F64, generator=g)
+    z = torch.randn(5, 2, dtype=F64, generator=g)
+    model = lambda x, tt: 0.8 * torch.tanh(x)
+    got = d.ddim_sample(model, x_t, at(t, 5), t_prev, eta=eta, clip_denoised=False, noise=z)["sample"]
+    a_t, a_p = ac[t], (ac[t_prev] if t_prev >= 0 else 1.0)
+    xt, zz = x_t.numpy(), z.numpy()
+    eps = 0.8 * np.tanh(xt)
+    x0 = (xt - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    sigma = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+    want = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma ** 2) * eps + sigma * zz
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+
+
+# ---- the random stream of p_sample_loop: x_T, then one z per step for t > 1 -----------------
+
+def test_p_sample_loop_is_algorithm_2_draw_for_draw():
+    """Ho Alg. 2 written out here: x_T ~ N(0, I) and one z per step for t = T..2 drawn from the
+    same generator, none at t = 1. The samples and the generator's state afterwards equal
+    p_sample_loop's, so a second batch drawn with the same generator also agrees (and agrees with
+    DDIM η = 1 over all steps, which draws no z at its last step either)."""
+    betas = ddpm.make_beta_schedule("cosine", 30)
+    d, ref = ddpm.GaussianDiffusion(betas), reference(betas.numpy())
+    model = lambda x, t: 0.3 * x
+    shape = (3, 2)
+    g_code, g_ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    got = d.p_sample_loop(model, shape, generator=g_code, dtype=F64, clip_denoised=False)
+    x = torch.randn(shape, dtype=F64, generator=g_ref)
+    for i in reversed(range(30)):
+        mean = d.p_mean_variance(model, x, at(i, 3), clip_denoised=False)["mean"]
+        x = mean + (math.sqrt(ref["post_var"][i]) * torch.randn(shape, dtype=F64, generator=g_ref)
+                    if i > 0 else 0.0)
+    np.testing.assert_allclose(got, x, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g_code.get_state(), g_ref.get_state())
+    # consecutive batches from one generator: DDPM and DDIM η=1 stay in step
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    a = [d.p_sample_loop(model, shape, generator=g1, dtype=F64) for _ in range(2)]
+    b = [d.ddim_sample_loop(model, shape, steps=30, eta=1.0, generator=g2, dtype=F64) for _ in range(2)]
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-9, atol=1e-9)
+
+
+# ---- the cosine schedule clips β at 0.999 (Nichol & Dhariwal §3.2) --------------------------
+
+@pytest.mark.parametrize("T", [1, 2, 10, 100, 1000, 4000])
+def test_cosine_betas_including_the_clipped_ones(T):
+    """Nichol & Dhariwal §3.2: β_t = min(1 - ᾱ_t/ᾱ_{t-1}, 0.999) with ᾱ_t = f(t)/f(0) (Eq. 17);
+    every β, the clipped last one included, equals the NumPy formula; β_T is exactly 0.999
+    (f(T) = cos²(π/2) ≈ 0 makes the raw β_T ≈ 1)."""
+    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
+    want = np.minimum(1 - f[1:] / f[:-1], 0.999)
+    got = ddpm.make_beta_schedule("cosine", T).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+    assert got[-1] == 0.999
+
+
+# ---- calc_bpd_loop on an x_0 oracle: exact zeros and closed-form columns -------------------
+
+def _bits_decoder_nll(x0, sigma):
+    """-log2 P(bin of x_0 | N(x_0, σ²)) per element, SciPy: edge bins open, bin half-width 1/255."""
+    w = 1 / 255 / sigma
+    inner = np.log(special.ndtr(w) - special.ndtr(-w))
+    edge = special.log_ndtr(w)
+    return -np.where(np.abs(x0) > 0.999, edge, inner) / math.log(2)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_calc_bpd_loop_on_the_oracle(mean_type):
+    """With a model that knows x_0 (any parameterisation), fixed_small: the ε error is exactly 0 at
+    every t ("mse"); every KL column i > 0 is 0 (μ_θ = μ̃_t, σ² = β̃_t); column 0 is the decoder
+    at mean μ̃_1 = x_0 and σ² = β̃_2 (the clipped log-variance), by SciPy; the prior is the closed
+    form ½(ᾱ_T x_0² + (1-ᾱ_T) - 1 - log(1-ᾱ_T)) / log 2; the total is their sum."""
+    betas = ddpm.make_beta_schedule("cosine", 40)
+    ref = reference(betas.numpy())
+    d = ddpm.GaussianDiffusion(betas, mean_type=mean_type)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (3, 1, 2, 2), generator=g).to(F64) / 127.5 - 1
+    x0[0, 0, 0, 0], x0[1, 0, 0, 0] = -1.0, 1.0  # both open edge bins
+    out = d.calc_bpd_loop(oracle(x0, d, mean_type), x0, generator=g)
+    assert out["mse"].abs().max().item() < 1e-20
+    assert out["vb"][:, 1:].abs().max().item() < 1e-9
+    x = x0.numpy().reshape(3, -1)
+    want0 = _bits_decoder_nll(x, math.sqrt(ref["post_var"][1])).mean(1)
+    np.testing.assert_allclose(out["vb"][:, 0], want0, rtol=1e-9)
+    a = ref["ac"][-1]
+    prior = (0.5 * (a * x ** 2 + (1 - a) - 1 - math.log(1 - a)) / math.log(2)).mean(1)
+    np.testing.assert_allclose(out["prior_bpd"], prior, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(out["total_bpd"], want0 + prior, rtol=1e-9, atol=1e-9)
+
+
+# ---- calc_bpd_loop's "mse" is the unclipped ε error, noise reproduced from the seed ---------
+
+def test_calc_bpd_mse_is_the_unclipped_eps_error():
+    """calc_bpd_loop draws one ε per t, for t = T-1 down to 0, from `generator`; "mse"[:, i] is
+    mean((ε_θ - ε_i)²) of the network's own ε, not of an ε recomputed from the clipped x̂_0. With
+    ε_θ = 0 (x̂_0 = x_t/√ᾱ_t, far outside [-1, 1] at large t, so clipping is active) it is
+    mean(ε_i²), with the ε_i redrawn here from the same seed."""
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 20))
+    x0 = torch.linspace(-1, 1, 6, dtype=F64).view(2, 1, 3)
+    out = d.calc_bpd_loop(lambda x, t: torch.zeros_like(x), x0, clip_denoised=True,
+                          generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    want = torch.zeros(2, 20, dtype=F64)
+    for i in reversed(range(20)):
+        want[:, i] = (torch.randn(x0.shape, dtype=F64, generator=g) ** 2).mean((1, 2))
+    np.testing.assert_allclose(out["mse"], want, rtol=1e-12)
+
+
+# ---- low precision: DDIM's coefficients come from the float64 tables ----------------------
+
+@pytest.mark.parametrize("case", ["float16 linear T=1000", "bfloat16 linear T=1000",
+                                  "float32 first beta 2e-9"])
+def test_ddim_has_no_nan_in_low_precision(case):
+    """DDIM (η = 0) must return finite samples whenever DDPM does: fp16/bf16 inputs with Ho's
+    linear schedule (ᾱ_1 = 0.9999 rounds to 1), and float32 with a first β of 2e-9."""
+    if case.startswith("float32"):
+        ac = special.expit(np.linspace(20, -10, 100))
+        betas, dtype = 1 - ac / np.append(1.0, ac[:-1]), torch.float32
+    else:
+        betas = ddpm.make_beta_schedule("linear", 1000)
+        dtype = torch.float16 if case.startswith("float16") else torch.bfloat16
+    d = ddpm.GaussianDiffusion(betas)
+    x = torch.randn(4, 1, generator=torch.Generator().manual_seed(0)).to(dtype)
+    model = lambda x, t: 0.1 * x
+    assert torch.isfinite(d.p_sample_loop(model, x.shape, noise=x.clone())).all()
+    assert torch.isfinite(d.ddim_sample_loop(model, x.shape, steps=d.num_timesteps // 20 or 1,
+                                             noise=x.clone())).all()
