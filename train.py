@@ -26,7 +26,7 @@ import data
 import ddpm
 import unet
 
-CPU_STEPS = 4000  # no --preset on a CPU: mnist-small for this many steps (about 20 min, 2 cores)
+CPU_STEPS = 2500  # no --preset on a CPU: mnist-small for this many steps (about 20 min, 2 cores)
 GPU_STEPS = 30000
 
 
