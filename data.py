@@ -118,12 +118,12 @@ def load_dataset(name, split="train", data_dir=None, cache_dir=None, progress=Tr
     if split not in SPLITS:
         raise DataError(f"{_TITLES[name]}: unknown split {split!r}; choose 'train' or 'test'")
     data_dir = data_dir or os.environ.get("DDPM_DATA") or None
-    cache_file = os.path.join(_cache_dir(cache_dir), f"{name}.npz")
+    cache_file = os.path.join(cache_directory(cache_dir), f"{name}.npz")
     images, labels = _obtain_splits(name, data_dir, cache_file, progress)[split]
     return Dataset(images, labels, name)
 
 
-def _cache_dir(cache_dir):
+def cache_directory(cache_dir):
     """The cache directory: the argument, else $DDPM_CACHE, else ~/.cache/ddpm."""
     chosen = cache_dir or os.environ.get("DDPM_CACHE") or os.path.join("~", ".cache", "ddpm")
     return os.path.expanduser(chosen)

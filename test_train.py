@@ -112,6 +112,21 @@ def test_two_gloo_processes_train_like_one(npz, tmp_path):
     assert not any(n.startswith("rank") for n in os.listdir(tmp_path / "ddp"))
 
 
+@pytest.mark.parametrize("option", [{"channels_last": True}, {"precision": "bf16"},
+                                    {"precision": "fp16"}, {"compile": True}])
+def test_speed_options_train_the_same_model(npz, tmp_path, option):
+    """Each speed option gives the same training, up to its arithmetic: after 4 steps the weights
+    are close to the fp32 / contiguous / eager run (exactly equal losses are not expected under
+    reduced precision, and compiled kernels may reorder sums)."""
+    _, ref, _ = run_train(npz, tmp_path / "ref", steps=4)
+    _, got, _ = run_train(npz, tmp_path / "opt", steps=4, **option)
+    tol = {"precision": dict(rtol=0.05, atol=5e-3)}.get(next(iter(option)), dict(rtol=1e-4, atol=1e-5))
+    for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), **tol, msg=name)
+    log = read_log(tmp_path / "opt")
+    assert all(np.isfinite(r["loss"]) for r in log)
+
+
 def test_batches_cover_each_epoch_once():
     """The stateless data order: every image once per epoch, across batch boundaries."""
     b = train.Batches(10, 4, seed=3, device="cpu")

@@ -127,7 +127,7 @@ def resolve_config(given, device, image_shape, saved=None):
     if cfg.channels_last is None:
         cfg.channels_last = device.type == "cuda"
     if cfg.precision == "auto":
-        cfg.precision = "bf16" if _bf16_fast(device) else "fp32"
+        cfg.precision = "bf16" if bf16_is_fast(device) else "fp32"
     cfg.out = cfg.out or os.path.join("runs", cfg.dataset.replace(":", "_").replace("/", "_"))
     kwargs = {**unet.PRESETS[cfg.preset],
               **{k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}}
@@ -162,7 +162,7 @@ def _validate(cfg):
             raise TrainError(message)
 
 
-def _bf16_fast(device):
+def bf16_is_fast(device):
     """bf16 autocast pays on CUDA and on CPUs with bf16 matrix units (AMX or AVX512-BF16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -250,6 +250,49 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def build_training(cfg, unet_kwargs, device):
+    """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
+    frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
+    torch.manual_seed(cfg.seed)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = unet.UNet(**unet_kwargs).to(device, memory_format=memory_format)
+    ema = unet.UNet(**unet_kwargs).to(device, memory_format=memory_format).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return model, ema, optimizer, scaler
+
+
+def under_autocast(network, cfg, device):
+    """network(x, t) in cfg.precision, returning fp32: the diffusion math around it stays fp32."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def fn(x, t):
+        with autocast(cfg, device):
+            return network(x.contiguous(memory_format=memory_format), t).float()
+    return fn
+
+
+def make_train_step(model_fn, model, ema, optimizer, scaler, diffusion, cfg):
+    """One step of Ho et al.'s Algorithm 1 with Adam, gradient clipping and the EMA update:
+    step_fn(x0, t, noise, step) -> (per-example losses, grad norm), both detached, no host sync."""
+    def step_fn(x0, t, noise, step):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        losses = diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.mean()).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        return losses.detach(), grad_norm.detach()
+    return step_fn
+
+
 def save_grid(path, images):
     """Images in [-1, 1], [N, C, H, W], as one PNG grid."""
     data.save_png(path, data.make_grid(data.to_uint8(images).cpu().numpy()))
@@ -280,17 +323,7 @@ def train(given, progress=True):
               f"{cfg.batch_size} ({cfg.precision}), about 20 minutes on 2 cores; "
               "--preset and --steps override this", file=sys.stderr)
 
-    torch.manual_seed(cfg.seed)
-    model = unet.UNet(**unet_kwargs).to(device)
-    ema = unet.UNet(**unet_kwargs).to(device).eval()
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    ema.to(memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    model, ema, optimizer, scaler = build_training(cfg, unet_kwargs, device)
     step = 0
     ckpt_path = os.path.join(cfg.out, checkpoint.FILENAME)
     if state is not None:
@@ -309,13 +342,9 @@ def train(given, progress=True):
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(net) if cfg.compile else net
 
-    def under_autocast(network):  # the network in cfg.precision; the diffusion math stays fp32
-        def fn(x, t):
-            with autocast(cfg, device):
-                return network(x.contiguous(memory_format=memory_format), t).float()
-        return fn
-
-    model_fn, ema_fn = under_autocast(forward), under_autocast(ema)
+    ema_fn = under_autocast(ema, cfg, device)
+    train_step = make_train_step(under_autocast(forward, cfg, device), model, ema, optimizer,
+                                 scaler, diffusion, cfg)
 
     def checkpoint_state():
         return {"step": step, "config": {**dataclasses.asdict(cfg), "unet": unet_kwargs},
@@ -353,24 +382,12 @@ def train(given, progress=True):
             noise_all = torch.randn((cfg.batch_size, *images.shape[1:]), generator=g, device=device)
             t, noise = (v[rank * local:(rank + 1) * local] for v in (t_all, noise_all))
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step)
-
-            x0 = data.to_model_range(images[idx])
-            losses = diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"]
-            loss = losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            losses, grad_norm = train_step(data.to_model_range(images[idx]), t, noise, step)
             step += 1
 
             quarter = t * 4 // cfg.timesteps
-            sums[:3] += torch.stack([loss.detach(), grad_norm.detach(), torch.ones((), device=device)])
-            sums[3:7].index_add_(0, quarter, losses.detach())
+            sums[:3] += torch.stack([losses.mean(), grad_norm, torch.ones((), device=device)])
+            sums[3:7].index_add_(0, quarter, losses)
             sums[7:].index_add_(0, quarter, torch.ones_like(losses))
             bar.update(1)
 

@@ -1,0 +1,199 @@
+"""Speed against the hardware: `python bench.py` (add `--json FILE` to keep the table).
+
+On the present device (CPU or CUDA), for the presets and a few batch sizes, it measures
+  train img/s    the full training step of train.py (forward, backward, Adam, EMA)
+  DDPM/DDIM img/s  sampling throughput of Ho's 1000-step sampler and DDIM-50, from the median
+                   time of one sampling step (the network call plus the update), times the steps
+  peak memory    CUDA max allocated, or the process's peak resident set on the CPU
+  achieved FLOP/s  the step's FLOPs (torch.utils.flop_counter: convolutions and matmuls, forward
+                   and backward) over its median time, as a fraction of a dense matmul measured in
+                   the same run (fp32 and bf16 on the CPU, bf16 on CUDA): the physical limit
+and repeats the training step with each speed option on and off: bf16 autocast, channels_last,
+torch.compile (and CUDA graphs for sampling on CUDA).
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ddpm
+import train
+import unet
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, warmup, iters):
+    """Median wall time of fn() in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, n):
+    """FLOP/s of an n x n x n matmul in `dtype` (best of 5 timed rounds of 10 calls)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 10)
+    return 2 * n ** 3 / best
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def config(preset, batch, precision, channels_last, compile_, device):
+    cfg = train.Config(preset=preset, batch_size=batch, precision=precision,
+                       channels_last=channels_last, compile=compile_, lr=2e-4, warmup=1000)
+    return cfg, dict(unet.PRESETS[preset])
+
+
+def bench_train(preset, batch, precision, channels_last, compile_, device, iters):
+    """The training step's img/s, FLOPs and peak memory."""
+    cfg, kwargs = config(preset, batch, precision, channels_last, compile_, device)
+    model, ema, optimizer, scaler = train.build_training(cfg, kwargs, device)
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    network = torch.compile(model) if compile_ else model
+    step_fn = train.make_train_step(train.under_autocast(network, cfg, device), model, ema,
+                                    optimizer, scaler, diffusion, cfg)
+    g = torch.Generator(device).manual_seed(0)
+    shape = (batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    x0 = torch.rand(shape, generator=g, device=device) * 2 - 1
+    t = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    noise = torch.randn(shape, generator=g, device=device)
+    counter = {"step": 0}
+
+    def run():
+        step_fn(x0, t, noise, counter["step"])
+        counter["step"] += 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_time(run, device, warmup=3 if not compile_ else 5, iters=iters)
+    with FlopCounterMode(display=False) as flops:
+        losses = diffusion.training_losses(train.under_autocast(model, cfg, device), x0, t, noise=noise)
+        losses["loss"].mean().backward()
+    optimizer.zero_grad(set_to_none=True)
+    return {"img_s": batch / seconds, "step_ms": 1e3 * seconds,
+            "flops": flops.get_total_flops(), "flop_s": flops.get_total_flops() / seconds,
+            "peak_mem_mb": peak_memory(device) / 2 ** 20}
+
+
+def bench_sample(preset, batch, precision, channels_last, graphs, device, iters):
+    """Sampling img/s of DDPM-1000 and DDIM-50 from the median time of one step of each."""
+    cfg, kwargs = config(preset, batch, precision, channels_last, False, device)
+    _, ema, _, _ = train.build_training(cfg, kwargs, device)
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    network = torch.compile(ema, mode="reduce-overhead") if graphs else ema
+    fn = train.under_autocast(network, cfg, device)
+    shape = (batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    x = torch.randn(shape, device=device)
+    t = torch.full((batch,), 500, dtype=torch.long, device=device)
+    with torch.no_grad():
+        ddpm_step = median_time(lambda: diffusion.p_sample(fn, x, t), device, 3, iters)
+        ddim_step = median_time(lambda: diffusion.ddim_sample(fn, x, t, 480), device, 3, iters)
+    return {"ddpm1000_img_s": batch / (1000 * ddpm_step), "ddim50_img_s": batch / (50 * ddim_step)}
+
+
+def fmt_row(row):
+    return (f"{row['preset']:<12} {row['batch']:>5} {row['precision']:>5} {row['channels_last']!s:>6} "
+            f"{row['compile']!s:>7} {row['img_s']:>9.1f} {row['step_ms']:>9.1f} "
+            f"{row['flop_s'] / 1e9:>9.1f} {100 * row['frac']:>6.1f}% {row['peak_mem_mb']:>8.0f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--presets", nargs="+", default=None, help="default: mnist-small mnist")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="default: 64 128 on a CPU, 128 512 on CUDA")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 5 CPU, 20 CUDA)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    presets = args.presets or ["mnist-small", "mnist"]
+    batches = args.batch_sizes or ([128, 512] if cuda else [64, 128])
+    iters = args.iters or (20 if cuda else 5)
+    bf16_ok = train.bf16_is_fast(device)
+
+    peaks = {"fp32": matmul_peak(device, torch.float32, 4096 if cuda else 1024)}
+    if bf16_ok:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, 8192 if cuda else 1024)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}")
+    print("dense matmul: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+
+    # The speed options, one at a time from the default of the device, then all the winners.
+    base = {"precision": "bf16" if bf16_ok else "fp32", "channels_last": cuda, "compile": False}
+    variants = [base, {**base, "precision": "fp32"}, {**base, "channels_last": not cuda}]
+    if not args.no_compile:
+        variants.append({**base, "compile": True})
+    variants = [dict(v) for i, v in enumerate(variants) if v not in variants[:i]]
+
+    rows, samples = [], []
+    header = (f"{'preset':<12} {'batch':>5} {'prec':>5} {'chlast':>6} {'compile':>7} "
+              f"{'img/s':>9} {'step ms':>9} {'GFLOP/s':>9} {'of mm':>7} {'peak MB':>8}")
+    print("\ntraining step (forward, backward, Adam, EMA)\n" + header)
+    for preset in presets:
+        for batch in batches:
+            for v in variants:
+                try:
+                    r = bench_train(preset, batch, v["precision"], v["channels_last"], v["compile"],
+                                    device, iters)
+                except Exception as e:  # e.g. out of memory, or no compiler toolchain
+                    print(f"{preset:<12} {batch:>5} {v}: failed ({str(e).splitlines()[0][:80]})")
+                    continue
+                row = {"preset": preset, "batch": batch, **v, **r,
+                       "frac": r["flop_s"] / peaks[v["precision"] if v["precision"] in peaks else "fp32"]}
+                rows.append(row)
+                print(fmt_row(row), flush=True)
+
+    print("\nsampling (one network call per step; img/s for the whole run of steps)")
+    print(f"{'preset':<12} {'batch':>5} {'prec':>5} {'graphs':>6} {'DDPM-1000':>10} {'DDIM-50':>9}")
+    for preset in presets:
+        for batch in batches:
+            for graphs in ([False, True] if cuda and not args.no_compile else [False]):
+                r = bench_sample(preset, batch, base["precision"], base["channels_last"], graphs,
+                                 device, iters)
+                samples.append({"preset": preset, "batch": batch, "precision": base["precision"],
+                                "cuda_graphs": graphs, **r})
+                print(f"{preset:<12} {batch:>5} {base['precision']:>5} {graphs!s:>6} "
+                      f"{r['ddpm1000_img_s']:>10.2f} {r['ddim50_img_s']:>9.1f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "matmul_flop_s": peaks,
+                       "train": rows, "sample": samples}, f, indent=1)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
