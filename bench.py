@@ -6,8 +6,8 @@ On the present device (CPU or CUDA), for the presets and a few batch sizes, it m
                    time of one sampling step (the network call plus the update), times the steps
   peak memory    CUDA max allocated, or the process's peak resident set on the CPU
   achieved FLOP/s  the step's FLOPs (torch.utils.flop_counter: convolutions and matmuls, forward
-                   and backward) over its median time, as a fraction of a dense matmul measured in
-                   the same run (fp32 and bf16 on the CPU, bf16 on CUDA): the physical limit
+                   and backward) over its median time, as a fraction of the best dense matmul
+                   measured in the same run (several sizes; fp32 and bf16): the physical limit
 and repeats the training step with each speed option on and off: bf16 autocast, channels_last,
 torch.compile (and CUDA graphs for sampling on CUDA).
 """
@@ -45,21 +45,23 @@ def median_time(fn, device, warmup, iters):
     return statistics.median(times)
 
 
-def matmul_peak(device, dtype, n):
-    """FLOP/s of an n x n x n matmul in `dtype` (best of 5 timed rounds of 10 calls)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(10):
+def matmul_peak(device, dtype, sizes):
+    """The best FLOP/s of n x n x n matmuls in `dtype` over `sizes` (each: 5 warm-up calls, then the
+    best of 5 timed rounds of 10 calls): the machine's dense-matmul limit for that dtype."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        for _ in range(5):
             a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / 10)
-    return 2 * n ** 3 / best
+        for _ in range(5):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            sync(device)
+            best = max(best, 2 * n ** 3 * 10 / (time.perf_counter() - start))
+    return best
 
 
 def peak_memory(device):
@@ -145,9 +147,10 @@ def main(argv=None):
     iters = args.iters or (20 if cuda else 5)
     bf16_ok = train.bf16_is_fast(device)
 
-    peaks = {"fp32": matmul_peak(device, torch.float32, 4096 if cuda else 1024)}
+    sizes = (4096, 8192) if cuda else (512, 1024, 2048)
+    peaks = {"fp32": matmul_peak(device, torch.float32, sizes)}
     if bf16_ok:
-        peaks["bf16"] = matmul_peak(device, torch.bfloat16, 8192 if cuda else 1024)
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, sizes)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     print("dense matmul: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
