@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
@@ -81,6 +82,9 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
     cfg, kwargs = config(preset, batch, precision, channels_last, compile_, device)
     model, ema, optimizer, scaler = train.build_training(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    if compile_:
+        torch._dynamo.reset()  # each row compiles afresh, so its graph count is its own
+    graphs_before = dynamo_counters["stats"]["unique_graphs"]
     network = torch.compile(model) if compile_ else model
     step_fn = train.make_train_step(train.under_autocast(network, cfg, device), model, ema,
                                     optimizer, scaler, diffusion, cfg)
@@ -102,7 +106,10 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
         losses = diffusion.training_losses(train.under_autocast(model, cfg, device), x0, t, noise=noise)
         losses["loss"].mean().backward()
     optimizer.zero_grad(set_to_none=True)
-    return {"img_s": batch / seconds, "step_ms": 1e3 * seconds,
+    compiled_graphs = dynamo_counters["stats"]["unique_graphs"] - graphs_before
+    if compile_ and compiled_graphs == 0:
+        raise RuntimeError("torch.compile produced no graph (it fell back to eager)")
+    return {"compiled_graphs": compiled_graphs, "img_s": batch / seconds, "step_ms": 1e3 * seconds,
             "flops": flops.get_total_flops(), "flop_s": flops.get_total_flops() / seconds,
             "peak_mem_mb": peak_memory(device) / 2 ** 20}
 

@@ -182,12 +182,22 @@ def nll_bits_per_dim(model, diffusion, images, batch_size, precision, seed=0, pr
     g = torch.Generator(device).manual_seed(seed)
     parts = {"total": [], "prior": [], "denoising": [], "decoder": []}
     batches = range(0, len(images), batch_size)
-    for i in tqdm(batches, desc="NLL", unit="batch", disable=not progress):
+    # One bar over every network call (batches x T), so the time estimate is there from the start.
+    bar = tqdm(total=len(batches) * diffusion.num_timesteps, desc="NLL", unit="step",
+               disable=not progress)
+
+    def ticking(iterable, desc):
+        for item in iterable:
+            yield item
+            bar.update(1)
+
+    for i in batches:
         x0 = data.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
-        out = diffusion.calc_bpd_loop(net, x0, clip_denoised=True, generator=g)
+        out = diffusion.calc_bpd_loop(net, x0, clip_denoised=True, generator=g, progress=ticking)
         for key, value in (("total", out["total_bpd"]), ("prior", out["prior_bpd"]),
                            ("denoising", out["vb"][:, 1:].sum(1)), ("decoder", out["vb"][:, 0])):
             parts[key].append(value.double().cpu().numpy())
+    bar.close()
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -277,6 +287,11 @@ def evaluate(args, progress=True):
     return results
 
 
+def number(v):
+    """Four decimals, or three significant digits for small values (L_T is of the order of 1e-5)."""
+    return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
+
+
 def print_table(r):
     print(f"{r['checkpoint']} (step {r['step']}, {r['dataset']}, {r['device']})")
     if "nll" in r:
@@ -284,18 +299,19 @@ def print_table(r):
         print(f"NLL on {n['images']} test images ({n['seconds']:.0f} s), bits/dim, mean ± s.e.:")
         for key, label in (("total", "total"), ("prior", "L_T"), ("denoising", "Σ L_{t-1}, t>=2"),
                            ("decoder", "L_0")):
-            print(f"  {label:<16} {n[key]['mean']:.4f} ± {n[key]['se']:.4f}")
+            print(f"  {label:<16} {number(n[key]['mean'])} ± {number(n[key]['se'])}")
     if "samples" in r:
         s = r["samples"]
         print(f"sample quality: {s['count']} samples, {s['sampler']} ({s['seconds']:.0f} s); "
               f"features of a classifier with test accuracy {s['classifier_test_accuracy']:.4f}")
-        print(f"  FD (this classifier's features, not Inception FID)  {s['fd']:.3f}")
-        print(f"  FD of {s['count']} real training images (floor)       {s['fd_real_floor']:.3f}")
-        print(f"  classified with confidence > 0.9                     {s['confident_fraction']:.3f}")
-        print(f"  class-histogram entropy (max log 10 = {s['class_entropy_max']:.3f})        "
-              f"{s['class_entropy']:.3f}")
-        print(f"  precision / recall (k = 3)                           "
-              f"{s['precision']:.3f} / {s['recall']:.3f}")
+        for label, value in (
+                ("FD (this classifier's features, not Inception FID)", f"{s['fd']:.3f}"),
+                (f"FD of {s['count']} real training images (floor)", f"{s['fd_real_floor']:.3f}"),
+                ("classified with confidence > 0.9", f"{s['confident_fraction']:.3f}"),
+                (f"class-histogram entropy (max log 10 = {s['class_entropy_max']:.3f})",
+                 f"{s['class_entropy']:.3f}"),
+                ("precision / recall (k = 3)", f"{s['precision']:.3f} / {s['recall']:.3f}")):
+            print(f"  {label:<52} {value}")
 
 
 def main(argv=None):

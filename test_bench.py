@@ -1,0 +1,79 @@
+"""bench.py: the FLOPs it counts per training step against an analytic count, and a small run of
+its command line. No timing is asserted (speed is what bench.py prints, not what tests check)."""
+import json
+
+import torch
+import torch.nn as nn
+
+import bench
+import unet
+
+
+def analytic_forward_flops(model, x, t):
+    """2 * multiply-adds of every convolution, linear layer and attention product in one forward
+    pass, counted from the layers' shapes by hooks (independent of torch.utils.flop_counter).
+    Returns (total, the FLOPs of layers whose input needs no gradient)."""
+    per_layer = []
+
+    def conv_hook(m, inputs, out):
+        cin = m.in_channels // m.groups
+        per_layer.append((m, 2 * out.numel() * cin * m.kernel_size[0] * m.kernel_size[1],
+                          inputs[0].requires_grad))
+
+    def linear_hook(m, inputs, out):
+        per_layer.append((m, 2 * out.numel() * m.in_features, inputs[0].requires_grad))
+
+    def attn_hook(m, inputs, out):
+        B, C, H, W = inputs[0].shape
+        # Q K^T: [HW, C] x [C, HW]; then (.) V: [HW, HW] x [HW, C]
+        per_layer.append((m, 2 * 2 * B * (H * W) ** 2 * C, True))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, unet.AttnBlock):
+            handles.append(m.register_forward_hook(attn_hook))
+    model(x, t)
+    for h in handles:
+        h.remove()
+    total = sum(f for _, f, _ in per_layer)
+    no_input_grad = sum(f for _, f, needs in per_layer if not needs)
+    return total, no_input_grad
+
+
+def test_training_step_flops_are_forward_plus_backward():
+    """Forward F, then backward: each layer's weight gradient (F again) and input gradient (F again,
+    except for layers whose input needs none: conv_in on x_t, the first embedding linear); the two
+    attention products' backward is four products, 2x their forward. So 3F - F(no input grad)."""
+    batch = 2
+    r = bench.bench_train("mnist-small", batch, "fp32", False, False, torch.device("cpu"), iters=1)
+    model = unet.build_unet("mnist-small")
+    x = torch.randn(batch, 1, 28, 28)
+    t = torch.tensor([3, 700])
+    forward, no_input_grad = analytic_forward_flops(model, x, t)
+    assert r["flops"] == 3 * forward - no_input_grad
+
+
+def test_matmul_peak_is_a_rate():
+    """The measured peak is a positive, finite FLOP/s (its size: n^3 multiply-adds per call)."""
+    peak = bench.matmul_peak(torch.device("cpu"), torch.float32, (64, 128))
+    assert 1e6 < peak < 1e16
+
+
+def test_command_line_writes_every_variant(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+                "--no-compile", "--json", str(out)])
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "dense matmul" in printed and "training step" in printed
+    variants = {(r["precision"], r["channels_last"], r["compile"]) for r in result["train"]}
+    assert ("fp32", False, False) in variants and ("fp32" if "bf16" not in result["matmul_flop_s"]
+                                                   else "bf16", True, False) in variants
+    for row in result["train"]:
+        assert row["img_s"] > 0 and row["flops"] > 0 and 0 < row["frac"]
+        assert row["frac"] == row["flop_s"] / result["matmul_flop_s"][row["precision"]]
+    assert result["sample"][0]["ddpm1000_img_s"] > 0 and result["sample"][0]["ddim50_img_s"] > 0
