@@ -11,7 +11,6 @@ On the present device (CPU or CUDA), for the presets and a few batch sizes, it m
 and repeats the training step with each speed option on and off: bf16 autocast, channels_last,
 torch.compile (and CUDA graphs for sampling on CUDA).
 """
-import argparse
 import json
 import resource
 import statistics
@@ -22,7 +21,9 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import ddpm
+import sample
 import train
 import unet
 
@@ -65,9 +66,30 @@ def matmul_peak(device, dtype, sizes):
     return best
 
 
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's resident-set
+    high-water mark (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: peak_memory falls back to the peak since the process started
+
+
 def peak_memory(device):
+    """Bytes: CUDA max allocated, or the CPU process's peak resident set since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -99,9 +121,9 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
         step_fn(x0, t, noise, counter["step"])
         counter["step"] += 1
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     seconds = median_time(run, device, warmup=3 if not compile_ else 5, iters=iters)
+    peak = peak_memory(device)  # before the FLOP-counting pass below, which runs uncompiled
     with FlopCounterMode(display=False) as flops:
         losses = diffusion.training_losses(train.under_autocast(model, cfg, device), x0, t, noise=noise)
         losses["loss"].mean().backward()
@@ -111,7 +133,7 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
         raise RuntimeError("torch.compile produced no graph (it fell back to eager)")
     return {"compiled_graphs": compiled_graphs, "img_s": batch / seconds, "step_ms": 1e3 * seconds,
             "flops": flops.get_total_flops(), "flop_s": flops.get_total_flops() / seconds,
-            "peak_mem_mb": peak_memory(device) / 2 ** 20}
+            "peak_mem_mb": peak / 2 ** 20}
 
 
 def bench_sample(preset, batch, precision, channels_last, graphs, device, iters):
@@ -137,17 +159,24 @@ def fmt_row(row):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--presets", nargs="+", default=None, help="default: mnist-small mnist")
+    p.add_argument("--presets", nargs="+", default=None, choices=sorted(unet.PRESETS),
+                   help="default: mnist-small mnist")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="default: 64 128 on a CPU, 128 512 on CUDA")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 5 CPU, 20 CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    if args.iters is not None and args.iters < 1:
+        p.error(f"--iters must be >= 1, got {args.iters}")
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        p.error(f"--batch-sizes must be >= 1, got {min(args.batch_sizes)}")
+    try:
+        device = train.pick_device(args.device, 0)
+    except train.TrainError as e:
+        p.error(str(e))
     cuda = device.type == "cuda"
     presets = args.presets or ["mnist-small", "mnist"]
     batches = args.batch_sizes or ([128, 512] if cuda else [64, 128])
@@ -162,12 +191,12 @@ def main(argv=None):
     print(f"device: {name}; torch {torch.__version__}")
     print("dense matmul: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
 
-    # The speed options, one at a time from the default of the device, then all the winners.
+    # The speed options, each switched on or off alone from the device's default.
     base = {"precision": "bf16" if bf16_ok else "fp32", "channels_last": cuda, "compile": False}
     variants = [base, {**base, "precision": "fp32"}, {**base, "channels_last": not cuda}]
     if not args.no_compile:
         variants.append({**base, "compile": True})
-    variants = [dict(v) for i, v in enumerate(variants) if v not in variants[:i]]
+    variants = [v for i, v in enumerate(variants) if v not in variants[:i]]
 
     rows, samples = [], []
     header = (f"{'preset':<12} {'batch':>5} {'prec':>5} {'chlast':>6} {'compile':>7} "
@@ -183,7 +212,7 @@ def main(argv=None):
                     print(f"{preset:<12} {batch:>5} {v}: failed ({str(e).splitlines()[0][:80]})")
                     continue
                 row = {"preset": preset, "batch": batch, **v, **r,
-                       "frac": r["flop_s"] / peaks[v["precision"] if v["precision"] in peaks else "fp32"]}
+                       "frac": r["flop_s"] / peaks[v["precision"]]}
                 rows.append(row)
                 print(fmt_row(row), flush=True)
 
@@ -192,16 +221,21 @@ def main(argv=None):
     for preset in presets:
         for batch in batches:
             for graphs in ([False, True] if cuda and not args.no_compile else [False]):
-                r = bench_sample(preset, batch, base["precision"], base["channels_last"], graphs,
-                                 device, iters)
+                try:
+                    r = bench_sample(preset, batch, base["precision"], base["channels_last"], graphs,
+                                     device, iters)
+                except Exception as e:  # e.g. out of memory, or CUDA graphs failing to capture
+                    print(f"{preset:<12} {batch:>5} graphs={graphs}: failed "
+                          f"({str(e).splitlines()[0][:80]})")
+                    continue
                 samples.append({"preset": preset, "batch": batch, "precision": base["precision"],
                                 "cuda_graphs": graphs, **r})
                 print(f"{preset:<12} {batch:>5} {base['precision']:>5} {graphs!s:>6} "
                       f"{r['ddpm1000_img_s']:>10.2f} {r['ddim50_img_s']:>9.1f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "matmul_flop_s": peaks,
-                       "train": rows, "sample": samples}, f, indent=1)
+        result = {"device": name, "torch": torch.__version__, "matmul_flop_s": peaks,
+                  "train": rows, "sample": samples}
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
         print(f"\nwrote {args.json}", file=sys.stderr)
 
 

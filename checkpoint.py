@@ -7,9 +7,10 @@ same directory and os.replace, so an interrupted write never damages the previou
 Reading uses torch.load(weights_only=True): a checkpoint from elsewhere cannot execute code.
 """
 import os
-import uuid
 
 import torch
+
+import data
 
 FORMAT_VERSION = 1
 FILENAME = "ckpt.pt"
@@ -21,15 +22,7 @@ class CheckpointError(Exception):
 
 def save(path, state):
     """Write `state` to `path` atomically (temporary file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data.atomic_write(path, lambda f: torch.save({**state, "format_version": FORMAT_VERSION}, f))
 
 
 def resolve(path):

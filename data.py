@@ -214,13 +214,13 @@ def _write_cache(path, splits):
     for split, (images, labels) in splits.items():
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     try:
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
         raise DataError(f"cannot write cache file {path} ({_one_line(err)}); "
                         "set --cache-dir or $DDPM_CACHE to a writable directory")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(binary file) on a temporary file beside path, then rename it to path.
 
     Either the whole file appears or nothing does: on any error the temporary file is removed.
@@ -494,7 +494,7 @@ def _download(url, dest, progress):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest),
                       disable=not progress) as bar:
-                _atomic_write(dest, lambda f: _copy_stream(response, f, bar))
+                atomic_write(dest, lambda f: _copy_stream(response, f, bar))
     except (OSError, ValueError, http.client.HTTPException) as err:
         raise DataError(f"download of {url} failed ({_one_line(err)})")
 
@@ -715,7 +715,7 @@ def save_png(path, img):
     """Write a uint8 H x W or H x W x 3 array as a PNG file, atomically."""
     data = _encode_png(img)
     try:
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data))
     except OSError as err:
         raise DataError(f"cannot write PNG {path} ({_one_line(err)})")
 

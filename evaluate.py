@@ -13,7 +13,6 @@ on the same features (Kynkäänniemi et al. 2019, k = 3).
 
 Results go to stdout as a table and to eval.json beside the checkpoint (or --json).
 """
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import sample
+import train
 
 
 # ---- metrics on features (NumPy / torch, no model) ------------------------------------------
@@ -79,13 +79,17 @@ def _covered(queries, support, radii, chunk=2048):
 def precision_recall(real, fake, k=3):
     """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the share of fake
     points inside the union of the real points' k-NN balls, recall the share of real points inside
-    the fake points' balls."""
-    precision = _covered(fake, real, _kth_neighbour_radius(real, k)).float().mean().item()
-    recall = _covered(real, fake, _kth_neighbour_radius(fake, k)).float().mean().item()
+    the fake points' balls. The two sets should be of equal size: a smaller set has larger balls.
+    Each needs more than k points."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} points in each set, "
+                         f"got {len(real)} and {len(fake)}")
+    precision = _covered(fake, real, _kth_neighbour_radius(real, k)).double().mean().item()
+    recall = _covered(real, fake, _kth_neighbour_radius(fake, k)).double().mean().item()
     return precision, recall
 
 
-def class_entropy(probs, num_classes=10):
+def class_entropy(probs, num_classes=data.NUM_CLASSES):
     """Entropy (nats) of the histogram of predicted classes; log(num_classes) when balanced."""
     counts = np.bincount(np.asarray(probs).argmax(1), minlength=num_classes)
     p = counts / counts.sum()
@@ -101,7 +105,7 @@ def confident_fraction(probs, threshold=0.9):
 class Classifier(nn.Module):
     """A small CNN for 28x28 digits: two conv blocks, a 128-d feature layer, 10 logits."""
 
-    def __init__(self, in_channels=1, num_classes=10):
+    def __init__(self, in_channels=1, num_classes=data.NUM_CLASSES):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -169,16 +173,11 @@ def classifier_for(name, train_set, test_set, device, cache_dir=None, progress=T
 
 # ---- the evaluation --------------------------------------------------------------------------
 
-def nll_bits_per_dim(model, diffusion, images, batch_size, precision, seed=0, progress=True):
+def nll_bits_per_dim(model, diffusion, images, batch_size, seed=0, progress=True):
     """Per-image bound terms over uint8 images [N, C, H, W]: dict of [N] arrays "total", "prior"
-    (L_T), "denoising" (Σ_{t>=2} L_{t-1}), "decoder" (L_0), in bits/dim."""
+    (L_T), "denoising" (Σ_{t>=2} L_{t-1}), "decoder" (L_0), in bits/dim. The network runs in
+    fp32: the bound is a sum of 1,000 terms, and a low-precision bias in each would add up."""
     device = next(model.parameters()).device
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def net(x, t):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return model(x, t).float()
-
     g = torch.Generator(device).manual_seed(seed)
     parts = {"total": [], "prior": [], "denoising": [], "decoder": []}
     batches = range(0, len(images), batch_size)
@@ -193,7 +192,7 @@ def nll_bits_per_dim(model, diffusion, images, batch_size, precision, seed=0, pr
 
     for i in batches:
         x0 = data.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
-        out = diffusion.calc_bpd_loop(net, x0, clip_denoised=True, generator=g, progress=ticking)
+        out = diffusion.calc_bpd_loop(model, x0, clip_denoised=True, generator=g, progress=ticking)
         for key, value in (("total", out["total_bpd"]), ("prior", out["prior_bpd"]),
                            ("denoising", out["vb"][:, 1:].sum(1)), ("decoder", out["vb"][:, 0])):
             parts[key].append(value.double().cpu().numpy())
@@ -205,15 +204,18 @@ def mean_and_se(x):
     return float(np.mean(x)), float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def sample_quality(classifier, samples, real_train, test_images):
-    """The sample-quality table for uint8 samples [N, C, 28, 28]."""
+def sample_quality(classifier, samples, real_train, test_images, seed=0):
+    """The sample-quality table for uint8 samples [N, C, 28, 28]. FD against the whole test set;
+    precision and recall against a random subset of it of the samples' size (equal-sized sets, as
+    Kynkäänniemi et al. compare them)."""
     f_test, _ = embed(classifier, test_images)
     f_fake, p_fake = embed(classifier, samples)
     f_real, _ = embed(classifier, real_train)
-    precision, recall = precision_recall(f_test, f_fake)
+    subset = np.random.default_rng(seed).permutation(len(f_test))[:len(f_fake)]
+    precision, recall = precision_recall(f_test[subset], f_fake)
     return {"fd": fd_of_features(f_fake, f_test), "fd_real_floor": fd_of_features(f_real, f_test),
             "confident_fraction": confident_fraction(p_fake), "class_entropy": class_entropy(p_fake),
-            "class_entropy_max": math.log(10), "precision": precision, "recall": recall}
+            "class_entropy_max": math.log(data.NUM_CLASSES), "precision": precision, "recall": recall}
 
 
 def parse_args(argv=None):
@@ -242,14 +244,20 @@ def parse_args(argv=None):
     for name in ("nll_batch_size", "batch_size", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if 0 < args.samples <= 3:
+        p.error(f"--samples must be 0 or at least 4 (precision/recall use 3 neighbours), "
+                f"got {args.samples}")
+    if args.eta < 0:
+        p.error(f"--eta must be >= 0, got {args.eta}")
     return args
 
 
 def evaluate(args, progress=True):
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = train.pick_device(args.device, 0)
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
     model, diffusion, cfg = sample.load_model(path, device)
+    if args.samples and args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
+        raise train.TrainError(f"--steps {args.steps} exceeds the model's T = {diffusion.num_timesteps}")
     name = cfg["dataset"]
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress)
     results = {"checkpoint": path, "dataset": name, "step": checkpoint.load(path)["step"],
@@ -259,7 +267,7 @@ def evaluate(args, progress=True):
     if n:
         start = time.perf_counter()
         parts = nll_bits_per_dim(model, diffusion, test_set.images[:n], args.nll_batch_size,
-                                 "fp32", args.seed, progress)
+                                 args.seed, progress)
         results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
                           **{k: dict(zip(("mean", "se"), mean_and_se(v))) for k, v in parts.items()}}
 
@@ -270,11 +278,10 @@ def evaluate(args, progress=True):
     elif args.samples:
         train_set = data.load_dataset(name, "train", args.data_dir, progress=progress)
         classifier, accuracy = classifier_for(name, train_set, test_set, device, progress=progress)
-        precision = args.precision if args.precision != "auto" else cfg.get("precision", "fp32")
         start = time.perf_counter()
         x, _ = sample.generate(model, diffusion, args.samples, args.batch_size, args.sampler,
-                               args.steps, args.eta, args.seed, "bf16" if precision == "bf16" else "fp32",
-                               progress=progress)
+                               args.steps, args.eta, args.seed,
+                               sample.sampling_precision(args.precision, cfg), progress=progress)
         seconds = time.perf_counter() - start
         fakes = data.to_uint8(x).cpu().numpy()
         real = train_set.images[np.random.default_rng(args.seed).permutation(
@@ -283,7 +290,7 @@ def evaluate(args, progress=True):
             "count": args.samples, "sampler": args.sampler if args.sampler == "ddpm" else
             f"ddim-{args.steps} eta={args.eta:g}", "seconds": seconds,
             "classifier_test_accuracy": accuracy,
-            **sample_quality(classifier, fakes, real, test_set.images)}
+            **sample_quality(classifier, fakes, real, test_set.images, args.seed)}
     return results
 
 
@@ -318,15 +325,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         results = evaluate(args)
-    except (checkpoint.CheckpointError, data.DataError) as e:
+    except (checkpoint.CheckpointError, data.DataError, train.TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print_table(results)
     out = args.json or os.path.join(os.path.dirname(results["checkpoint"]), "eval.json")
-    tmp = f"{out}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, out)
+    data.atomic_write(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -9,7 +9,6 @@ the config stored in the checkpoint; the same seed gives the same images.
     python sample.py --trajectory 10 --n 8                # x_t at 10 values of t, one row a sample
 """
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import ddpm
+import train
 import unet
 
 
@@ -112,30 +112,28 @@ def write(path, images, nrow=None):
     if path.endswith(".npz"):
         array = images.transpose(0, 2, 3, 1)
         array = array[..., 0] if array.shape[-1] == 1 else array
-        tmp = f"{path[:-4]}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, images=array)
-        os.replace(tmp, path)
+        data.atomic_write(path, lambda f: np.savez(f, images=array))
     else:
         data.save_png(path, data.make_grid(images, nrow=nrow))
+
+
+def sampling_precision(asked, cfg):
+    """The network's precision for sampling: `asked` (fp32 / bf16), or with "auto" the one the
+    model trained in; fp16 is sampled in fp32 (no gradient scaling to protect it there)."""
+    precision = asked if asked != "auto" else cfg.get("precision", "fp32")
+    return precision if precision == "bf16" else "fp32"
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(args.device)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise checkpoint.CheckpointError("--device cuda asked for, but there is no CUDA "
-                                                 "GPU; use --device cpu")
+        device = train.pick_device(args.device, 0)
         path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
         model, diffusion, cfg = load_model(path, device, use_ema=not args.no_ema)
         if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
             raise checkpoint.CheckpointError(f"--steps {args.steps} exceeds the model's "
                                              f"T = {diffusion.num_timesteps}")
-        precision = args.precision if args.precision != "auto" else cfg.get("precision", "fp32")
-        precision = precision if precision == "bf16" else "fp32"
+        precision = sampling_precision(args.precision, cfg)
         name = (f"DDPM-{diffusion.num_timesteps}" if args.sampler == "ddpm"
                 else f"DDIM-{args.steps} eta={args.eta:g}")
         print(f"sampling {args.n} images from {path} with {name} ({precision})", file=sys.stderr)
@@ -148,7 +146,7 @@ def main(argv=None):
             x, nrow = rows.reshape(-1, *rows.shape[2:]), rows.shape[1]
         write(args.out, data.to_uint8(x).cpu().numpy(), nrow)
         print(f"wrote {args.out}", file=sys.stderr)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, train.TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -65,6 +65,19 @@ def test_precision_recall():
     assert evaluate.precision_recall(real, fake)[0] == 0.5
 
 
+def test_kth_neighbour_radius_counts_other_points_only():
+    """On the line {0, 1, 2, 4, 8, 16}: the distance to the k-th nearest *other* point, by hand."""
+    x = np.array([[0.0], [1.0], [2.0], [4.0], [8.0], [16.0]])
+    assert evaluate._kth_neighbour_radius(x, 1).tolist() == [1, 1, 1, 2, 4, 8]
+    assert evaluate._kth_neighbour_radius(x, 2).tolist() == [2, 1, 2, 3, 6, 12]
+    assert evaluate._kth_neighbour_radius(x, 5, chunk=4).tolist() == [16, 15, 14, 12, 8, 16]
+
+
+def test_precision_recall_needs_more_points_than_k():
+    with pytest.raises(ValueError, match="more than 3 points"):
+        evaluate.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
 def test_class_entropy_and_confidence():
     balanced = np.eye(10)[np.arange(1000) % 10]
     assert evaluate.class_entropy(balanced) == pytest.approx(math.log(10))

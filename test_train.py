@@ -234,6 +234,15 @@ def test_bad_command_lines_give_one_line_errors(npz, trained, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     _one_line_error(cli("sample.py", "--ckpt", garbage), "not a readable checkpoint")
+    _one_line_error(cli("sample.py", "--ckpt", trained, "--device", "tpu"), "unknown --device 'tpu'")
+    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--samples", 2), "--samples must be 0 or at least 4")
+    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--eta", -1), "--eta must be >= 0")
+    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--device", "tpu"), "unknown --device")
+    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--sampler", "ddim", "--steps", 5000),
+                    "--steps 5000 exceeds the model's T")
+    _one_line_error(cli("bench.py", "--iters", 0), "--iters must be >= 1")
+    _one_line_error(cli("bench.py", "--presets", "huge"), "invalid choice: 'huge'")
+    _one_line_error(cli("bench.py", "--device", "tpu"), "unknown --device")
 
 
 def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
@@ -263,8 +272,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     checkpoint.save(tmp_path / "ckpt.pt", {"step": 1})
 
     def broken(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken)
