@@ -269,6 +269,8 @@ def evaluate(args, progress=True):
         parts = nll_bits_per_dim(model, diffusion, test_set.images[:n], args.nll_batch_size,
                                  args.seed, progress)
         results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
+                          # a user's npz file has no test split: its NLL is on training images
+                          "split": "training" if name.startswith("npz:") else "test",
                           **{k: dict(zip(("mean", "se"), mean_and_se(v))) for k, v in parts.items()}}
 
     labelled_28 = test_set.labels is not None and test_set.images.shape[2:] == (28, 28)
@@ -303,7 +305,8 @@ def print_table(r):
     print(f"{r['checkpoint']} (step {r['step']}, {r['dataset']}, {r['device']})")
     if "nll" in r:
         n = r["nll"]
-        print(f"NLL on {n['images']} test images ({n['seconds']:.0f} s), bits/dim, mean ± s.e.:")
+        print(f"NLL on {n['images']} {n.get('split', 'test')} images ({n['seconds']:.0f} s), "
+              f"bits/dim, mean ± s.e.:")
         for key, label in (("total", "total"), ("prior", "L_T"), ("denoising", "Σ L_{t-1}, t>=2"),
                            ("decoder", "L_0")):
             print(f"  {label:<16} {number(n[key]['mean'])} ± {number(n[key]['se'])}")

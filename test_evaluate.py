@@ -122,7 +122,7 @@ def test_evaluate_end_to_end(tmp_path, monkeypatch):
     evaluate.main(argv)
     r = json.loads((tmp_path / "run" / "eval.json").read_text())
     nll = r["nll"]
-    assert nll["images"] == 6
+    assert nll["images"] == 6 and nll["split"] == "test"
     parts = nll["prior"]["mean"] + nll["denoising"]["mean"] + nll["decoder"]["mean"]
     assert nll["total"]["mean"] == pytest.approx(parts, rel=1e-6)  # float32 sums
     s = r["samples"]
