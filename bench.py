@@ -159,7 +159,7 @@ def fmt_row(row):
 
 
 def main(argv=None):
-    p = sample.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = train.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(unet.PRESETS),
                    help="default: mnist-small mnist")

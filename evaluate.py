@@ -127,11 +127,11 @@ def train_classifier(images, labels, device, epochs=2, batch_size=128, seed=0, p
     x_all = torch.from_numpy(images).to(device)
     y_all = torch.from_numpy(labels).to(device)
     g = torch.Generator().manual_seed(seed)
-    steps = epochs * (len(images) // batch_size)
-    for step in tqdm(range(steps), desc="classifier", disable=not progress, leave=False):
-        if step % (len(images) // batch_size) == 0:
+    per_epoch = len(images) // batch_size
+    for step in tqdm(range(epochs * per_epoch), desc="classifier", disable=not progress, leave=False):
+        if step % per_epoch == 0:
             order = torch.randperm(len(images), generator=g).to(device)
-        idx = order[(step % (len(images) // batch_size)) * batch_size:][:batch_size]
+        idx = order[(step % per_epoch) * batch_size:][:batch_size]
         loss = F.cross_entropy(model(data.to_model_range(x_all[idx]))[1], y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,7 +219,7 @@ def sample_quality(classifier, samples, real_train, test_images, seed=0):
 
 
 def parse_args(argv=None):
-    p = sample.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = train.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: newest under runs/)")
     p.add_argument("--n", type=int, default=None,
                    help="test images for the NLL (default: all; 0 skips the NLL)")
@@ -256,8 +256,8 @@ def evaluate(args, progress=True):
     device = train.pick_device(args.device, 0)
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
     model, diffusion, cfg = sample.load_model(path, device)
-    if args.samples and args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
-        raise train.TrainError(f"--steps {args.steps} exceeds the model's T = {diffusion.num_timesteps}")
+    if args.samples:
+        sample.check_steps(args.sampler, args.steps, diffusion)
     name = cfg["dataset"]
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress)
     results = {"checkpoint": path, "dataset": name, "step": checkpoint.load(path)["step"],

@@ -8,7 +8,6 @@ the config stored in the checkpoint; the same seed gives the same images.
     python sample.py --out samples.npz --n 10000          # uint8 array [N, H, W(, C)]
     python sample.py --trajectory 10 --n 8                # x_t at 10 values of t, one row a sample
 """
-import argparse
 import sys
 
 import numpy as np
@@ -22,16 +21,8 @@ import train
 import unet
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: <what is wrong>`, exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = train.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: newest under runs/)")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
@@ -73,6 +64,12 @@ def load_model(path, device, use_ema=True):
     return model.eval(), diffusion, cfg
 
 
+def check_steps(sampler, steps, diffusion):
+    """DDIM cannot take more steps than the model's T: say so before any sampling starts."""
+    if sampler == "ddim" and steps > diffusion.num_timesteps:
+        raise train.TrainError(f"--steps {steps} exceeds the model's T = {diffusion.num_timesteps}")
+
+
 def generate(model, diffusion, n, batch_size, sampler="ddpm", steps=50, eta=0.0, seed=0,
              precision="fp32", trajectory=0, progress=True, compile=False):
     """n images in [-1, 1] ([n, C, H, W]); with trajectory=K also [n, K, C, H, W] snapshots of x_t.
@@ -81,13 +78,12 @@ def generate(model, diffusion, n, batch_size, sampler="ddpm", steps=50, eta=0.0,
     network through torch.compile (on CUDA with CUDA graphs: mode "reduce-overhead")."""
     device = next(model.parameters()).device
     shape = (model.in_channels, model.image_size, model.image_size)
-    dtype = torch.bfloat16 if precision == "bf16" else None
     network = model
     if compile:
         network = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
     def net(x, t):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with train.autocast(precision, device):
             return network(x, t).float()
 
     g = torch.Generator(device).manual_seed(seed)
@@ -130,9 +126,7 @@ def main(argv=None):
         device = train.pick_device(args.device, 0)
         path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
         model, diffusion, cfg = load_model(path, device, use_ema=not args.no_ema)
-        if args.sampler == "ddim" and args.steps > diffusion.num_timesteps:
-            raise checkpoint.CheckpointError(f"--steps {args.steps} exceeds the model's "
-                                             f"T = {diffusion.num_timesteps}")
+        check_steps(args.sampler, args.steps, diffusion)
         precision = sampling_precision(args.precision, cfg)
         name = (f"DDPM-{diffusion.num_timesteps}" if args.sampler == "ddpm"
                 else f"DDIM-{args.steps} eta={args.eta:g}")

@@ -129,7 +129,7 @@ def resolve_config(given, device, image_shape, saved=None):
         cfg.channels_last = device.type == "cuda"
     if cfg.precision == "auto":
         cfg.precision = "bf16" if bf16_is_fast(device) else "fp32"
-    cfg.out = cfg.out or os.path.join("runs", cfg.dataset.replace(":", "_").replace("/", "_"))
+    cfg.out = cfg.out or default_out(cfg.dataset)
     kwargs = {**unet.PRESETS[cfg.preset],
               **{k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}}
     if (H, W) != (kwargs["image_size"],) * 2 or C != kwargs["in_channels"]:
@@ -144,6 +144,11 @@ def resolve_config(given, device, image_shape, saved=None):
         setattr(cfg, k, kwargs[k])
     _validate(cfg)
     return cfg, kwargs
+
+
+def default_out(dataset):
+    """runs/<dataset>, with the ':' and '/' of an npz:PATH dataset made safe for a directory name."""
+    return os.path.join("runs", dataset.replace(":", "_").replace("/", "_"))
 
 
 def _validate(cfg):
@@ -246,8 +251,9 @@ def lr_at(cfg, step):
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
-def autocast(cfg, device):
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+def autocast(precision, device):
+    """The autocast context for precision fp32 (off), bf16 or fp16."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -271,7 +277,7 @@ def under_autocast(network, cfg, device):
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def fn(x, t):
-        with autocast(cfg, device):
+        with autocast(cfg.precision, device):
             return network(x.contiguous(memory_format=memory_format), t).float()
     return fn
 
@@ -304,8 +310,7 @@ def train(given, progress=True):
     rank, world, local_rank = setup_distributed()
     main_process = rank == 0
     device = pick_device(given.get("device", "auto"), local_rank)
-    out = given.get("out") or os.path.join("runs", str(given.get("dataset", "mnist")).replace(":", "_")
-                                           .replace("/", "_"))
+    out = given.get("out") or default_out(given.get("dataset", "mnist"))
     state = None
     if given.get("resume"):
         path = os.path.join(out, checkpoint.FILENAME)
