@@ -8,6 +8,10 @@ On the present device (CPU or CUDA), for the presets and a few batch sizes, it m
   achieved FLOP/s  the step's FLOPs (torch.utils.flop_counter: convolutions and matmuls, forward
                    and backward) over its median time, as a fraction of the best dense matmul
                    measured in the same run (several sizes; fp32 and bf16): the physical limit
+  convs alone    the same for the step's convolutions by themselves (each Conv2d call, forward and
+                 backward, at the step's shapes, precision and memory layout): the fraction the step
+                 would reach if everything else in it (GroupNorm, SiLU, attention, Adam, EMA) were
+                 free, i.e. the ceiling set by the convolution kernels
 and repeats the training step with each speed option on and off: bf16 autocast, channels_last,
 torch.compile (and CUDA graphs for sampling on CUDA).
 """
@@ -18,6 +22,8 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -152,10 +158,52 @@ def bench_sample(preset, batch, precision, channels_last, graphs, device, iters)
     return {"ddpm1000_img_s": batch / (1000 * ddpm_step), "ddim50_img_s": batch / (50 * ddim_step)}
 
 
+def conv_calls(model, x, t):
+    """[(conv, input shape)] for every Conv2d call in one forward pass of model(x, t)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out: calls.append((m, inputs[0].shape)))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x, t)
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+def bench_convs(preset, batch, precision, channels_last, device, iters):
+    """The training step's convolutions alone: each Conv2d call of the network's forward pass,
+    timed forward and backward (input, weight and bias gradients) on random tensors of its shapes
+    in the step's dtype and memory layout. Returns (FLOPs, seconds) summed over the calls."""
+    model = unet.build_unet(preset).to(device)
+    kwargs = unet.PRESETS[preset]
+    x = torch.randn(batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"],
+                    device=device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    total_flops, total_seconds = 0, 0.0
+    for conv, shape in conv_calls(model, x, torch.zeros(batch, dtype=torch.long, device=device)):
+        inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+        weight = conv.weight.detach().to(dtype).contiguous(memory_format=layout)
+        bias = conv.bias.detach().to(dtype)
+        inp.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+
+        def forward():
+            return F.conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        grad_out = torch.randn_like(forward())
+
+        def run():
+            torch.autograd.grad(forward(), (inp, weight, bias), grad_out)
+        total_seconds += median_time(run, device, warmup=2, iters=iters)
+        with FlopCounterMode(display=False) as flops:
+            run()
+        total_flops += flops.get_total_flops()
+    return total_flops, total_seconds
+
+
 def fmt_row(row):
     return (f"{row['preset']:<12} {row['batch']:>5} {row['precision']:>5} {row['channels_last']!s:>6} "
             f"{row['compile']!s:>7} {row['img_s']:>9.1f} {row['step_ms']:>9.1f} "
-            f"{row['flop_s'] / 1e9:>9.1f} {100 * row['frac']:>6.1f}% {row['peak_mem_mb']:>8.0f}")
+            f"{row['flop_s'] / 1e9:>9.1f} {100 * row['frac']:>6.1f}% {100 * row['conv_frac']:>6.1f}% {row['peak_mem_mb']:>8.0f}")
 
 
 def main(argv=None):
@@ -200,19 +248,27 @@ def main(argv=None):
 
     rows, samples = [], []
     header = (f"{'preset':<12} {'batch':>5} {'prec':>5} {'chlast':>6} {'compile':>7} "
-              f"{'img/s':>9} {'step ms':>9} {'GFLOP/s':>9} {'of mm':>7} {'peak MB':>8}")
-    print("\ntraining step (forward, backward, Adam, EMA)\n" + header)
+              f"{'img/s':>9} {'step ms':>9} {'GFLOP/s':>9} {'of mm':>7} {'convs':>7} {'peak MB':>8}")
+    print("\ntraining step (forward, backward, Adam, EMA); 'of mm': its FLOP/s over the same-run "
+          "matmul's;\n'convs': the same for its convolutions alone, the ceiling their kernels set\n"
+          + header)
+    ceilings = {}  # (preset, batch, precision, channels_last) -> convs-alone FLOP/s
     for preset in presets:
         for batch in batches:
             for v in variants:
+                key = (preset, batch, v["precision"], v["channels_last"])
                 try:
                     r = bench_train(preset, batch, v["precision"], v["channels_last"], v["compile"],
                                     device, iters)
+                    if key not in ceilings:  # a compiled row runs the same convolutions
+                        conv_flops, conv_seconds = bench_convs(*key, device, iters)
+                        ceilings[key] = conv_flops / conv_seconds
                 except Exception as e:  # e.g. out of memory, or no compiler toolchain
                     print(f"{preset:<12} {batch:>5} {v}: failed ({str(e).splitlines()[0][:80]})")
                     continue
                 row = {"preset": preset, "batch": batch, **v, **r,
-                       "frac": r["flop_s"] / peaks[v["precision"]]}
+                       "frac": r["flop_s"] / peaks[v["precision"]],
+                       "conv_flop_s": ceilings[key], "conv_frac": ceilings[key] / peaks[v["precision"]]}
                 rows.append(row)
                 print(fmt_row(row), flush=True)
 

@@ -9,10 +9,10 @@ import bench
 import unet
 
 
-def analytic_forward_flops(model, x, t):
+def per_layer_flops(model, x, t):
     """2 * multiply-adds of every convolution, linear layer and attention product in one forward
-    pass, counted from the layers' shapes by hooks (independent of torch.utils.flop_counter).
-    Returns (total, the FLOPs of layers whose input needs no gradient)."""
+    pass, counted from the layers' shapes by hooks (independent of torch.utils.flop_counter):
+    [(layer, FLOPs, whether its input needs a gradient)]."""
     per_layer = []
 
     def conv_hook(m, inputs, out):
@@ -39,6 +39,12 @@ def analytic_forward_flops(model, x, t):
     model(x, t)
     for h in handles:
         h.remove()
+    return per_layer
+
+
+def analytic_forward_flops(model, x, t):
+    """(total forward FLOPs, the FLOPs of layers whose input needs no gradient)."""
+    per_layer = per_layer_flops(model, x, t)
     total = sum(f for _, f, _ in per_layer)
     no_input_grad = sum(f for _, f, needs in per_layer if not needs)
     return total, no_input_grad
@@ -55,6 +61,18 @@ def test_training_step_flops_are_forward_plus_backward():
     t = torch.tensor([3, 700])
     forward, no_input_grad = analytic_forward_flops(model, x, t)
     assert r["flops"] == 3 * forward - no_input_grad
+
+
+def test_convs_alone_are_every_convolution_forward_and_backward():
+    """bench_convs runs each Conv2d call of a forward pass with input, weight and bias gradients:
+    3x the convolutions' forward FLOPs (bias adds are counted by neither side)."""
+    batch = 2
+    flops, seconds = bench.bench_convs("mnist-small", batch, "fp32", False, torch.device("cpu"), iters=1)
+    model = unet.build_unet("mnist-small")
+    x = torch.randn(batch, 1, 28, 28)
+    t = torch.tensor([3, 700])
+    conv_forward = sum(f for m, f, _ in per_layer_flops(model, x, t) if isinstance(m, nn.Conv2d))
+    assert flops == 3 * conv_forward and seconds > 0
 
 
 def test_matmul_peak_is_a_rate():
@@ -76,4 +94,5 @@ def test_command_line_writes_every_variant(tmp_path, capsys):
     for row in result["train"]:
         assert row["img_s"] > 0 and row["flops"] > 0 and 0 < row["frac"]
         assert row["frac"] == row["flop_s"] / result["matmul_flop_s"][row["precision"]]
+        assert row["conv_frac"] == row["conv_flop_s"] / result["matmul_flop_s"][row["precision"]] > 0
     assert result["sample"][0]["ddpm1000_img_s"] > 0 and result["sample"][0]["ddim50_img_s"] > 0
