@@ -184,15 +184,15 @@ def bench_convs(preset, batch, precision, channels_last, device, iters):
     for conv, shape in conv_calls(model, x, torch.zeros(batch, dtype=torch.long, device=device)):
         inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
         weight = conv.weight.detach().to(dtype).contiguous(memory_format=layout)
-        bias = conv.bias.detach().to(dtype)
-        inp.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        wrt = [p.requires_grad_() for p in (inp, weight, bias) if p is not None]
 
         def forward():
             return F.conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         grad_out = torch.randn_like(forward())
 
         def run():
-            torch.autograd.grad(forward(), (inp, weight, bias), grad_out)
+            torch.autograd.grad(forward(), wrt, grad_out)
         total_seconds += median_time(run, device, warmup=2, iters=iters)
         with FlopCounterMode(display=False) as flops:
             run()
@@ -203,7 +203,8 @@ def bench_convs(preset, batch, precision, channels_last, device, iters):
 def fmt_row(row):
     return (f"{row['preset']:<12} {row['batch']:>5} {row['precision']:>5} {row['channels_last']!s:>6} "
             f"{row['compile']!s:>7} {row['img_s']:>9.1f} {row['step_ms']:>9.1f} "
-            f"{row['flop_s'] / 1e9:>9.1f} {100 * row['frac']:>6.1f}% {100 * row['conv_frac']:>6.1f}% {row['peak_mem_mb']:>8.0f}")
+            f"{row['flop_s'] / 1e9:>9.1f} {100 * row['frac']:>6.1f}% {100 * row['conv_frac']:>6.1f}% "
+            f"{row['peak_mem_mb']:>8.0f}")
 
 
 def main(argv=None):
