@@ -255,12 +255,12 @@ def parse_args(argv=None):
 def evaluate(args, progress=True):
     device = train.pick_device(args.device, 0)
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
-    model, diffusion, cfg = sample.load_model(path, device)
+    model, diffusion, cfg, step = sample.load_model(path, device)
     if args.samples:
         sample.check_steps(args.sampler, args.steps, diffusion)
     name = cfg["dataset"]
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress)
-    results = {"checkpoint": path, "dataset": name, "step": checkpoint.load(path)["step"],
+    results = {"checkpoint": path, "dataset": name, "step": step,
                "device": str(device)}
 
     n = len(test_set.images) if args.n is None else min(args.n, len(test_set.images))

@@ -54,14 +54,14 @@ def parse_args(argv=None):
 
 
 def load_model(path, device, use_ema=True):
-    """(network, diffusion, config) rebuilt from a checkpoint alone."""
+    """(network, diffusion, config, training step) rebuilt from a checkpoint alone."""
     state = checkpoint.load(path, map_location=device)
     cfg = state["config"]
     model = unet.UNet(**cfg["unet"]).to(device)
     checkpoint.load_weights(model, state["ema" if use_ema else "model"], path)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["timesteps"]),
                                        cfg["mean_type"], cfg["var_type"], cfg["loss_type"])
-    return model.eval(), diffusion, cfg
+    return model.eval(), diffusion, cfg, state["step"]
 
 
 def check_steps(sampler, steps, diffusion):
@@ -125,7 +125,7 @@ def main(argv=None):
     try:
         device = train.pick_device(args.device, 0)
         path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
-        model, diffusion, cfg = load_model(path, device, use_ema=not args.no_ema)
+        model, diffusion, cfg, _ = load_model(path, device, use_ema=not args.no_ema)
         check_steps(args.sampler, args.steps, diffusion)
         precision = sampling_precision(args.precision, cfg)
         name = (f"DDPM-{diffusion.num_timesteps}" if args.sampler == "ddpm"
