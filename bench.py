@@ -99,15 +99,21 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def config(preset, batch, precision, channels_last, compile_, device):
+def config(preset, batch, precision, channels_last, compile_):
     cfg = train.Config(preset=preset, batch_size=batch, precision=precision,
                        channels_last=channels_last, compile=compile_, lr=2e-4, warmup=1000)
     return cfg, dict(unet.PRESETS[preset])
 
 
+def batch_shape(preset, batch):
+    """[batch, C, H, W] of the preset's images."""
+    kwargs = unet.PRESETS[preset]
+    return (batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+
+
 def bench_train(preset, batch, precision, channels_last, compile_, device, iters):
     """The training step's img/s, FLOPs and peak memory."""
-    cfg, kwargs = config(preset, batch, precision, channels_last, compile_, device)
+    cfg, kwargs = config(preset, batch, precision, channels_last, compile_)
     model, ema, optimizer, scaler = train.build_training(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     if compile_:
@@ -117,7 +123,7 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
     step_fn = train.make_train_step(train.under_autocast(network, cfg, device), model, ema,
                                     optimizer, scaler, diffusion, cfg)
     g = torch.Generator(device).manual_seed(0)
-    shape = (batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    shape = batch_shape(preset, batch)
     x0 = torch.rand(shape, generator=g, device=device) * 2 - 1
     t = torch.randint(0, 1000, (batch,), generator=g, device=device)
     noise = torch.randn(shape, generator=g, device=device)
@@ -144,12 +150,12 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
 
 def bench_sample(preset, batch, precision, channels_last, graphs, device, iters):
     """Sampling img/s of DDPM-1000 and DDIM-50 from the median time of one step of each."""
-    cfg, kwargs = config(preset, batch, precision, channels_last, False, device)
+    cfg, kwargs = config(preset, batch, precision, channels_last, False)
     _, ema, _, _ = train.build_training(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     network = torch.compile(ema, mode="reduce-overhead") if graphs else ema
     fn = train.under_autocast(network, cfg, device)
-    shape = (batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    shape = batch_shape(preset, batch)
     x = torch.randn(shape, device=device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     with torch.no_grad():
@@ -175,11 +181,9 @@ def bench_convs(preset, batch, precision, channels_last, device, iters):
     timed forward and backward (input, weight and bias gradients) on random tensors of its shapes
     in the step's dtype and memory layout. Returns (FLOPs, seconds) summed over the calls."""
     model = unet.build_unet(preset).to(device)
-    kwargs = unet.PRESETS[preset]
-    x = torch.randn(batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"],
-                    device=device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_shape(preset, batch), device=device)
+    dtype = train.PRECISION_DTYPES[precision]
+    layout = train.memory_format_for(channels_last)
     total_flops, total_seconds = 0, 0.0
     for conv, shape in conv_calls(model, x, torch.zeros(batch, dtype=torch.long, device=device)):
         inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)

@@ -251,17 +251,25 @@ def lr_at(cfg, step):
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(precision, device):
     """The autocast context for precision fp32 (off), bf16 or fp16."""
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    enabled = precision != "fp32"
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision] if enabled else None,
+                          enabled=enabled)
+
+
+def memory_format_for(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def build_training(cfg, unet_kwargs, device):
     """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
     frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
     torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = memory_format_for(cfg.channels_last)
     model = unet.UNet(**unet_kwargs).to(device, memory_format=memory_format)
     ema = unet.UNet(**unet_kwargs).to(device, memory_format=memory_format).eval()
     ema.load_state_dict(model.state_dict())
@@ -274,7 +282,7 @@ def build_training(cfg, unet_kwargs, device):
 
 def under_autocast(network, cfg, device):
     """network(x, t) in cfg.precision, returning fp32: the diffusion math around it stays fp32."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = memory_format_for(cfg.channels_last)
 
     def fn(x, t):
         with autocast(cfg.precision, device):
