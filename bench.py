@@ -1,7 +1,7 @@
 """Speed against the hardware: `python bench.py` (add `--json FILE` to keep the table).
 
 On the present device (CPU or CUDA), for the presets and a few batch sizes, it measures
-  train img/s    the full training step of train.py (forward, backward, Adam, EMA)
+  train img/s    the training step train.py runs (forward, backward, Adam, EMA)
   DDPM/DDIM img/s  sampling throughput of Ho's 1000-step sampler and DDIM-50, from the median
                    time of one sampling step (the network call plus the update), times the steps
   peak memory    CUDA max allocated, or the process's peak resident set on the CPU
@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
 import ddpm
-import sample
-import train
+import runtime
+import training
 import unet
 
 
@@ -100,9 +99,13 @@ def peak_memory(device):
 
 
 def config(preset, batch, precision, channels_last, compile_):
-    cfg = train.Config(preset=preset, batch_size=batch, precision=precision,
+    cfg = training.Config(preset=preset, batch_size=batch, precision=precision,
                        channels_last=channels_last, compile=compile_, lr=2e-4, warmup=1000)
     return cfg, dict(unet.PRESETS[preset])
+
+
+def in_precision(network, cfg, device):
+    return runtime.in_precision(network, cfg.precision, device, cfg.channels_last)
 
 
 def batch_shape(preset, batch):
@@ -114,13 +117,13 @@ def batch_shape(preset, batch):
 def bench_train(preset, batch, precision, channels_last, compile_, device, iters):
     """The training step's img/s, FLOPs and peak memory."""
     cfg, kwargs = config(preset, batch, precision, channels_last, compile_)
-    model, ema, optimizer, scaler = train.build_training(cfg, kwargs, device)
+    model, ema, optimizer, scaler = training.build_training(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     if compile_:
         torch._dynamo.reset()  # each row compiles afresh, so its graph count is its own
     graphs_before = dynamo_counters["stats"]["unique_graphs"]
     network = torch.compile(model) if compile_ else model
-    step_fn = train.make_train_step(train.under_autocast(network, cfg, device), model, ema,
+    step_fn = training.make_train_step(in_precision(network, cfg, device), model, ema,
                                     optimizer, scaler, diffusion, cfg)
     g = torch.Generator(device).manual_seed(0)
     shape = batch_shape(preset, batch)
@@ -137,7 +140,7 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
     seconds = median_time(run, device, warmup=3 if not compile_ else 5, iters=iters)
     peak = peak_memory(device)  # before the FLOP-counting pass below, which runs uncompiled
     with FlopCounterMode(display=False) as flops:
-        losses = diffusion.training_losses(train.under_autocast(model, cfg, device), x0, t, noise=noise)
+        losses = diffusion.training_losses(in_precision(model, cfg, device), x0, t, noise=noise)
         losses["loss"].mean().backward()
     optimizer.zero_grad(set_to_none=True)
     compiled_graphs = dynamo_counters["stats"]["unique_graphs"] - graphs_before
@@ -151,10 +154,10 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
 def bench_sample(preset, batch, precision, channels_last, graphs, device, iters):
     """Sampling img/s of DDPM-1000 and DDIM-50 from the median time of one step of each."""
     cfg, kwargs = config(preset, batch, precision, channels_last, False)
-    _, ema, _, _ = train.build_training(cfg, kwargs, device)
+    _, ema, _, _ = training.build_training(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     network = torch.compile(ema, mode="reduce-overhead") if graphs else ema
-    fn = train.under_autocast(network, cfg, device)
+    fn = in_precision(network, cfg, device)
     shape = batch_shape(preset, batch)
     x = torch.randn(shape, device=device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
@@ -182,8 +185,8 @@ def bench_convs(preset, batch, precision, channels_last, device, iters):
     in the step's dtype and memory layout. Returns (FLOPs, seconds) summed over the calls."""
     model = unet.build_unet(preset).to(device)
     x = torch.randn(batch_shape(preset, batch), device=device)
-    dtype = train.PRECISION_DTYPES[precision]
-    layout = train.memory_format_for(channels_last)
+    dtype = runtime.DTYPES[precision]
+    layout = runtime.memory_format(channels_last)
     total_flops, total_seconds = 0, 0.0
     for conv, shape in conv_calls(model, x, torch.zeros(batch, dtype=torch.long, device=device)):
         inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
@@ -211,30 +214,35 @@ def fmt_row(row):
             f"{row['peak_mem_mb']:>8.0f}")
 
 
-def main(argv=None):
-    p = train.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
+def parse_args(argv=None):
+    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(unet.PRESETS),
-                   help="default: mnist-small mnist")
+                   help="network presets to time (default: mnist-small mnist)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
-                   help="default: 64 128 on a CPU, 128 512 on CUDA")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 5 CPU, 20 CUDA)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
+                   help="batch sizes to time (default: 64 128 on a CPU, 128 512 on CUDA)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed iterations per row (default: 5 on a CPU, 20 on CUDA)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile rows (each compiles for a minute or two on a CPU)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    if args.iters is not None and args.iters < 1:
-        p.error(f"--iters must be >= 1, got {args.iters}")
-    if args.batch_sizes and min(args.batch_sizes) < 1:
-        p.error(f"--batch-sizes must be >= 1, got {min(args.batch_sizes)}")
-    try:
-        device = train.pick_device(args.device, 0)
-    except train.TrainError as e:
-        p.error(str(e))
+    runtime.check(args.iters is None or args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
+    runtime.check(not args.batch_sizes or min(args.batch_sizes) >= 1,
+                  f"--batch-sizes must be >= 1, got {min(args.batch_sizes or [1])}")
+    if args.json:
+        runtime.check_writable(args.json, "--json")
+    return args
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
     cuda = device.type == "cuda"
     presets = args.presets or ["mnist-small", "mnist"]
     batches = args.batch_sizes or ([128, 512] if cuda else [64, 128])
     iters = args.iters or (20 if cuda else 5)
-    bf16_ok = train.bf16_is_fast(device)
+    bf16_ok = runtime.bf16_is_fast(device)
 
     sizes = (4096, 8192) if cuda else (512, 1024, 2048)
     peaks = {"fp32": matmul_peak(device, torch.float32, sizes)}
@@ -296,9 +304,12 @@ def main(argv=None):
     if args.json:
         result = {"device": name, "torch": torch.__version__, "matmul_flop_s": peaks,
                   "train": rows, "sample": samples}
-        data.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        try:
+            runtime.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        except OSError as err:
+            raise runtime.write_error(args.json, err) from None
         print(f"\nwrote {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    runtime.main(run)

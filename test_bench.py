@@ -83,7 +83,7 @@ def test_matmul_peak_is_a_rate():
 
 def test_command_line_writes_every_variant(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+    bench.run(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
                 "--no-compile", "--json", str(out)])
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out

@@ -11,6 +11,7 @@ import torch
 
 import data
 import evaluate
+import metrics
 import train
 
 
@@ -21,7 +22,7 @@ def random_spd(rng, d):
 
 def test_fd_of_identical_sets_is_zero():
     f = np.random.default_rng(0).standard_normal((500, 16))
-    assert abs(evaluate.fd_of_features(f, f)) < 1e-8
+    assert abs(metrics.fd_of_features(f, f)) < 1e-8
 
 
 @pytest.mark.parametrize("d", [1, 3, 20])
@@ -32,14 +33,14 @@ def test_fd_matches_the_closed_form_with_scipy_sqrtm(d):
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     c1, c2 = random_spd(rng, d), random_spd(rng, d)
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
-    assert evaluate.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-8, abs=1e-9)
+    assert metrics.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-8, abs=1e-9)
 
 
 def test_fd_of_diagonal_gaussians():
     """For diagonal covariances the FD is ‖μ1-μ2‖² + Σ_i (σ1_i - σ2_i)²."""
     s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([0.3, 2.0, 1.5])
     mu1, mu2 = np.zeros(3), np.array([1.0, -1.0, 0.0])
-    fd = evaluate.frechet_distance(mu1, np.diag(s1 ** 2), mu2, np.diag(s2 ** 2))
+    fd = metrics.frechet_distance(mu1, np.diag(s1 ** 2), mu2, np.diag(s2 ** 2))
     assert fd == pytest.approx(2.0 + ((s1 - s2) ** 2).sum(), rel=1e-12)
 
 
@@ -50,8 +51,8 @@ def test_fd_from_samples_of_two_gaussians():
     c1, c2 = random_spd(rng, 3), random_spd(rng, 3)
     x = rng.multivariate_normal(mu1, c1, 200000)
     y = rng.multivariate_normal(mu2, c2, 200000)
-    exact = evaluate.frechet_distance(mu1, c1, mu2, c2)
-    assert evaluate.fd_of_features(x, y) == pytest.approx(exact, rel=0.01)
+    exact = metrics.frechet_distance(mu1, c1, mu2, c2)
+    assert metrics.fd_of_features(x, y) == pytest.approx(exact, rel=0.01)
 
 
 def test_precision_recall():
@@ -59,31 +60,31 @@ def test_precision_recall():
     fakes copied from the real set and half far away: precision 1/2."""
     rng = np.random.default_rng(0)
     real = rng.standard_normal((400, 8))
-    assert evaluate.precision_recall(real, real) == (1.0, 1.0)
-    assert evaluate.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert metrics.precision_recall(real, real) == (1.0, 1.0)
+    assert metrics.precision_recall(real, real + 100.0) == (0.0, 0.0)
     fake = np.concatenate([real[:200], real[200:] + 100.0])
-    assert evaluate.precision_recall(real, fake)[0] == 0.5
+    assert metrics.precision_recall(real, fake)[0] == 0.5
 
 
 def test_kth_neighbour_radius_counts_other_points_only():
     """On the line {0, 1, 2, 4, 8, 16}: the distance to the k-th nearest *other* point, by hand."""
     x = np.array([[0.0], [1.0], [2.0], [4.0], [8.0], [16.0]])
-    assert evaluate._kth_neighbour_radius(x, 1).tolist() == [1, 1, 1, 2, 4, 8]
-    assert evaluate._kth_neighbour_radius(x, 2).tolist() == [2, 1, 2, 3, 6, 12]
-    assert evaluate._kth_neighbour_radius(x, 5, chunk=4).tolist() == [16, 15, 14, 12, 8, 16]
+    assert metrics._kth_neighbour_radius(x, 1).tolist() == [1, 1, 1, 2, 4, 8]
+    assert metrics._kth_neighbour_radius(x, 2).tolist() == [2, 1, 2, 3, 6, 12]
+    assert metrics._kth_neighbour_radius(x, 5, chunk=4).tolist() == [16, 15, 14, 12, 8, 16]
 
 
 def test_precision_recall_needs_more_points_than_k():
     with pytest.raises(ValueError, match="more than 3 points"):
-        evaluate.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+        metrics.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
 
 
 def test_class_entropy_and_confidence():
     balanced = np.eye(10)[np.arange(1000) % 10]
-    assert evaluate.class_entropy(balanced) == pytest.approx(math.log(10))
-    assert evaluate.class_entropy(np.eye(10)[np.zeros(50, int)]) == 0.0
+    assert metrics.class_entropy(balanced) == pytest.approx(math.log(10))
+    assert metrics.class_entropy(np.eye(10)[np.zeros(50, int)]) == 0.0
     probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.05, 0.95]])
-    assert evaluate.confident_fraction(probs) == pytest.approx(2 / 3)
+    assert metrics.confident_fraction(probs) == pytest.approx(2 / 3)
 
 
 def synthetic_digits(n, seed):
@@ -99,9 +100,9 @@ def synthetic_digits(n, seed):
 
 def test_classifier_learns_a_separable_dataset():
     train_set, test_set = synthetic_digits(1280, 0), synthetic_digits(300, 1)
-    model = evaluate.train_classifier(train_set.images, train_set.labels, torch.device("cpu"),
+    model = metrics.train_classifier(train_set.images, train_set.labels, torch.device("cpu"),
                                       epochs=2, batch_size=64, progress=False)
-    feats, probs = evaluate.embed(model, test_set.images)
+    feats, probs = metrics.embed(model, test_set.images)
     assert feats.shape == (300, 128) and probs.shape == (300, 10)
     assert (probs.argmax(1) == test_set.labels).mean() > 0.95
 
@@ -119,7 +120,7 @@ def test_evaluate_end_to_end(tmp_path, monkeypatch):
     train.train(given, progress=False)
     argv = ["--ckpt", str(tmp_path / "run"), "--n", "6", "--nll-batch-size", "4", "--samples", "40",
             "--batch-size", "20"]
-    evaluate.main(argv)
+    evaluate.run(argv)
     r = json.loads((tmp_path / "run" / "eval.json").read_text())
     nll = r["nll"]
     assert nll["images"] == 6 and nll["split"] == "test"

@@ -15,8 +15,11 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import data
-import sample
+import imaging
+import runtime
 import train
+import training
+import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses share two cores with this one
@@ -67,8 +70,8 @@ def test_loss_goes_down_and_outputs_are_written(npz, tmp_path):
     assert last < 0.6 * first
     state = checkpoint.load(tmp_path)
     assert state["step"] == 120 and state["config"]["unet"]["image_size"] == 8
-    grid = data.read_png(tmp_path / "samples_final.png")
-    assert grid.shape == data.make_grid(np.zeros((4, 1, 8, 8), np.uint8)).shape
+    grid = imaging.read_png(tmp_path / "samples_final.png")
+    assert grid.shape == imaging.make_grid(np.zeros((4, 1, 8, 8), np.uint8)).shape
 
 
 def test_resume_is_exact(npz, tmp_path):
@@ -129,11 +132,11 @@ def test_speed_options_train_the_same_model(npz, tmp_path, option):
 
 def test_batches_cover_each_epoch_once():
     """The stateless data order: every image once per epoch, across batch boundaries."""
-    b = train.Batches(10, 4, seed=3, device="cpu")
+    b = training.Batches(10, 4, seed=3, device="cpu")
     seen = torch.cat([b.indices(s) for s in range(5)])  # 20 positions = 2 epochs
     assert sorted(seen[:10].tolist()) == list(range(10))
     assert sorted(seen[10:].tolist()) == list(range(10))
-    assert torch.equal(b.indices(3), train.Batches(10, 4, 3, "cpu").indices(3))
+    assert torch.equal(b.indices(3), training.Batches(10, 4, 3, "cpu").indices(3))
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(npz, tmp_path):
@@ -159,14 +162,14 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(npz, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(npz, tmp_path, monkeypatch):
     run_train(npz, tmp_path, steps=10)  # a good checkpoint at step 10
     calls = {"n": 0}
-    real = train.unet.UNet.forward
+    real = unet.UNet.forward
 
     def poisoned(self, x, t):
         calls["n"] += 1
         out = real(self, x, t)
         return out * float("nan") if calls["n"] > 3 else out
 
-    monkeypatch.setattr(train.unet.UNet, "forward", poisoned)
+    monkeypatch.setattr(unet.UNet, "forward", poisoned)
     with pytest.raises(train.TrainError, match="non-finite loss by step 15.*last good checkpoint"):
         run_train(npz, tmp_path, steps=40, resume=True)
     state = checkpoint.load(tmp_path)
@@ -187,8 +190,8 @@ def test_sample_writes_png_npz_and_trajectory(trained, tmp_path):
     r = cli("sample.py", "--ckpt", trained, "--n", 6, "--sampler", "ddim", "--steps", 5,
             "--out", tmp_path / "s.png")
     assert r.returncode == 0, r.stderr
-    png = data.read_png(tmp_path / "s.png")
-    assert png.shape == data.make_grid(np.zeros((6, 1, 8, 8), np.uint8)).shape
+    png = imaging.read_png(tmp_path / "s.png")
+    assert png.shape == imaging.make_grid(np.zeros((6, 1, 8, 8), np.uint8)).shape
     for name in ("a.npz", "b.npz"):
         assert cli("sample.py", "--ckpt", trained / "ckpt.pt", "--n", 5, "--sampler", "ddim",
                    "--steps", 5, "--eta", 1, "--batch-size", 2, "--out", tmp_path / name).returncode == 0
@@ -196,7 +199,7 @@ def test_sample_writes_png_npz_and_trajectory(trained, tmp_path):
     assert a.shape == (5, 8, 8) and a.dtype == np.uint8 and np.array_equal(a, b)
     r = cli("sample.py", "--ckpt", trained, "--n", 3, "--trajectory", 4, "--out", tmp_path / "t.png")
     assert r.returncode == 0, r.stderr
-    assert data.read_png(tmp_path / "t.png").shape == data.make_grid(
+    assert imaging.read_png(tmp_path / "t.png").shape == imaging.make_grid(
         np.zeros((15, 1, 8, 8), np.uint8), nrow=5).shape
 
 
@@ -209,48 +212,6 @@ def test_sample_uses_the_newest_run_by_default(trained, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     assert os.path.exists(tmp_path / "samples.png")
-
-
-def _one_line_error(r, *fragments):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def test_bad_command_lines_give_one_line_errors(npz, trained, tmp_path):
-    _one_line_error(cli("train.py", "--dataset", npz, "--steps", -5), "--steps must be >= 1")
-    _one_line_error(cli("train.py", "--dataset", "imagenet"), "unknown dataset 'imagenet'")
-    _one_line_error(cli("train.py", "--dataset", f"npz:{tmp_path}/none.npz"), "none.npz")
-    _one_line_error(cli("train.py", "--dataset", npz, "--steps", "ten"), "--steps")
-    _one_line_error(cli("train.py", "--dataset", npz, "--out", tmp_path, "--resume"), "no checkpoint")
-    _one_line_error(cli("train.py", "--dataset", npz, "--out", trained, "--resume",
-                        "--base-channels", 16), "cannot change base_channels")
-    _one_line_error(cli("train.py", "--dataset", npz, "--preset", "huge"), "unknown preset")
-    _one_line_error(cli("sample.py", "--ckpt", tmp_path / "missing.pt"), "no checkpoint")
-    _one_line_error(cli("sample.py", "--n", 0), "--n must be >= 1")
-    _one_line_error(cli("sample.py", "--out", "x.jpg"), ".png or .npz")
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    _one_line_error(cli("sample.py", "--ckpt", garbage), "not a readable checkpoint")
-    _one_line_error(cli("sample.py", "--ckpt", trained, "--device", "tpu"), "unknown --device 'tpu'")
-    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--samples", 2), "--samples must be 0 or at least 4")
-    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--eta", -1), "--eta must be >= 0")
-    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--device", "tpu"), "unknown --device")
-    _one_line_error(cli("evaluate.py", "--ckpt", trained, "--sampler", "ddim", "--steps", 5000),
-                    "--steps 5000 exceeds the model's T")
-    _one_line_error(cli("bench.py", "--iters", 0), "--iters must be >= 1")
-    _one_line_error(cli("bench.py", "--presets", "huge"), "invalid choice: 'huge'")
-    _one_line_error(cli("bench.py", "--device", "tpu"), "unknown --device")
-
-
-def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
-    state = checkpoint.load(trained)
-    state["config"]["unet"]["base_channels"] = 16
-    checkpoint.save(tmp_path / "other.pt", state)
-    _one_line_error(cli("sample.py", "--ckpt", tmp_path / "other.pt", "--n", 1),
-                    "another architecture")
 
 
 def test_checkpoint_loading_never_executes_code(tmp_path):
@@ -276,8 +237,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(runtime.UserError, match="cannot write .*ckpt.pt"):
         checkpoint.save(tmp_path / "ckpt.pt", {"step": 2})
     monkeypatch.undo()
-    assert checkpoint.load(tmp_path)["step"] == 1
+    assert checkpoint.load(tmp_path, required=("step",))["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]

@@ -1,0 +1,55 @@
+"""The sampling driver shared by train.py (its grids), sample.py, evaluate.py and bench.py: n images
+drawn batch by batch from one seeded generator with Ho et al.'s Algorithm 2 or DDIM."""
+import torch
+from tqdm import tqdm
+
+import runtime
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def check_steps(sampler, steps, diffusion):
+    """DDIM cannot take more steps than the model's T: say so before any sampling starts."""
+    runtime.check(sampler != "ddim" or 1 <= steps <= diffusion.num_timesteps,
+                  f"--steps {steps} must be in [1, the model's T = {diffusion.num_timesteps}] "
+                  "for DDIM")
+
+
+def describe(sampler, steps, eta, diffusion):
+    """The sampler's name in reports: DDPM-1000, or DDIM-50 eta=0."""
+    if sampler == "ddpm":
+        return f"DDPM-{diffusion.num_timesteps}"
+    return f"DDIM-{steps} eta={eta:g}"
+
+
+def generate(network, diffusion, shape, n, batch_size, sampler="ddpm", steps=50, eta=0.0, seed=0,
+             device="cpu", trajectory=0, progress=True):
+    """n images in [-1, 1] ([n, *shape]); with trajectory=K also [n, K, *shape] snapshots of x_t.
+
+    network(x_t, t) is the model as the diffusion calls it (float32 out). Images are drawn batch by
+    batch from one generator on `device` seeded with `seed`, so the same seed and batch size give
+    the same images."""
+    g = torch.Generator(device).manual_seed(seed)
+    starts = range(0, n, batch_size)
+    calls = diffusion.num_timesteps if sampler == "ddpm" else len(diffusion.ddim_timesteps(steps))
+    # One bar over every network call, so the time estimate is there from the first seconds.
+    bar = tqdm(total=len(starts) * calls, desc=f"sampling {n} images", unit="step",
+               disable=not progress, leave=False)
+
+    def ticking(iterable, desc):
+        for item in iterable:
+            yield item
+            bar.update(1)
+
+    images, snaps = [], []
+    with torch.no_grad(), bar:
+        for start in starts:
+            b = min(batch_size, n - start)
+            kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking)
+            out = (diffusion.p_sample_loop(network, (b, *shape), **kw) if sampler == "ddpm" else
+                   diffusion.ddim_sample_loop(network, (b, *shape), steps=steps, eta=eta, **kw))
+            x, traj = out if trajectory else (out, None)
+            images.append(x)
+            if traj is not None:
+                snaps.append(traj["x_t"].transpose(0, 1))
+    return torch.cat(images), (torch.cat(snaps) if snaps else None)

@@ -1,0 +1,272 @@
+"""Every script against a table of bad inputs, as a new user would type them: each must exit
+non-zero with one line on stderr (`error: ...`), no traceback, and leave every file of the run
+directory and the data cache as it was. The scripts run in-process through runtime.main, the same
+wrapper their `__main__` calls; two cases also run as real processes."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import checkpoint
+import data
+import evaluate
+import runtime
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--base-channels", "8", "--channel-mult", "1", "2", "--num-res-blocks", "1",
+        "--attn-resolutions", "4", "--timesteps", "100", "--batch-size", "8", "--precision", "fp32",
+        "--device", "cpu", "--log-every", "2", "--num-samples", "2", "--sample-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A trained tiny run, its npz dataset, a cache directory with a file in it, and damaged
+    checkpoints of several kinds."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    np.savez(root / "bars.npz", images=rng.integers(0, 256, (32, 8, 8), dtype=np.uint8))
+    npz = f"npz:{root / 'bars.npz'}"
+    cache = root / "cache"
+    cache.mkdir()
+    (cache / "mnist.npz").write_bytes(b"a cache file that must not change")
+    run = root / "run"
+    os.environ["DDPM_CACHE"] = str(cache)
+    try:
+        runtime.main(train.run_main, ["--dataset", npz, "--out", str(run), "--steps", "2", *TINY])
+    finally:
+        del os.environ["DDPM_CACHE"]
+    bad = root / "bad"
+    bad.mkdir()
+    state = checkpoint.load(run)
+    torch.save({"format_version": 1}, bad / "version_only.pt")
+    torch.save({**state, "format_version": 99}, bad / "future.pt")
+    torch.save({k: v for k, v in state.items() if k != "ema"}, bad / "no_ema.pt")
+    torch.save({**state, "config": {**state["config"], "schedule": "bogus"}}, bad / "bad_config.pt")
+    torch.save({**state, "config": {**state["config"], "unet": "x"}}, bad / "bad_unet.pt")
+    torch.save({**state, "ema": 5}, bad / "bad_weights.pt")
+    torch.save({**state, "config": {**state["config"],
+                                    "unet": {**state["config"]["unet"], "base_channels": 16}}},
+               bad / "other_arch.pt")
+    torch.save({"format_version": 1, "model": {}, "test_accuracy": 0.5}, bad / "classifier.pt")
+    (bad / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (root / "a_file").write_text("")
+    (root / "empty_run").mkdir()
+    return {"root": root, "npz": npz, "cache": cache, "run": run, "bad": bad}
+
+
+def snapshot(*directories):
+    """{path: sha256} of every file under the directories."""
+    found = {}
+    for directory in directories:
+        for folder, _, files in os.walk(directory):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    found[path] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def train_cases(w):
+    npz, run, root, bad = w["npz"], str(w["run"]), w["root"], w["bad"]
+    new = ["--dataset", npz, "--out", str(root / "new_run"), *TINY]
+    return [
+        # invalid or conflicting diffusion and model flags
+        ([*new, "--var-type", "fixed-large"], "invalid choice: 'fixed-large'"),
+        ([*new, "--schedule", "bogus"], "invalid choice: 'bogus'"),
+        ([*new, "--mean-type", "epsilon"], "invalid choice: 'epsilon'"),
+        ([*new, "--timesteps", "0"], "--timesteps must be >= 1"),
+        ([*new, "--timesteps", "10"], "beta"),
+        ([*new, "--loss-type", "hybrid", "--var-type", "fixed_large"], "hybrid"),
+        ([*new, "--loss-type", "simple", "--var-type", "learned_range"], "learned_range"),
+        ([*new, "--channel-mult", "1", "2", "2", "2", "2"], "image_size 8 must be divisible"),
+        ([*new, "--attn-resolutions", "3"], "attn_resolutions [3] never reached"),
+        ([*new, "--base-channels", "3"], "base_channels must be even"),
+        ([*new, "--channel-mult", "0", "2"], "--channel-mult must be integers >= 1"),
+        ([*new, "--num-res-blocks", "0"], "--num-res-blocks must be >= 1"),
+        ([*new, "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        ([*new, "--preset", "huge"], "invalid choice: 'huge'"),
+        ([*new, "--precision", "fp8"], "invalid choice: 'fp8'"),
+        # numbers out of range, silently wrong before
+        ([*new, "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([*new, "--lr", "0"], "--lr must be a finite number > 0"),
+        ([*new, "--lr", "nan"], "--lr must be a finite number > 0"),
+        ([*new, "--lr", "inf"], "--lr must be a finite number > 0"),
+        ([*new, "--steps", "-5"], "--steps must be >= 1"),
+        ([*new, "--steps", "ten"], "invalid int value: 'ten'"),
+        ([*new, "--warmup", "-1"], "--warmup must be >= 0"),
+        ([*new, "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        ([*new, "--grad-clip", "0"], "--grad-clip must be a finite number > 0"),
+        ([*new, "--log-every", "0"], "--log-every"),
+        ([*new, "--num-samples", "0"], "--num-samples must be >= 1"),
+        ([*new, "--sample-steps", "500"], "--sample-steps must be in [1, --timesteps = 100]"),
+        ([*new, "--unknown-flag"], "unrecognized arguments"),
+        # devices
+        ([*new, "--device", "tpu"], "unknown --device 'tpu'"),
+        ([*new, "--device", "cuda:abc"], "unknown --device"),
+        # data
+        ([*new, "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        ([*new, "--dataset", f"npz:{root}/none.npz"], "none.npz does not exist"),
+        (["--dataset", "mnist", "--data-dir", f"{root}/nowhere", "--out", str(root / "new_run")],
+         "does not exist"),
+        # outputs
+        ([*new, "--out", "/proc/nope"], "cannot write in /proc"),
+        ([*new, "--out", str(root / "a_file")], "is not a directory"),
+        # resume
+        (["--dataset", npz, "--out", str(root / "empty_run"), "--resume"], "no checkpoint"),
+        (["--dataset", npz, "--out", run, "--resume", "--base-channels", "16"],
+         "cannot change base_channels"),
+        (["--dataset", npz, "--out", str(bad / "resume_version_only"), "--resume"], "lacks"),
+    ]
+
+
+def sample_cases(w):
+    run, bad, root = str(w["run"]), w["bad"], w["root"]
+    out = ["--out", str(root / "s.png")]
+    return [
+        (["--ckpt", str(root / "missing.pt"), *out], "no checkpoint"),
+        (["--ckpt", str(root / "empty_run"), *out], "no checkpoint"),
+        (["--ckpt", run, "--n", "0", *out], "--n must be >= 1"),
+        (["--ckpt", run, "--batch-size", "0", *out], "--batch-size must be >= 1"),
+        (["--ckpt", run, "--out", "x.jpg"], ".png or .npz"),
+        (["--ckpt", run, "--out", "/proc/nope.png"], "cannot write in /proc"),
+        (["--ckpt", run, "--out", "/proc/nope.npz"], "cannot write in /proc"),
+        (["--ckpt", run, "--out", str(root / "a_file" / "x.png")], "is not a directory"),
+        (["--ckpt", run, "--eta", "-1", *out], "--eta must be a finite number >= 0"),
+        (["--ckpt", run, "--trajectory", "-1", *out], "--trajectory must be >= 0"),
+        (["--ckpt", run, "--sampler", "ddim", "--steps", "5000", *out], "--steps 5000 must be in"),
+        (["--ckpt", run, "--steps", "0", *out], "--steps must be >= 1"),
+        (["--ckpt", run, "--device", "tpu", *out], "unknown --device 'tpu'"),
+        (["--ckpt", run, "--device", "cuda:7", *out], "--device"),
+        (["--ckpt", run, "--precision", "fp16", *out], "invalid choice: 'fp16'"),
+        (["--ckpt", str(bad / "garbage.pt"), *out], "not a readable checkpoint"),
+        (["--ckpt", str(bad / "version_only.pt"), *out], "lacks step, config, model, ema"),
+        (["--ckpt", str(bad / "future.pt"), *out], "checkpoint format 99"),
+        (["--ckpt", str(bad / "no_ema.pt"), *out], "lacks ema"),
+        (["--ckpt", str(bad / "bad_config.pt"), *out], "cannot build"),
+        (["--ckpt", str(bad / "bad_unet.pt"), *out], "cannot build"),
+        (["--ckpt", str(bad / "bad_weights.pt"), *out], "another architecture"),
+        (["--ckpt", str(bad / "other_arch.pt"), *out], "another architecture"),
+        (["--ckpt", str(bad / "classifier.pt"), *out], "lacks step, config, ema"),
+    ]
+
+
+def evaluate_cases(w):
+    run, bad, root = str(w["run"]), w["bad"], w["root"]
+    return [
+        (["--ckpt", run, "--samples", "2"], "--samples must be 0 or at least 4"),
+        (["--ckpt", run, "--n", "-1"], "--n must be >= 0"),
+        (["--ckpt", run, "--n", "0", "--samples", "0"], "nothing to evaluate"),
+        (["--ckpt", run, "--eta", "-1"], "--eta must be a finite number >= 0"),
+        (["--ckpt", run, "--nll-batch-size", "0"], "--nll-batch-size must be >= 1"),
+        (["--ckpt", run, "--device", "tpu"], "unknown --device"),
+        (["--ckpt", run, "--sampler", "ddim", "--steps", "5000"], "--steps 5000 must be in"),
+        (["--ckpt", run, "--json", "/proc/nope.json"], "cannot write in /proc"),
+        (["--ckpt", run, "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--ckpt", run, "--dataset", "mnist"], "the model takes (1, 8, 8)"),
+        (["--ckpt", str(bad / "version_only.pt")], "lacks step, config, model, ema"),
+        (["--ckpt", str(bad / "garbage.pt")], "not a readable checkpoint"),
+        (["--ckpt", str(root / "missing.pt")], "no checkpoint"),
+    ]
+
+
+def bench_cases(w):
+    return [
+        (["--iters", "0"], "--iters must be >= 1"),
+        (["--presets", "huge"], "invalid choice: 'huge'"),
+        (["--device", "tpu"], "unknown --device"),
+        (["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
+        (["--json", "/proc/nope.json"], "cannot write in /proc"),
+    ]
+
+
+def data_cases(w):
+    return [
+        (["imagenet"], "unknown dataset 'imagenet'"),
+        (["mnist", "--split", "val"], "invalid choice: 'val'"),
+        (["mnist", "--count", "0"], "--count must be >= 1"),
+        (["mnist", "--grid", "/proc/x.png"], "cannot write in /proc"),
+        (["npz:/no/such.npz"], "does not exist"),
+    ]
+
+
+SCRIPTS = {"train": (train.run_main, train_cases), "sample": (sample.run, sample_cases),
+           "evaluate": (evaluate.run, evaluate_cases), "bench": (bench.run, bench_cases),
+           "data": (data.run, data_cases)}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_inputs_give_one_line_and_change_nothing(script, world, capsys, monkeypatch):
+    """Each case: exit status 2, exactly one line `error: ...` naming the problem, no traceback,
+    and every file of the run directory, the damaged checkpoints and the cache unchanged."""
+    monkeypatch.setenv("DDPM_CACHE", str(world["cache"]))
+    monkeypatch.delenv("DDPM_DATA", raising=False)
+    monkeypatch.chdir(world["root"])
+    (world["bad"] / "resume_version_only").mkdir(exist_ok=True)
+    torch.save({"format_version": 1}, world["bad"] / "resume_version_only" / "ckpt.pt")
+    def no_model(*args, **kwargs):
+        raise AssertionError("a bad input reached the model")
+
+    monkeypatch.setattr(train.training, "build_training", no_model)
+    run, cases = SCRIPTS[script]
+    before = snapshot(world["run"], world["bad"], world["cache"])
+    for argv, needle in cases(world):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            runtime.main(run, argv)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+        assert "Traceback" not in err and needle in lines[0], (argv, needle, lines[0])
+        assert snapshot(world["run"], world["bad"], world["cache"]) == before, argv
+    assert not os.path.exists(world["root"] / "new_run")
+
+
+def test_a_genuine_bug_keeps_its_traceback(capsys):
+    """Only a user's mistake is shortened to one line: anything else is a bug and propagates."""
+    def buggy(argv):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        runtime.main(buggy, [])
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("train.py", ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    ("sample.py", ["--out", "x.jpg"], ".png or .npz"),
+])
+def test_real_processes_exit_2_with_one_line(script, args, needle, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "data.py"])
+def test_help_explains_every_flag(script, capsys):
+    """--help: every flag has a description; flags with a default or choices show them."""
+    module = {"train.py": train, "sample.py": sample, "evaluate.py": evaluate, "bench.py": bench,
+              "data.py": data}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    blocks = text.split("options:")[1].split("\n  -")[1:]
+    assert blocks, text
+    for block in blocks:
+        flag = block.split()[0]
+        words = " ".join(block.split()[1:])
+        if flag in ("h,", "-help"):
+            continue
+        assert len(words) > 12, (flag, block)
+    options = text.split("options:")[1]
+    for flag in ("--device", "--seed"):
+        if flag in options:
+            assert "default" in options.split(flag, 1)[1].split("\n  -")[0], flag

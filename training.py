@@ -1,0 +1,282 @@
+"""The training run's parts shared by train.py and bench.py: the configuration (a dataclass with
+Ho et al.'s defaults, turned into command-line flags and stored in the checkpoint), its
+resolution for a device and a dataset, the data order, and one step of Algorithm 1 with Adam,
+gradient clipping and the EMA.
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import checkpoint
+import ddpm
+import runtime
+import unet
+
+CPU_STEPS = 3000  # no --preset on a CPU: mnist-small for this many steps
+GPU_STEPS = 30000
+
+
+def _flag(default, help, choices=None, auto=None):
+    """A Config field with its --help text; `auto` says what a default of None means."""
+    return field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
+
+
+@dataclass
+class Config:
+    """Training configuration; defaults follow Ho et al. 2020 (App. B) where it gives one."""
+    dataset: str = _flag("mnist", "mnist, fashion-mnist, cifar10, or npz:PATH (a uint8 array "
+                         "N x H x W or N x H x W x C of your own)")
+    data_dir: str = _flag(None, "local copies of the dataset files", auto="$DDPM_DATA, then the "
+                          "cache $DDPM_CACHE or ~/.cache/ddpm, then the network")
+    preset: str = _flag(None, "network size", choices=tuple(unet.PRESETS),
+                        auto="mnist-small on a CPU, mnist on a GPU (cifar10 for 32x32 RGB)")
+    base_channels: int = _flag(None, "channels at the first level", auto="the preset's")
+    channel_mult: tuple = _flag(None, "channel multiplier of each level (space-separated)",
+                                auto="the preset's")
+    num_res_blocks: int = _flag(None, "residual blocks per level", auto="the preset's")
+    attn_resolutions: tuple = _flag(None, "resolutions with self-attention (space-separated)",
+                                    auto="the preset's")
+    dropout: float = _flag(None, "dropout in the residual blocks", auto="the preset's")
+    steps: int = _flag(None, "training steps", auto=f"{CPU_STEPS} on a CPU without --preset, "
+                       f"else {GPU_STEPS}")
+    batch_size: int = _flag(None, "global batch size (split over the processes under torchrun)",
+                            auto="64 on a CPU, 128 (Ho) on a GPU")
+    lr: float = _flag(None, "peak Adam learning rate", auto="1e-3 for mnist-small, 2e-4 (Ho) "
+                      "otherwise")
+    warmup: int = _flag(None, "steps of linear learning-rate warmup",
+                        auto="200 for mnist-small, 5000 (Ho) otherwise")
+    grad_clip: float = _flag(1.0, "clip the gradient's global norm to this")
+    ema_decay: float = _flag(0.9999, "EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
+    schedule: str = _flag("linear", "beta schedule", choices=("linear", "cosine"))
+    timesteps: int = _flag(1000, "diffusion steps T")
+    loss_type: str = _flag("simple", "simple: L_simple (Ho Eq. 14); vlb: the bound; hybrid: "
+                           "L_simple + L_vlb/1000 (needs --var-type learned_range)",
+                           choices=ddpm.LOSS_TYPES)
+    mean_type: str = _flag("eps", "what the network predicts: eps, x0 or v",
+                           choices=ddpm.MEAN_TYPES)
+    var_type: str = _flag("fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
+                          "CIFAR-10 sampler), fixed_small (posterior beta~_t) or learned_range",
+                          choices=ddpm.VAR_TYPES)
+    precision: str = _flag("auto", "autocast precision of the network; auto: bf16 where the "
+                           "device runs it fast (CUDA, CPUs with AMX or AVX512-BF16), else fp32",
+                           choices=("auto",) + runtime.PRECISIONS)
+    compile: bool = _flag(False, "torch.compile the network")
+    channels_last: bool = _flag(None, "channels_last memory layout", auto="on for CUDA, off on "
+                                "the CPU")
+    seed: int = _flag(0, "seed of the initial weights, the data order, t and the noise")
+    out: str = _flag(None, "run directory", auto="runs/<dataset>")
+    resume: bool = _flag(False, "continue the run in --out from its checkpoint")
+    device: str = _flag("auto", "auto, cpu, cuda or cuda:N")
+    log_every: int = _flag(50, "steps between lines of log.jsonl")
+    sample_every: int = _flag(1000, "steps between sample grids")
+    ckpt_every: int = _flag(1000, "steps between checkpoints")
+    num_samples: int = _flag(64, "images in each sample grid")
+    sampler: str = _flag("ddim", "sampler of the grids: ddim (--sample-steps steps, eta 0) or ddpm "
+                         "(Ho's Algorithm 2, all T steps)", choices=("ddim", "ddpm"))
+    sample_steps: int = _flag(50, "DDIM steps of the sample grids")
+
+
+ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
+# What --resume may not change: the model, the diffusion and the data it was trained on.
+FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "mean_type",
+                   "var_type", "seed", "batch_size") + ARCH_FIELDS
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+def parse_args(argv=None, description=None):
+    """Command-line flags from the Config fields; returns {field: value} for the flags given."""
+    p = runtime.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default = meta["auto"] or f.default
+        text = f"{meta['help']} (default: {default})"
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif f.type is tuple:
+            p.add_argument(flag, type=int, nargs="+", help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.__name__, str)
+            p.add_argument(flag, type=kind, choices=meta["choices"], help=text)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
+
+
+def default_out(dataset):
+    """runs/<dataset>, with the ':' and '/' of an npz:PATH dataset made safe for a directory name."""
+    return os.path.join("runs", dataset.replace(":", "_").replace("/", "_"))
+
+
+def resolve_config(given, device, image_shape, saved=None):
+    """(Config with every automatic choice made, UNet kwargs) for the flags `given`, the device and
+    the images' (C, H, W). `saved` is the config of the run being resumed. Raises UserError for
+    anything that cannot run, before any data or model work."""
+    validate(Config(**given))
+    if saved is not None:
+        changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
+        runtime.check(not changed, f"--resume cannot change {', '.join(changed)} (the checkpoint "
+                      f"has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); start a new --out")
+        fields = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{**{k: v for k, v in saved.items() if k in fields}, **given})
+        kwargs = dict(saved["unet"])
+    else:
+        cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
+    validate(cfg, complete=True)
+    try:  # the diffusion and the network, built without memory: their own checks, now
+        checkpoint.build_diffusion(dataclasses.asdict(cfg))
+        with torch.device("meta"):
+            unet.UNet(**kwargs)
+    except ValueError as e:
+        raise runtime.UserError(f"{e}; change the flags") from None
+    return cfg, kwargs
+
+
+def _fill_automatic(cfg, given, device, image_shape):
+    """The choices left to the machine and the dataset (see each field's help)."""
+    cpu = device.type == "cpu"
+    C, H, W = image_shape
+    if cfg.preset is None:
+        cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-small" if cpu else "mnist")
+    small = cfg.preset == "mnist-small"
+    if cfg.steps is None:
+        cfg.steps = CPU_STEPS if (cpu and "preset" not in given) else GPU_STEPS
+    if cfg.batch_size is None:
+        cfg.batch_size = 64 if cpu else 128
+    if cfg.lr is None:
+        cfg.lr = 1e-3 if small else 2e-4
+    if cfg.warmup is None:
+        cfg.warmup = 200 if small else 5000
+    if cfg.channels_last is None:
+        cfg.channels_last = runtime.channels_last_default(device)
+    cfg.precision = runtime.resolve_precision(cfg.precision, device)
+    cfg.out = cfg.out or default_out(cfg.dataset)
+    kwargs = {**unet.PRESETS[cfg.preset],
+              **{k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}}
+    if (H, W) != (kwargs["image_size"],) * 2 or C != kwargs["in_channels"]:
+        runtime.check(H == W, f"images must be square, got {H}x{W}")
+        levels = len(kwargs["channel_mult"])
+        if "attn_resolutions" not in given:  # attention at the coarsest level
+            kwargs["attn_resolutions"] = (H // 2 ** (levels - 1),)
+        kwargs.update(in_channels=C, image_size=H)
+    kwargs["out_channels"] = 2 * C if cfg.var_type == "learned_range" else C
+    for k in ARCH_FIELDS:
+        setattr(cfg, k, kwargs[k])
+    return cfg, kwargs
+
+
+def validate(cfg, complete=False):
+    """UserError for the first value that cannot run. Fields still None (automatic) are skipped
+    unless `complete`."""
+    def given(v):
+        return v is not None or complete
+
+    checks = [(given(cfg.steps) and cfg.steps < 1, f"--steps must be >= 1, got {cfg.steps}"),
+              (given(cfg.batch_size) and cfg.batch_size < 1,
+               f"--batch-size must be >= 1, got {cfg.batch_size}"),
+              (given(cfg.lr) and not 0 < cfg.lr < float("inf"),
+               f"--lr must be a finite number > 0, got {cfg.lr}"),
+              (given(cfg.warmup) and cfg.warmup < 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+              (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+              (not 0 < cfg.grad_clip < float("inf"),
+               f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}"),
+              (cfg.timesteps < 1, f"--timesteps must be >= 1, got {cfg.timesteps}"),
+              (min(cfg.log_every, cfg.sample_every, cfg.ckpt_every) < 1,
+               "--log-every, --sample-every and --ckpt-every must be >= 1"),
+              (cfg.num_samples < 1, f"--num-samples must be >= 1, got {cfg.num_samples}"),
+              (not 1 <= cfg.sample_steps <= cfg.timesteps,
+               f"--sample-steps must be in [1, --timesteps = {cfg.timesteps}], got {cfg.sample_steps}"),
+              (given(cfg.dropout) and not 0 <= cfg.dropout < 1,
+               f"--dropout must be in [0, 1), got {cfg.dropout}"),
+              (given(cfg.base_channels) and cfg.base_channels < 1,
+               f"--base-channels must be >= 1, got {cfg.base_channels}"),
+              (given(cfg.num_res_blocks) and cfg.num_res_blocks < 1,
+               f"--num-res-blocks must be >= 1, got {cfg.num_res_blocks}"),
+              (given(cfg.channel_mult) and min(cfg.channel_mult or (1,)) < 1,
+               f"--channel-mult must be integers >= 1, got {cfg.channel_mult}")]
+    for bad, message in checks:
+        if bad:
+            raise runtime.UserError(message)
+
+
+# ---- the data order -------------------------------------------------------------------------
+
+class Batches:
+    """The global batch of step s, without state: the data stream is the concatenation of one
+    random permutation per epoch (seeded by (seed, epoch)), and step s takes positions
+    [s B, (s+1) B). Every process computes the same global batch and keeps its own slice."""
+
+    def __init__(self, n, batch_size, seed, device):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self._epoch, self._perm = None, None
+
+    def _permutation(self, epoch):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
+        return self._perm
+
+    def indices(self, step):
+        start, parts = step * self.batch_size, []
+        while sum(len(p) for p in parts) < self.batch_size:
+            epoch, offset = divmod(start, self.n)
+            take = min(self.n - offset, self.batch_size - sum(len(p) for p in parts))
+            parts.append(self._permutation(epoch)[offset:offset + take])
+            start += take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def step_noise(cfg, step, shape, device):
+    """Algorithm 1's t ~ Uniform({1..T}) and ε ~ N(0, I) for the global batch of `step`, from
+    (seed, step) alone: the same draws after a resume and in every process."""
+    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+    noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
+    return t, noise
+
+
+# ---- model, optimiser and the step ----------------------------------------------------------
+
+def ema_update(ema, model, decay):
+    """θ_ema <- decay θ_ema + (1 - decay) θ, for all parameters at once."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def lr_at(cfg, step):
+    """Linear warmup over cfg.warmup steps to cfg.lr, then constant (Ho et al.)."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+
+
+def build_training(cfg, unet_kwargs, device):
+    """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
+    frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
+    torch.manual_seed(cfg.seed)
+    layout = runtime.memory_format(cfg.channels_last)
+    model = unet.UNet(**unet_kwargs).to(device, memory_format=layout)
+    ema = unet.UNet(**unet_kwargs).to(device, memory_format=layout).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return model, ema, optimizer, scaler
+
+
+def make_train_step(model_fn, model, ema, optimizer, scaler, diffusion, cfg):
+    """One step of Ho et al.'s Algorithm 1 with Adam, gradient clipping and the EMA update:
+    step_fn(x0, t, noise, step) -> (per-example losses, grad norm), both detached, no host sync."""
+    def step_fn(x0, t, noise, step):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        losses = diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.mean()).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        return losses.detach(), grad_norm.detach()
+    return step_fn
