@@ -270,3 +270,23 @@ def test_help_explains_every_flag(script, capsys):
     for flag in ("--device", "--seed"):
         if flag in options:
             assert "default" in options.split(flag, 1)[1].split("\n  -")[0], flag
+
+
+@pytest.mark.parametrize("asked, backend, cuda_device", [("cpu", "gloo", None),
+                                                         ("auto", "nccl", 1), ("cuda", "nccl", 1)])
+def test_ddp_backend_follows_the_device_asked_for(asked, backend, cuda_device, monkeypatch):
+    """On a machine with GPUs (the CUDA probe faked), torchrun with --device cpu uses Gloo and never
+    calls cuda.set_device; auto or cuda uses NCCL on the process's own GPU (LOCAL_RANK)."""
+    calls = {"init": [], "set_device": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls["set_device"].append(d))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls["init"].append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.setup_distributed(asked) == (1, 2, 1)
+    assert calls["init"] == [backend]
+    assert calls["set_device"] == ([] if cuda_device is None else [torch.device("cuda", cuda_device)])

@@ -13,11 +13,9 @@ import shutil
 import struct
 import tarfile
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
-import torch
 
 import data
 

@@ -14,7 +14,6 @@ import torch
 import torch.multiprocessing as mp
 
 import checkpoint
-import data
 import imaging
 import runtime
 import train

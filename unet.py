@@ -1,8 +1,9 @@
-"""The ε-network of Ho et al. 2020 (Appendix B): a U-Net with residual blocks,
+"""The network of Ho et al. 2020 (Appendix B): a U-Net with residual blocks,
 self-attention at chosen resolutions and a sinusoidal timestep embedding.
 
-The model predicts ε (or, with out_channels = 2 * in_channels, ε and a variance
-interpolation vector as in Nichol & Dhariwal 2021). It imports nothing from the
+Its output is whatever the diffusion trains it to predict (ddpm.py's mean_type: ε as in Ho et
+al., x_0, or v); with out_channels = 2 * in_channels the second half is the variance
+interpolation vector of Nichol & Dhariwal 2021. It imports nothing from the
 project and decides no device or dtype: it follows its inputs.
 
 Shapes: x is [B, C, H, W]; t is [B] of 0-based timestep indices (the array index
@@ -140,7 +141,8 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """Ho et al. 2020's ε_θ(x_t, t). forward: x [B, C, H, W], t [B] int -> [B, out_channels, H, W]."""
+    """Ho et al. 2020's U-Net, e.g. ε_θ(x_t, t). forward: x [B, C, H, W], t [B] int ->
+    [B, out_channels, H, W]."""
 
     def __init__(self, in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
                  num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28):
