@@ -30,6 +30,16 @@ class UserError(Exception):
     `error: <what is wrong>; <what to do>`, and exit status 2, never a traceback."""
 
 
+class Stopped(Exception):
+    """Work stopped early on a signal, after saving what it had: main() prints the message and
+    exits with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), the shell's
+    convention, so that a scheduler can tell it from a finished run (0)."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -56,16 +66,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main(run, argv=None):
-    """Call run(argv). A UserError becomes one line on stderr and exit status 2; Ctrl-C becomes
-    one line and exit status 130 (the shell's code for SIGINT). Any other exception is a bug and
-    keeps its traceback."""
+    """Call run(argv). A UserError becomes one line on stderr and exit status 2; Stopped its
+    message and 128 + its signal; Ctrl-C anywhere else one line and 130 (the shell's code for
+    SIGINT; files are written atomically, so none is left half-written). Any other exception is a
+    bug and keeps its traceback."""
     try:
         run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        print("\ninterrupted (Ctrl-C); every file written so far is whole (each is written to a "
+              "temporary file and renamed), and none is left half-written", file=sys.stderr)
         sys.exit(130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -233,3 +248,59 @@ def check_writable_dir(directory, what="--out", shown=None):
     except OSError as e:
         raise UserError(f"{what} {shown}: cannot write in {probe} ({os.strerror(e.errno)}); "
                         "choose a writable location") from None
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(directory):
+    """Delete the temporary files atomic_write leaves when a process is killed mid-write
+    (.<name>.<12 hex digits>.tmp). Call it only while holding the directory's lock, when no
+    write of ours can be in flight. Returns the names removed."""
+    removed = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        parts = name.rsplit(".", 2)
+        if name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and len(parts) == 3 \
+                and len(parts[1]) == 12 and all(c in "0123456789abcdef" for c in parts[1]):
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory for one process (fcntl.flock on its .lock file): the
+    kernel drops it when the process ends, however it ends, so kill -9 leaves no stale lock. A
+    second holder gets a UserError naming the process that holds it."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory, what="run directory"):
+        self.directory, self.what, self.file = directory, what, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, self.NAME)
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise UserError(f"the {self.what} {self.directory} is in use by {holder}; wait for it "
+                            "to finish or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None

@@ -481,3 +481,75 @@ def test_ddim_has_no_nan_in_low_precision(case):
     assert torch.isfinite(d.p_sample_loop(model, x.shape, noise=x.clone())).all()
     assert torch.isfinite(d.ddim_sample_loop(model, x.shape, steps=d.num_timesteps // 20 or 1,
                                              noise=x.clone())).all()
+
+
+# ---- single steps with noise=None draw z from the generator they are given -----------------
+
+def test_p_sample_draws_z_from_its_generator():
+    """Ho Alg. 2 step with noise=None: x_{t-1} = μ_θ + √β̃_t z (t ≥ 1), z = torch.randn(x.shape) from
+    the `generator` passed in, the only draw (its state afterwards equals a twin seeded alike that
+    made that one draw); equal seeds give equal samples, different seeds different ones."""
+    betas = ddpm.make_beta_schedule("cosine", 20)
+    d, ref = ddpm.GaussianDiffusion(betas), reference(betas.numpy())
+    model = lambda x, t: 0.3 * x
+    x = torch.randn(3, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([7, 1, 19])
+    g = torch.Generator().manual_seed(5)
+    a = d.p_sample(model, x, t, generator=g)["sample"]
+    b = d.p_sample(model, x, t, generator=torch.Generator().manual_seed(5))["sample"]
+    c = d.p_sample(model, x, t, generator=torch.Generator().manual_seed(6))["sample"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g_ref = torch.Generator().manual_seed(5)
+    z = torch.randn(x.shape, dtype=F64, generator=g_ref)
+    sigma = torch.from_numpy(np.sqrt(ref["post_var"][t.numpy()])).view(3, 1, 1)
+    want = d.p_mean_variance(model, x, t)["mean"] + sigma * z
+    np.testing.assert_allclose(a, want, rtol=1e-12, atol=1e-14)
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_ddim_sample_draws_z_from_its_generator(cosine100):
+    """DDIM step with η = 0.5 and noise=None: Song Eq. 12 (NumPy, as above) with its σ z term's z =
+    torch.randn(x.shape) from the `generator` passed in (one draw); equal seeds give equal samples,
+    different seeds different ones."""
+    d, ac = ddpm.GaussianDiffusion(cosine100), reference(cosine100.numpy())["ac"]
+    x_t = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    model = lambda x, tt: 0.8 * torch.tanh(x)
+    step = lambda g: d.ddim_sample(model, x_t, at(60, 4), 30, eta=0.5, clip_denoised=False,
+                                   generator=g)["sample"]
+    g = torch.Generator().manual_seed(11)
+    a, b, c = step(g), step(torch.Generator().manual_seed(11)), step(torch.Generator().manual_seed(12))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g_ref = torch.Generator().manual_seed(11)
+    z = torch.randn(x_t.shape, dtype=F64, generator=g_ref).numpy()
+    a_t, a_p = ac[60], ac[30]
+    xt = x_t.numpy()
+    eps = 0.8 * np.tanh(xt)
+    x0 = (xt - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    sigma = 0.5 * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+    want = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma ** 2) * eps + sigma * z
+    np.testing.assert_allclose(a.numpy(), want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+def test_ddim_sample_loop_with_eta_is_song_eq12_draw_for_draw():
+    """DDIM η = 0.5 over T = 20, 5 steps (16 -> 12 -> 8 -> 4 -> 0 -> x_0), written out here: x_T and
+    then one z per step except the last (to ᾱ = 1) drawn from one generator, each step Song Eq. 12
+    with the σ of Eq. 16. Samples and the generator's state afterwards equal ddim_sample_loop's."""
+    betas = ddpm.make_beta_schedule("cosine", 20)
+    d, ac = ddpm.GaussianDiffusion(betas), reference(betas.numpy())["ac"]
+    model = lambda x, t: 0.3 * x
+    eta, shape = 0.5, (3, 2)
+    g_code, g_ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    got = d.ddim_sample_loop(model, shape, steps=5, eta=eta, generator=g_code, dtype=F64,
+                             clip_denoised=False)
+    x = torch.randn(shape, dtype=F64, generator=g_ref)
+    for t, t_prev in [(16, 12), (12, 8), (8, 4), (4, 0), (0, -1)]:
+        a_t, a_p = ac[t], (ac[t_prev] if t_prev >= 0 else 1.0)
+        eps = 0.3 * x
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        sigma = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+        x = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma ** 2) * eps
+        if t_prev >= 0:
+            x = x + sigma * torch.randn(shape, dtype=F64, generator=g_ref)
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
+    assert torch.equal(g_code.get_state(), g_ref.get_state())

@@ -138,7 +138,7 @@ def test_batches_cover_each_epoch_once():
     assert torch.equal(b.indices(3), training.Batches(10, 4, 3, "cpu").indices(3))
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(npz, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_143(npz, tmp_path):
     args = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", npz, "--out", tmp_path,
             "--steps", 100000, "--log-every", 5, "--ckpt-every", 100000, "--device", "cpu",
             "--precision", "fp32", "--base-channels", 8, "--channel-mult", 1, 2,
@@ -152,7 +152,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(npz, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # stopped, not done: a scheduler can tell
     assert "--resume" in err
     state = checkpoint.load(tmp_path)
     assert state["step"] >= 10

@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from unet import PRESETS, ResBlock, UNet, build_unet, count_parameters, num_groups, timestep_embedding
+from unet import (PRESETS, AttnBlock, Downsample, ResBlock, UNet, Upsample, build_unet, count_parameters,
+                  num_groups, timestep_embedding)
 
 TINY = dict(in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
             attn_resolutions=(8,), dropout=0.0, image_size=16)
@@ -303,3 +305,197 @@ def test_bad_inputs_raise(x_shape, t_shape):
     x, t = torch.zeros(x_shape), torch.zeros(t_shape, dtype=torch.long)
     msg = one_line_value_error(lambda: model(x, t))
     assert "got" in msg
+
+
+# ---------------------------------------------------------------------------
+# the blocks and the whole forward pass against formulas written here (float64, random weights)
+
+
+def randomise(module, std=0.05, seed=0):
+    """Overwrite every parameter (zero-initialised ones included) with N(0, std²) draws, plus 1 for
+    GroupNorm scales (so that signals keep their size through the network)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                one = 1.0 if isinstance(m, torch.nn.GroupNorm) and name == "weight" else 0.0
+                p.copy_(one + torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+def gn_ref(x, norm):
+    """GroupNorm by hand: per sample and group of C/G channels, (x - mean)/sqrt(biased var + eps),
+    then the per-channel affine of `norm`."""
+    B, C = x.shape[:2]
+    G = num_groups(C)
+    xg = x.reshape(B, G, -1)
+    mean = xg.mean(-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
+    h = ((xg - mean) / torch.sqrt(var + 1e-6)).reshape(x.shape)
+    return h * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+
+
+def silu(x):
+    return x * torch.sigmoid(x)
+
+
+def conv_ref(x, conv, padding):
+    return F.conv2d(x, conv.weight, conv.bias, padding=padding)
+
+
+def res_ref(block, x, emb):
+    """shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + W_e silu(emb) + b_e))), dropout off."""
+    h = conv_ref(silu(gn_ref(x, block.norm1)), block.conv1, 1)
+    h = h + (silu(emb) @ block.emb_proj.weight.T + block.emb_proj.bias)[:, :, None, None]
+    h = conv_ref(silu(gn_ref(h, block.norm2)), block.conv2, 1)
+    skip = x if isinstance(block.shortcut, torch.nn.Identity) else conv_ref(x, block.shortcut, 0)
+    return skip + h
+
+
+def attn_ref(block, x):
+    """x + proj(V softmax(Q^T K / sqrt(C))^T) over the H*W positions, with Q, K, V the first,
+    second and third C channels of the 1x1 conv qkv(GroupNorm(x)); single head."""
+    B, C, H, W = x.shape
+    qkv = conv_ref(gn_ref(x, block.norm), block.qkv, 0).reshape(B, 3 * C, H * W)
+    q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]             # [B, C, N] each
+    logits = torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C)        # query i, key j
+    w = torch.exp(logits - logits.amax(-1, keepdim=True))
+    w = w / w.sum(-1, keepdim=True)
+    h = torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W)
+    return x + conv_ref(h, block.proj, 0)
+
+
+def test_attn_block_is_scaled_dot_product_attention():
+    """AttnBlock(x) = x + proj(softmax(QᵀK/√C) V) with Q, K, V the three C-channel slices (in that
+    order) of qkv(GroupNorm(x)), over H*W = 12 positions (≠ C, so 1/√(HW) differs from 1/√C)."""
+    block = randomise(AttnBlock(8), std=0.3, seed=1).double()
+    x = torch.randn(2, 8, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        got, want = block(x), attn_ref(block, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (got - x).abs().max() > 0.1  # the attention branch is not negligible
+
+
+@pytest.mark.parametrize("in_ch, out_ch, dropout", [(8, 8, 0.0), (8, 12, 0.5)])
+def test_res_block_matches_formula(in_ch, out_ch, dropout):
+    """ResBlock(x, emb) = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + Linear(silu(emb)))))
+    with shortcut = identity (in = out) or a 1x1 conv (in ≠ out); dropout is the identity in eval."""
+    block = randomise(ResBlock(in_ch, out_ch, 6, dropout), std=0.2, seed=3).double().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, in_ch, 4, 5, generator=g, dtype=torch.float64)
+    emb = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = block(x, emb), res_ref(block, x, emb)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert isinstance(block.shortcut, torch.nn.Identity) == (in_ch == out_ch)
+
+
+@pytest.mark.parametrize("size", [6, 5])
+def test_downsample_is_stride_2_conv_padded_by_one(size):
+    """Downsample(x) = 3x3 conv with stride 2 of x zero-padded by one on every side:
+    [.., s, s] -> [.., ceil(s/2), ceil(s/2)]."""
+    down = randomise(Downsample(4), std=0.2, seed=5).double()
+    x = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = F.conv2d(F.pad(x, (1, 1, 1, 1)), down.conv.weight, down.conv.bias, stride=2)
+    with torch.no_grad():
+        got = down(x)
+    assert got.shape == (2, 4, (size + 1) // 2, (size + 1) // 2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_is_nearest_x2_then_conv():
+    """Upsample(x) = 3x3 conv (padding 1) of x with every pixel repeated into a 2x2 block."""
+    up = randomise(Upsample(4), std=0.2, seed=7).double()
+    x = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    nearest = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    want = F.conv2d(nearest, up.conv.weight, up.conv.bias, padding=1)
+    with torch.no_grad():
+        got = up(x)
+    assert got.shape == (2, 4, 6, 10)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+SKIPS = dict(in_channels=2, out_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=2,
+             attn_resolutions=(8, 4), dropout=0.0, image_size=8)
+
+
+def unet_ref(model, x, t, drop_skip=None):
+    """Ho et al.'s U-Net written out from the model's layers: sinusoidal embedding -> Linear, SiLU,
+    Linear; conv_in; down levels push conv_in's output, every (res block -> attention) output and
+    every downsample's output as skips; mid res/attn/res; each up res block takes
+    cat([h, last skip pushed]) on channels; GroupNorm, SiLU, conv_out. drop_skip=k zeroes the
+    k-th skip consumed on the way up."""
+    half = model.base_channels // 2
+    freqs = torch.tensor([10000.0 ** (-i / (half - 1)) for i in range(half)], dtype=torch.float64)
+    args = t.double()[:, None] * freqs
+    emb = torch.cat([torch.sin(args), torch.cos(args)], 1)
+    lin1, lin2 = model.emb[0], model.emb[2]
+    emb = silu(emb @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias
+
+    def attn(a, h):
+        return h if isinstance(a, torch.nn.Identity) else attn_ref(a, h)
+
+    h = conv_ref(x, model.conv_in, 1)
+    skips = [h]
+    for level in model.down:
+        for block, a in zip(level.blocks, level.attns):
+            h = attn(a, res_ref(block, h, emb))
+            skips.append(h)
+        if level.resample is not None:
+            h = F.conv2d(F.pad(h, (1, 1, 1, 1)), level.resample.conv.weight, level.resample.conv.bias, stride=2)
+            skips.append(h)
+    h = res_ref(model.mid2, attn_ref(model.mid_attn, res_ref(model.mid1, h, emb)), emb)
+    used = 0
+    for level in model.up:
+        for block, a in zip(level.blocks, level.attns):
+            s = skips.pop()
+            if used == drop_skip:
+                s = torch.zeros_like(s)
+            used += 1
+            h = attn(a, res_ref(block, torch.cat([h, s], 1), emb))
+        if level.resample is not None:
+            up = h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            h = conv_ref(up, level.resample.conv, 1)
+    assert not skips and used == sum(len(level.blocks) for level in model.up)
+    return conv_ref(silu(gn_ref(h, model.norm_out)), model.conv_out, 1)
+
+
+def test_unet_forward_matches_reference_with_every_skip():
+    """UNet.forward equals the U-Net written out here, in float64 with random weights everywhere
+    (attention at both resolutions); and every one of the 6 skips matters: zeroing any one of them
+    in the reference moves the output away from the model's."""
+    model = randomise(UNet(**SKIPS), std=0.05, seed=9).double().eval()
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 871])
+    with torch.no_grad():
+        got = model(x, t)
+        want = unet_ref(model, x, t)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        scale = want.abs().max()
+        assert scale > 0
+        for k in range(6):
+            dropped = unet_ref(model, x, t, drop_skip=k)
+            assert (dropped - got).abs().max() > 0.05 * scale, k
+
+
+def test_timestep_embedding_float64_frequencies_and_halves():
+    """In float64, timestep_embedding(t, dim) = [sin(t f_i) | cos(t f_i)] with f_i = 10000^(-i/(dim/2-1))
+    to rounding: f_0 = 1 and f_{dim/2-1} = 1e-4 exactly at the two ends, sin in the first half
+    (all 0 at t = 0) and cos in the second (all 1 at t = 0)."""
+    dim, half = 16, 8
+    t = torch.tensor([0, 1, 10000, 999])
+    got = timestep_embedding(t, dim, torch.float64)
+    assert got.shape == (4, dim) and got.dtype == torch.float64
+    f = torch.tensor([10000.0 ** (-i / (half - 1)) for i in range(half)], dtype=torch.float64)
+    want = torch.cat([torch.sin(t.double()[:, None] * f), torch.cos(t.double()[:, None] * f)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0], torch.cat([torch.zeros(half), torch.ones(half)]).double())
+    # t = 1: the raw frequencies; f_0 = 1, f_last = 1e-4
+    torch.testing.assert_close(got[1, 0], torch.tensor(math.sin(1.0), dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(got[1, half - 1], torch.tensor(math.sin(1e-4), dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1, half], torch.tensor(math.cos(1.0), dtype=torch.float64), rtol=1e-15, atol=0)
+    # t = 10000: the lowest frequency gives an argument of exactly 1
+    torch.testing.assert_close(got[2, half - 1], torch.tensor(math.sin(1.0), dtype=torch.float64),
+                               rtol=1e-12, atol=0)

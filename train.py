@@ -37,43 +37,42 @@ class TrainError(runtime.UserError):
 
 def train(given, progress=True):
     """Ho et al.'s Algorithm 1 for the flags in `given` ({Config field: value});
-    returns (cfg, model, ema)."""
-    run = prepare(given)
-    cfg, step = run.cfg, run.start_step
-    meter = Meter(cfg, run.device)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and run.main), unit="step",
-               dynamic_ncols=True)
-    run.model.train()
-    with stop_on_signals() as stop, open_log(run) as log, bar:
-        while step < cfg.steps:
-            x0, t, noise = draw_batch(run, step)           # x_0 ~ q(x_0), t ~ U{1..T}, ε ~ N(0, I)
-            losses, grad_norm = run.train_step(x0, t, noise, step)  # ∇_θ ‖ε - ε_θ(x_t, t)‖², Adam
-            step += 1
-            meter.add(losses, grad_norm, t)
-            bar.update(1)
+    returns (cfg, model, ema). Raises runtime.Stopped after saving when a signal stops it."""
+    with contextlib.ExitStack() as held:  # the run directory's lock and the log, until the end
+        run = prepare(given, held)
+        cfg, step = run.cfg, run.start_step
+        meter = Meter(cfg, run.device)
+        run.model.train()
+        with stop_on_signals() as stop, tqdm(total=cfg.steps, initial=step, unit="step",
+                                            disable=not (progress and run.main),
+                                            dynamic_ncols=True) as bar:
+            while step < cfg.steps:
+                x0, t, noise = draw_batch(run, step)       # x_0 ~ q(x_0), t ~ U{1..T}, ε ~ N(0, I)
+                losses, grad_norm = run.train_step(x0, t, noise, step)  # ∇ ‖ε - ε_θ(x_t, t)‖², Adam
+                step += 1
+                meter.add(losses, grad_norm, t)
+                bar.update(1)
 
-            at_end = step == cfg.steps
-            stopping = stop_requested(run, stop, step, at_end)
-            if step % cfg.log_every == 0 or at_end or stopping:
-                record = meter.record(step, run.ckpt_path)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-            if run.main and (step % cfg.ckpt_every == 0 or at_end or stopping):
-                save_checkpoint(run, step)
-                meter.restart_clock()  # img/s counts training time only
-            if run.main and step % cfg.sample_every == 0 and not (at_end or stopping):
-                write_grid(run, f"{step:07d}", progress=False)
-                meter.restart_clock()
-            if stopping:
-                if run.main:
-                    print(f"\nstopped by a signal at step {step}; checkpoint saved to "
-                          f"{run.ckpt_path}; continue with --resume --out {cfg.out}", file=sys.stderr)
-                return cfg, run.model, run.ema
-    if run.main:
-        path = write_grid(run, "final", progress=progress)
-        print(f"done: {step} steps; checkpoint {run.ckpt_path}; samples {path}", file=sys.stderr)
+                at_end = step == cfg.steps
+                stopping = stop_requested(run, stop, step, at_end)
+                if step % cfg.log_every == 0 or at_end or stopping:
+                    record = meter.record(step, run)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                    append_log(run, record)
+                if step % cfg.ckpt_every == 0 or at_end or stopping:
+                    save_checkpoint(run, step)
+                    meter.restart_clock()  # img/s counts training time only
+                if run.main and step % cfg.sample_every == 0 and not (at_end or stopping):
+                    write_grid(run, f"{step:07d}", progress=False)
+                    meter.restart_clock()
+                if stopping:
+                    raise runtime.Stopped(stop["signal"], f"stopped by signal {stop['signal']} at "
+                                          f"step {step}; checkpoint saved to {run.ckpt_path}; "
+                                          f"continue with --resume --out {cfg.out}")
+        if run.main:  # the checkpoint is written: Ctrl-C here only stops the grid
+            path = write_grid(run, "final", progress=progress)
+            print(f"done: {step} steps; checkpoint {run.ckpt_path}; samples {path}",
+                  file=sys.stderr)
     return cfg, run.model, run.ema
 
 
@@ -98,10 +97,13 @@ class Run(NamedTuple):
     ema_network: callable        # the EMA model as the samplers call it
     start_step: int
     ckpt_path: str
+    log: object                  # log.jsonl opened for appending, unbuffered (main process)
+    saved: dict                  # {"step": the step of the last checkpoint written, or None}
 
 
-def prepare(given):
-    """Check every flag, then load the data, build the model and restore a resumed run."""
+def prepare(given, held):
+    """Check every flag, take the run directory (its lock held in `held` until the run ends),
+    then load the data, build the model and restore a resumed run."""
     training.validate(training.Config(**given))
     data.check_name(given.get("dataset", "mnist"))
     rank, world, local_rank = runtime.setup_distributed(given.get("device", "auto"))
@@ -120,9 +122,12 @@ def prepare(given):
                   f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
     if rank == 0:
         runtime.check_writable_dir(cfg.out)
+        check_directory(cfg, state)
     if train_set is None:
         train_set = data.load_dataset(dataset, "train", cfg.data_dir, progress=rank == 0)
     if rank == 0:
+        held.enter_context(runtime.DirectoryLock(cfg.out))
+        take_directory(cfg, state)
         announce_default(cfg, given, state)
 
     model, ema, optimizer, scaler = training.build_training(cfg, unet_kwargs, device)
@@ -142,12 +147,16 @@ def prepare(given):
     in_precision = lambda network: runtime.in_precision(network, cfg.precision, device,
                                                         cfg.channels_last)
     images = torch.from_numpy(train_set.images).to(device)
+    # Unbuffered: each record is one write() of whole lines, nothing waits in a buffer.
+    log = held.enter_context(open(os.path.join(cfg.out, LOG), "ab", buffering=0)) \
+        if rank == 0 else None
     return Run(cfg, unet_kwargs, device, rank, world, rank == 0, images,
                training.Batches(len(images), cfg.batch_size, cfg.seed, device),
                model, ema, optimizer, scaler, diffusion,
                training.make_train_step(in_precision(forward), model, ema, optimizer, scaler,
                                         diffusion, cfg),
-               in_precision(ema), state["step"] if state else 0, ckpt_path)
+               in_precision(ema), state["step"] if state else 0, ckpt_path, log,
+               {"step": state["step"] if state else None})
 
 
 def load_resumed(out):
@@ -156,6 +165,61 @@ def load_resumed(out):
     runtime.check(os.path.isfile(path),
                   f"--resume: no checkpoint at {path}; drop --resume to start a new run")
     return checkpoint.load(path, required=checkpoint.RUN_KEYS + ("optimizer", "scaler", "rng"))
+
+
+LOG = "log.jsonl"
+RUN_FILES = (checkpoint.FILENAME, LOG, "eval.json")  # and samples_*.png: what a run writes
+
+
+def run_files(directory):
+    """The files of a run in `directory`: its checkpoint, log, grids and evaluation."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory)
+                  if n in RUN_FILES or (n.startswith("samples_") and n.endswith(".png")))
+
+
+def check_directory(cfg, state):
+    """A new run is refused where another run's files are, unless --overwrite."""
+    found = run_files(cfg.out)
+    if state is None and found and not cfg.overwrite:
+        raise runtime.UserError(
+            f"{cfg.out} holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+            "add --resume to continue it, --out DIR for a new run beside it, or --overwrite to "
+            "replace it")
+
+
+def take_directory(cfg, state):
+    """Make the run directory ready, under its lock: temporary files of a killed save removed;
+    the check of check_directory again (another run may have written since), then with
+    --overwrite the old run's files deleted; a resumed run's log cut back to its checkpoint's
+    step, so that no step is logged twice."""
+    for name in runtime.remove_stale_temporaries(cfg.out):
+        print(f"removed {os.path.join(cfg.out, name)}, left by a save that was killed",
+              file=sys.stderr)
+    check_directory(cfg, state)
+    if state is None:
+        for name in run_files(cfg.out):
+            os.remove(os.path.join(cfg.out, name))
+    else:
+        truncate_log(os.path.join(cfg.out, LOG), state["step"])
+
+
+def truncate_log(path, step):
+    """Keep the records of log.jsonl up to `step` (the resumed checkpoint's), rewritten atomically;
+    a torn last line (a kill during a write) is dropped too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    runtime.atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def announce_default(cfg, given, state):
@@ -198,15 +262,12 @@ class Meter:
         self.sums[3:7].index_add_(0, quarter, losses)
         self.sums[7:].index_add_(0, quarter, torch.ones_like(losses))
 
-    def record(self, step, ckpt_path):
+    def record(self, step, run):
         """The log line for the steps since the last one; TrainError if the loss went non-finite."""
         stats = self.sums.tolist()
         self.sums.zero_()
         if not math.isfinite(stats[0]):
-            kept = (f"the last good checkpoint {ckpt_path} is kept"
-                    if os.path.exists(ckpt_path) else "no checkpoint had been written yet")
-            raise TrainError(f"non-finite loss by step {step}; stopped without saving, {kept} "
-                             "(try a lower --lr or --precision fp32)")
+            raise diverged(run, f"non-finite loss by step {step}")
         now, count = time.perf_counter(), stats[2]
         rate = count * self.cfg.batch_size / (now - self.t_last)
         self.t_last = now
@@ -242,23 +303,39 @@ def stop_requested(run, stop, step, at_end):
     return flag.item() > 0
 
 
-@contextlib.contextmanager
-def open_log(run):
-    """log.jsonl of the run directory, appended to, on the main process; None elsewhere."""
-    if not run.main:
-        yield None
+def append_log(run, record):
+    """One line of log.jsonl (main process), flushed."""
+    if run.log is None:
         return
-    os.makedirs(run.cfg.out, exist_ok=True)
-    with open(os.path.join(run.cfg.out, "log.jsonl"), "a") as f:
-        yield f
+    try:
+        run.log.write((json.dumps(record) + "\n").encode())
+    except OSError as err:
+        raise runtime.write_error(os.path.join(run.cfg.out, LOG), err) from None
+
+
+def diverged(run, what):
+    """The TrainError for a run whose loss or weights went non-finite, saying truly what is kept."""
+    kept = (f"the last good checkpoint (step {run.saved['step']}) is kept at {run.ckpt_path}"
+            if run.saved["step"] is not None else "no checkpoint had been written yet")
+    return TrainError(f"{what}; stopped without saving, {kept} (try a lower --lr, more --warmup "
+                      "or --precision fp32)")
 
 
 def save_checkpoint(run, step):
-    checkpoint.save(run.ckpt_path, {
-        "step": step, "config": {**dataclasses.asdict(run.cfg), "unet": run.unet_kwargs},
-        "model": run.model.state_dict(), "ema": run.ema.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "rng": {"torch": torch.get_rng_state()}})
+    """Write the checkpoint of `step` (main process), but never one with a non-finite tensor: every
+    process checks its weights, EMA and optimizer state first (they are the same on all)."""
+    tensors = [*run.model.parameters(), *run.ema.parameters(),
+               *(v for s in run.optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point())]
+    if not torch.stack([t.float().abs().max() for t in tensors if t.numel()]).isfinite().all():
+        raise diverged(run, f"non-finite weights at step {step}")
+    if run.main:
+        checkpoint.save(run.ckpt_path, {
+            "step": step, "config": {**dataclasses.asdict(run.cfg), "unet": run.unet_kwargs},
+            "model": run.model.state_dict(), "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}})
+        run.saved["step"] = step
 
 
 def write_grid(run, tag, progress):

@@ -69,6 +69,9 @@ class Config:
     seed: int = _flag(0, "seed of the initial weights, the data order, t and the noise")
     out: str = _flag(None, "run directory", auto="runs/<dataset>")
     resume: bool = _flag(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = _flag(False, "start a new run in an --out that holds one, deleting its "
+                            "checkpoint, log, grids and eval.json (without it such an --out is "
+                            "refused)")
     device: str = _flag("auto", "auto, cpu, cuda or cuda:N")
     log_every: int = _flag(50, "steps between lines of log.jsonl")
     sample_every: int = _flag(1000, "steps between sample grids")
@@ -172,7 +175,9 @@ def validate(cfg, complete=False):
     def given(v):
         return v is not None or complete
 
-    checks = [(given(cfg.steps) and cfg.steps < 1, f"--steps must be >= 1, got {cfg.steps}"),
+    checks = [(cfg.resume and cfg.overwrite, "--resume continues the run in --out and --overwrite "
+               "replaces it; give one of them"),
+              (given(cfg.steps) and cfg.steps < 1, f"--steps must be >= 1, got {cfg.steps}"),
               (given(cfg.batch_size) and cfg.batch_size < 1,
                f"--batch-size must be >= 1, got {cfg.batch_size}"),
               (given(cfg.lr) and not 0 < cfg.lr < float("inf"),

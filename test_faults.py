@@ -1,0 +1,218 @@
+"""Faults during training and sampling keep the user's work: a diverging run never writes a
+non-finite checkpoint and says truly what is kept; an existing run directory is refused unless
+--resume or --overwrite; two runs cannot share a directory (and kill -9 leaves no stale lock); a
+full disk while saving is one line with the previous checkpoint intact and no temporary file;
+Ctrl-C while sampling changes nothing; stale temporary files go; a resumed log has each step once.
+Each test checks that no file the user had changed or vanished."""
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import ddpm
+import runtime
+import sample
+import train
+
+TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
+        "dropout": 0.0, "timesteps": 50, "batch_size": 8, "lr": 2e-3, "warmup": 2,
+        "log_every": 2, "ckpt_every": 4, "sample_every": 1000, "num_samples": 2,
+        "sample_steps": 2, "precision": "fp32", "device": "cpu", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "noise.npz"
+    np.savez(path, images=rng.integers(0, 256, (32, 8, 8), dtype=np.uint8))
+    return f"npz:{path}"
+
+
+def run_train(npz, out, **overrides):
+    return train.train({**TINY, "dataset": npz, "out": str(out), **overrides}, progress=False)
+
+
+def run_main(script_run, argv, capsys):
+    """(exit status, stderr lines) of a script run through runtime.main, in-process; progress
+    bars (carriage-return lines) are left out, and there must be no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        runtime.main(script_run, argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line.split("\r")[-1].replace("\x1b[A", "") for line in err.splitlines()]
+    return exit_info.value.code, [line for line in lines if line.strip() and "|" not in line]
+
+
+def snapshot(directory):
+    """{name: sha256} of the files in a directory."""
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in sorted(os.listdir(directory)) if (directory / name).is_file()}
+
+
+def finite(state):
+    return all(torch.isfinite(v).all() for key in ("model", "ema") for v in state[key].values())
+
+
+def test_a_diverging_run_never_writes_a_non_finite_checkpoint(npz, tmp_path):
+    """--lr 1e6 --warmup 0 --ckpt-every 1 --log-every 100: the weights go non-finite between two
+    log lines; no checkpoint with a non-finite tensor is written, and the message names the step
+    of the checkpoint that is really kept."""
+    with pytest.raises(train.TrainError) as excinfo:
+        run_train(npz, tmp_path, lr=1e6, warmup=0, ckpt_every=1, log_every=100, steps=200)
+    message = str(excinfo.value)
+    assert "non-finite weights at step" in message, message
+    if os.path.exists(tmp_path / "ckpt.pt"):
+        state = checkpoint.load(tmp_path)
+        assert finite(state)
+        assert f"the last good checkpoint (step {state['step']}) is kept" in message
+        assert int(message.split("at step ")[1].split(";")[0]) == state["step"] + 1
+    else:
+        assert "no checkpoint had been written yet" in message
+
+
+def test_an_existing_run_is_refused_then_resumed_or_overwritten(npz, tmp_path, capsys):
+    """A new run into a directory holding one (the README's command twice) is refused in one line
+    naming --resume, --out and --overwrite, with every file kept; --overwrite replaces the run."""
+    run_train(npz, tmp_path, steps=4)
+    before = snapshot(tmp_path)
+    argv = ["--dataset", npz, "--out", str(tmp_path), "--steps", "4", "--base-channels", "8",
+            "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
+            "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--precision", "fp32"]
+    code, lines = run_main(train.run_main, argv, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "holds a run" in lines[0] and all(w in lines[0] for w in ("--resume", "--out", "--overwrite"))
+    assert snapshot(tmp_path) == before
+    (tmp_path / "samples_0000002.png").write_bytes(b"an old grid")
+    run_train(npz, tmp_path, steps=2, overwrite=True, num_samples=3)
+    assert checkpoint.load(tmp_path)["step"] == 2
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [2]
+    assert not os.path.exists(tmp_path / "samples_0000002.png")
+
+
+def test_two_runs_cannot_share_a_directory_and_kill_9_frees_it(npz, tmp_path):
+    """A process holding the run directory's lock (here a stand-in that takes the same flock)
+    makes a second run refuse in one line naming it; once that process is killed with -9 the lock
+    is gone with it and the run goes ahead."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.write('process holder'); f.flush(); print('locked', flush=True); time.sleep(120)",
+         str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runtime.UserError, match="is in use by process holder"):
+            run_train(npz, tmp_path, steps=2)
+        assert sorted(os.listdir(tmp_path)) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    run_train(npz, tmp_path, steps=2)
+    assert checkpoint.load(tmp_path)["step"] == 2
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
+        npz, tmp_path, capsys, monkeypatch):
+    """ENOSPC half-way through the second checkpoint: exit status 2, one line saying to free
+    space, the step-4 checkpoint intact and loadable, no temporary file left."""
+    run_train(npz, tmp_path, steps=4)
+    before = snapshot(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    argv = ["--out", str(tmp_path), "--resume", "--steps", "8", "--device", "cpu"]
+    code, lines = run_main(train.run_main, argv, capsys)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert code == 2 and len(lines) == 1, lines
+    assert "No space left on device" in lines[0] and "free some disk space" in lines[0]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != "log.jsonl"} == \
+        {k: v for k, v in before.items() if k != "log.jsonl"}
+    assert checkpoint.load(tmp_path)["step"] == 4
+
+
+def test_a_full_disk_while_logging_or_drawing_is_one_line(npz, tmp_path, capsys, monkeypatch):
+    """ENOSPC on a log line (log.jsonl written to /dev/full) and on the final grid: one line naming
+    the file, never a traceback; the checkpoint written before is intact."""
+    real_open, real_write = open, runtime.atomic_write
+    monkeypatch.setattr(train, "open", lambda path, mode="r", **kw: real_open(
+        "/dev/full" if str(path).endswith("log.jsonl") else path, mode, **kw), raising=False)
+    argv = ["--dataset", npz, "--out", str(tmp_path / "log"), "--steps", "2", "--base-channels",
+            "8", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
+            "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--log-every", "1"]
+    code, lines = run_main(train.run_main, argv, capsys)
+    assert code == 2 and len(lines) == 1 and "log.jsonl" in lines[0] \
+        and "No space left on device" in lines[0], lines
+    monkeypatch.undo()
+
+    run_train(npz, tmp_path / "png", steps=2)
+    monkeypatch.setattr(runtime, "atomic_write", lambda path, write: (
+        _raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) if path.endswith(".png")
+        else real_write(path, write)))
+    argv = ["--out", str(tmp_path / "png"), "--resume", "--steps", "4", "--device", "cpu"]
+    code, lines = run_main(train.run_main, argv, capsys)
+    assert code == 2 and len(lines) == 1 and "samples_final.png" in lines[0], lines
+    assert checkpoint.load(tmp_path / "png")["step"] == 4
+
+
+def _raise(error):
+    raise error
+
+
+def test_ctrl_c_while_sampling_changes_nothing(npz, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of sample.py: exit status 130, one line, the existing output file
+    untouched, no temporary file."""
+    run_train(npz, tmp_path / "run", steps=2)
+    (tmp_path / "out.png").write_bytes(b"the user's earlier picture")
+    before = snapshot(tmp_path)
+    calls = {"n": 0}
+    real = ddpm.GaussianDiffusion.ddim_sample
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "ddim_sample", interrupted)
+    code, lines = run_main(sample.run, ["--ckpt", str(tmp_path / "run"), "--sampler", "ddim",
+                                        "--steps", "5", "--n", "4", "--out",
+                                        str(tmp_path / "out.png")], capsys)
+    assert code == 130 and "Ctrl-C" in lines[-1] and "none is left half-written" in lines[-1], lines
+    assert snapshot(tmp_path) == before
+
+
+def test_stale_temporary_files_are_removed_at_start(npz, tmp_path, capsys):
+    """What kill -9 during a save leaves (.ckpt.pt.<12 hex>.tmp) goes when the next run starts;
+    a user's own hidden file of another name stays."""
+    run_train(npz, tmp_path, steps=2)
+    stale = tmp_path / ".ckpt.pt.0123456789ab.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / ".notes.tmp"
+    mine.write_text("the user's")
+    run_train(npz, tmp_path, steps=4, resume=True)
+    assert not stale.exists() and mine.exists()
+    assert ".ckpt.pt.0123456789ab.tmp" in capsys.readouterr().err
+
+
+def test_a_resumed_log_has_each_step_once(npz, tmp_path):
+    """A run that logged past its last checkpoint and then died: --resume cuts log.jsonl back to
+    the checkpoint's step (a torn last line too), so the replayed steps appear once."""
+    run_train(npz, tmp_path, steps=4)
+    with open(tmp_path / "log.jsonl", "a") as f:  # what the dead run logged after step 4
+        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n" + '{"step": 8, "lo')
+    run_train(npz, tmp_path, steps=8, resume=True)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert steps == [2, 4, 6, 8]
