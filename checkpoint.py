@@ -96,8 +96,14 @@ def load_weights(model, weights, path):
 
 def build_diffusion(config):
     """The GaussianDiffusion a config describes ({"schedule", "timesteps", "mean_type",
-    "var_type", "loss_type", ...}); ValueError for a combination ddpm.py refuses."""
-    betas = ddpm.make_beta_schedule(config["schedule"], config["timesteps"])
+    "var_type", "loss_type", ...}; schedule "custom" with the table under "betas", as imported
+    models have it); ValueError for a combination ddpm.py refuses."""
+    if config["schedule"] == "custom":
+        betas = torch.tensor(config["betas"], dtype=torch.float64)
+        if betas.shape != (config["timesteps"],):
+            raise ValueError(f"{len(betas)} betas for T = {config['timesteps']}")
+    else:
+        betas = ddpm.make_beta_schedule(config["schedule"], config["timesteps"])
     return ddpm.GaussianDiffusion(betas, config["mean_type"], config["var_type"],
                                   config["loss_type"])
 

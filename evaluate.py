@@ -149,7 +149,8 @@ def evaluate(args, path, device, progress=True):
         start = time.perf_counter()
         x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], args.samples,
                                  args.batch_size, args.sampler, args.steps, args.eta, args.seed,
-                                 device, progress=progress)
+                                 device, progress=progress,
+                                 clip_denoised=model.config.get("clip_denoised", True))
         seconds = time.perf_counter() - start
         fakes = imaging.to_uint8(x).cpu().numpy()
         real = train_set.images[np.random.default_rng(args.seed).permutation(
@@ -168,7 +169,8 @@ def number(v):
 
 
 def print_table(r):
-    print(f"{r['checkpoint']} (step {r['step']}, {r['dataset']}, {r['device']})")
+    step = "imported" if r["step"] is None else f"step {r['step']}"
+    print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
     if "nll" in r:
         n = r["nll"]
         print(f"NLL on {n['images']} {n.get('split', 'test')} images ({n['seconds']:.0f} s), "

@@ -79,7 +79,7 @@ def run(argv=None):
     shape = (model.module.in_channels, model.module.image_size, model.module.image_size)
     x, traj = sampling.generate(model.network, model.diffusion, shape, args.n, args.batch_size,
                                 args.sampler, args.steps, args.eta, args.seed, device,
-                                args.trajectory)
+                                args.trajectory, clip_denoised=model.config.get("clip_denoised", True))
     nrow = None
     if traj is not None:  # one row per image: x_t at the K snapshots, then x_0
         rows = torch.cat([traj, x[:, None]], 1)

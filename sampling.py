@@ -23,12 +23,12 @@ def describe(sampler, steps, eta, diffusion):
 
 
 def generate(network, diffusion, shape, n, batch_size, sampler="ddpm", steps=50, eta=0.0, seed=0,
-             device="cpu", trajectory=0, progress=True):
+             device="cpu", trajectory=0, progress=True, clip_denoised=True):
     """n images in [-1, 1] ([n, *shape]); with trajectory=K also [n, K, *shape] snapshots of x_t.
 
     network(x_t, t) is the model as the diffusion calls it (float32 out). Images are drawn batch by
     batch from one generator on `device` seeded with `seed`, so the same seed and batch size give
-    the same images."""
+    the same images. clip_denoised: x̂_0 clipped to [-1, 1] at each step (Ho et al.'s sampler)."""
     g = torch.Generator(device).manual_seed(seed)
     starts = range(0, n, batch_size)
     calls = diffusion.num_timesteps if sampler == "ddpm" else len(diffusion.ddim_timesteps(steps))
@@ -45,7 +45,8 @@ def generate(network, diffusion, shape, n, batch_size, sampler="ddpm", steps=50,
     with torch.no_grad(), bar:
         for start in starts:
             b = min(batch_size, n - start)
-            kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking)
+            kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking,
+                      clip_denoised=clip_denoised)
             out = (diffusion.p_sample_loop(network, (b, *shape), **kw) if sampler == "ddpm" else
                    diffusion.ddim_sample_loop(network, (b, *shape), steps=steps, eta=eta, **kw))
             x, traj = out if trajectory else (out, None)

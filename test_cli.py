@@ -13,6 +13,7 @@ import torch
 
 import bench
 import checkpoint
+import convert
 import data
 import evaluate
 import runtime
@@ -197,7 +198,28 @@ def data_cases(w):
     ]
 
 
-SCRIPTS = {"train": (train.run_main, train_cases), "sample": (sample.run, sample_cases),
+def convert_cases(w):
+    run, root = str(w["run"]), w["root"]
+    broken = root / "broken_pipeline"
+    broken.mkdir(exist_ok=True)
+    (broken / "model_index.json").write_text("{not json")
+    return [
+        ([], "arguments are required"),
+        (["--out", "x.pt"], "one of the arguments --from-diffusers --to-diffusers is required"),
+        (["--from-diffusers", str(root / "nowhere"), "--out", str(root / "x.pt")],
+         "is not a directory"),
+        (["--from-diffusers", str(root / "empty_run"), "--out", str(root / "x.pt")],
+         "has neither model_index.json"),
+        (["--from-diffusers", str(broken), "--out", str(root / "x.pt")], "cannot read"),
+        (["--from-diffusers", str(root), "--to-diffusers", run, "--out", "x"], "not allowed with"),
+        (["--from-diffusers", str(root), "--out", "/proc/x.pt"], "cannot write in /proc"),
+        (["--to-diffusers", str(root / "missing"), "--out", str(root / "d")], "no checkpoint"),
+        (["--to-diffusers", run, "--out", str(root / "a_file")], "exists"),
+        (["--to-diffusers", run, "--out", str(root / "a_file"), "--overwrite"], "is a file"),
+    ]
+
+
+SCRIPTS = {"train": (train.run_main, train_cases), "convert": (convert.run, convert_cases), "sample": (sample.run, sample_cases),
            "evaluate": (evaluate.run, evaluate_cases), "bench": (bench.run, bench_cases),
            "data": (data.run, data_cases)}
 
@@ -251,11 +273,12 @@ def test_real_processes_exit_2_with_one_line(script, args, needle, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "data.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "data.py",
+                                    "convert.py"])
 def test_help_explains_every_flag(script, capsys):
     """--help: every flag has a description; flags with a default or choices show them."""
     module = {"train.py": train, "sample.py": sample, "evaluate.py": evaluate, "bench.py": bench,
-              "data.py": data}[script]
+              "data.py": data, "convert.py": convert}[script]
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args(["--help"])
     assert exit_info.value.code == 0

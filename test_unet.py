@@ -64,7 +64,8 @@ def attn_block(c):
 
 
 def expected_params(in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
-                    num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28):
+                    num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28,
+                    **norm_and_padding):  # group counts and padding change no parameter count
     ch, emb = base_channels, 4 * base_channels
     out_channels = out_channels or in_channels
     n = linear(ch, emb) + linear(emb, emb) + conv(in_channels, ch, 3)
@@ -499,3 +500,47 @@ def test_timestep_embedding_float64_frequencies_and_halves():
     # t = 10000: the lowest frequency gives an argument of exactly 1
     torch.testing.assert_close(got[2, half - 1], torch.tensor(math.sin(1.0), dtype=torch.float64),
                                rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# the options diffusers and Ho et al.'s code need: TF-"SAME" downsampling, one group count
+
+
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_tf_same_downsample_pads_bottom_and_right_only(size):
+    """TensorFlow's "SAME" for a stride-2 3x3 conv on an even size: total padding
+    (ceil(s/2) - 1) * 2 + 3 - s = 1, all of it after the input (bottom, right); built here with
+    an explicit F.pad and a padding-free conv, and different from the symmetric form."""
+    torch.manual_seed(0)
+    down = Downsample(4, padding="tf_same").double()
+    x = torch.randn(2, 4, size, size, dtype=torch.float64)
+    total = (math.ceil(size / 2) - 1) * 2 + 3 - size
+    assert total == 1
+    ref = F.conv2d(F.pad(x, (0, total, 0, total)), down.conv.weight, down.conv.bias, stride=2)
+    torch.testing.assert_close(down(x), ref, rtol=0, atol=1e-12)
+    symmetric = F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1)
+    assert (down(x) - symmetric).abs().max() > 1e-3
+
+
+def test_one_group_count_everywhere_or_per_layer():
+    """norm_groups=G puts G groups in every GroupNorm (ResBlocks, attention, the output norm); None
+    keeps num_groups(channels) layer by layer, as checkpoints written before the option use."""
+    uniform = UNet(**{**TINY, "norm_groups": 4})
+    per_layer = UNet(**TINY)
+    norms = [m for m in uniform.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 4 for m in norms)
+    for m in per_layer.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            assert m.num_groups == num_groups(m.num_channels)
+    with pytest.raises(ValueError, match="norm_groups 5 does not divide"):
+        UNet(**{**TINY, "norm_groups": 5})
+
+
+def test_the_options_default_to_the_old_network():
+    """A config without the new fields (an old checkpoint's) builds symmetric downsampling and
+    per-layer group counts: the network such a checkpoint was trained as."""
+    model = UNet(**TINY)
+    downs = [m for m in model.modules() if isinstance(m, Downsample)]
+    assert downs and all(not d.tf_same and d.conv.padding == (1, 1) for d in downs)
+    for name in ("mnist", "mnist-small", "cifar10"):
+        assert PRESETS[name]["downsample_padding"] == "tf_same" and PRESETS[name]["norm_groups"]

@@ -40,6 +40,12 @@ class Config:
     attn_resolutions: tuple = _flag(None, "resolutions with self-attention (space-separated)",
                                     auto="the preset's")
     dropout: float = _flag(None, "dropout in the residual blocks", auto="the preset's")
+    norm_groups: int = _flag(None, "GroupNorm groups in every layer (must divide every width); 0: "
+                             "per layer, the most groups <= 32 of >= 4 channels (not exportable "
+                             "to diffusers)", auto="the preset's")
+    downsample_padding: str = _flag(None, "tf_same: Ho et al.'s (zeros at the bottom and right); "
+                                    "symmetric: zeros on every side", auto="the preset's",
+                                    choices=unet.DOWNSAMPLE_PADDINGS)
     steps: int = _flag(None, "training steps", auto=f"{CPU_STEPS} on a CPU without --preset, "
                        f"else {GPU_STEPS}")
     batch_size: int = _flag(None, "global batch size (split over the processes under torchrun)",
@@ -82,7 +88,8 @@ class Config:
     sample_steps: int = _flag(50, "DDIM steps of the sample grids")
 
 
-ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
+ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
+               "norm_groups", "downsample_padding")
 # What --resume may not change: the model, the diffusion and the data it was trained on.
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "mean_type",
                    "var_type", "seed", "batch_size") + ARCH_FIELDS
@@ -194,6 +201,8 @@ def validate(cfg, complete=False):
                f"--sample-steps must be in [1, --timesteps = {cfg.timesteps}], got {cfg.sample_steps}"),
               (given(cfg.dropout) and not 0 <= cfg.dropout < 1,
                f"--dropout must be in [0, 1), got {cfg.dropout}"),
+              (cfg.norm_groups is not None and cfg.norm_groups < 0,
+               f"--norm-groups must be >= 0, got {cfg.norm_groups}"),
               (given(cfg.base_channels) and cfg.base_channels < 1,
                f"--base-channels must be >= 1, got {cfg.base_channels}"),
               (given(cfg.num_res_blocks) and cfg.num_res_blocks < 1,

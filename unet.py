@@ -48,8 +48,14 @@ def num_groups(channels, max_groups=32, min_group_size=4):
     return max([g for g in range(1, cap + 1) if channels % g == 0], default=1)
 
 
-def group_norm(channels):
-    return nn.GroupNorm(num_groups(channels), channels, eps=GN_EPS)
+def group_norm(channels, groups=None, eps=GN_EPS):
+    """GroupNorm over `channels`: `groups` groups (one count for every layer, as in Ho et al.'s code
+    and diffusers' norm_num_groups), or None for num_groups(channels) layer by layer."""
+    groups = groups or num_groups(channels)
+    if channels % groups:
+        raise ValueError(f"norm_groups {groups} does not divide a layer's {channels} channels; "
+                         "choose a norm_groups that divides every width (and the skip sums)")
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_(module):
@@ -65,12 +71,12 @@ class ResBlock(nn.Module):
     x: [B, in_ch, H, W], emb: [B, emb_dim] -> [B, out_ch, H, W].
     """
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, norm=group_norm):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -88,9 +94,9 @@ class AttnBlock(nn.Module):
     softmax(Q K^T / sqrt(C)) V, Q, K, V from one 1x1 conv. x: [B, C, H, W] -> [B, C, H, W].
     """
 
-    def __init__(self, channels):
+    def __init__(self, channels, norm=group_norm):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_(nn.Conv2d(channels, channels, 1))
 
@@ -103,14 +109,29 @@ class AttnBlock(nn.Module):
         return x + self.proj(h)
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv. [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]."""
+DOWNSAMPLE_PADDINGS = ("symmetric", "tf_same")
 
-    def __init__(self, channels):
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. [B, C, H, W] -> [B, C, H/2, W/2] for even H, W.
+
+    padding "tf_same": TensorFlow's "SAME" padding, as in Ho et al.'s code (and diffusers'
+    downsample_padding=0): for even sizes the one row and column of zeros go at the bottom and
+    right only. "symmetric": one row and column of zeros on every side (PyTorch's padding=1), the
+    form this project's checkpoints written before the option existed use.
+    """
+
+    def __init__(self, channels, padding="symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"unknown downsample_padding {padding!r}; use "
+                             f"{' or '.join(DOWNSAMPLE_PADDINGS)}")
+        self.tf_same = padding == "tf_same"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.tf_same else 1)
 
     def forward(self, x):
+        if self.tf_same:
+            x = F.pad(x, (0, 1, 0, 1))  # (left, right, top, bottom)
         return self.conv(x)
 
 
@@ -145,7 +166,11 @@ class UNet(nn.Module):
     [B, out_channels, H, W]."""
 
     def __init__(self, in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
-                 num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28):
+                 num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28,
+                 norm_groups=None, norm_eps=GN_EPS, downsample_padding="symmetric"):
+        """norm_groups: GroupNorm groups in every layer, or None (the default of checkpoints
+        written before the option existed) for num_groups(channels) layer by layer.
+        downsample_padding: "tf_same" (Ho et al.'s) or "symmetric" (see Downsample)."""
         super().__init__()
         _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size)
         self.in_channels = in_channels
@@ -154,11 +179,17 @@ class UNet(nn.Module):
         self.image_size = image_size
         ch, emb_dim = base_channels, 4 * base_channels
 
+        def norm(channels):
+            return group_norm(channels, norm_groups, norm_eps)
+
+        def res_block(cin, cout):
+            return ResBlock(cin, cout, emb_dim, dropout, norm)
+
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         def attn(c, res):
-            return AttnBlock(c) if res in attn_resolutions else nn.Identity()
+            return AttnBlock(c, norm) if res in attn_resolutions else nn.Identity()
 
         # down path: remember the channel count of every activation pushed as a skip
         skips, cur, res = [ch], ch, image_size
@@ -166,33 +197,34 @@ class UNet(nn.Module):
         for i, mult in enumerate(channel_mult):
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(cur, ch * mult, emb_dim, dropout))
+                blocks.append(res_block(cur, ch * mult))
                 cur = ch * mult
                 attns.append(attn(cur, res))
                 skips.append(cur)
             last = i == len(channel_mult) - 1
-            self.down.append(Level(blocks, attns, None if last else Downsample(cur)))
+            self.down.append(Level(blocks, attns,
+                                   None if last else Downsample(cur, downsample_padding)))
             if not last:
                 skips.append(cur)
                 res //= 2
 
-        self.mid1 = ResBlock(cur, cur, emb_dim, dropout)
-        self.mid_attn = AttnBlock(cur)
-        self.mid2 = ResBlock(cur, cur, emb_dim, dropout)
+        self.mid1 = res_block(cur, cur)
+        self.mid_attn = AttnBlock(cur, norm)
+        self.mid2 = res_block(cur, cur)
 
         # up path: each res block eats one skip, concatenated on channels
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(channel_mult))):
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(cur + skips.pop(), ch * mult, emb_dim, dropout))
+                blocks.append(res_block(cur + skips.pop(), ch * mult))
                 cur = ch * mult
                 attns.append(attn(cur, res))
             self.up.append(Level(blocks, attns, Upsample(cur) if i != 0 else None))
             if i != 0:
                 res *= 2
 
-        self.norm_out = group_norm(cur)
+        self.norm_out = norm(cur)
         self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
         self._init_weights()
 
@@ -266,16 +298,21 @@ def _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions,
 # ---------------------------------------------------------------------------
 # presets
 
+# Every preset uses one GroupNorm group count throughout (so diffusers' UNet2DModel expresses it)
+# and TensorFlow-"SAME" downsampling (as Ho et al.'s code).
 PRESETS = {
     # 28x28 MNIST on a GPU
     "mnist": dict(in_channels=1, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
-                  attn_resolutions=(14,), dropout=0.1, image_size=28),
+                  attn_resolutions=(14,), dropout=0.1, image_size=28, norm_groups=16,
+                  downsample_padding="tf_same"),
     # 28x28 MNIST in minutes on a small CPU
     "mnist-small": dict(in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attn_resolutions=(7,), dropout=0.0, image_size=28),
-    # Ho et al. 2020's CIFAR-10 model (35.7M parameters)
+                        attn_resolutions=(7,), dropout=0.0, image_size=28, norm_groups=8,
+                        downsample_padding="tf_same"),
+    # Ho et al. 2020's CIFAR-10 network exactly (35.7M parameters)
     "cifar10": dict(in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.1, image_size=32),
+                    attn_resolutions=(16,), dropout=0.1, image_size=32, norm_groups=32,
+                    downsample_padding="tf_same"),
 }
 
 
