@@ -104,8 +104,10 @@ def build_diffusion(config):
             raise ValueError(f"{len(betas)} betas for T = {config['timesteps']}")
     else:
         betas = ddpm.make_beta_schedule(config["schedule"], config["timesteps"])
+    weighting = {k: config[k] for k in ("snr_gamma", "p2_k", "p2_gamma") if config.get(k) is not None}
     return ddpm.GaussianDiffusion(betas, config["mean_type"], config["var_type"],
-                                  config["loss_type"])
+                                  config["loss_type"], config.get("loss_weighting", "none"),
+                                  **weighting)
 
 
 class Model(NamedTuple):

@@ -6,6 +6,8 @@ References, cited by equation number in the docstrings below:
   [Nichol]  Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
   [Song]    Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models".
   [Salimans] Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models".
+  [Hang]    Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy".
+  [Choi]    Choi et al. 2022, "Perception Prioritized Training of Diffusion Models".
 
 Timestep convention (stated once, used everywhere): a timestep `t` is a LongTensor of 0-based
 indices into the schedule tables. Index 0 is the paper's t = 1 (the least noisy step, whose reverse
@@ -144,6 +146,7 @@ MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("simple", "vlb", "hybrid")
 HYBRID_LAMBDA = 0.001  # [Nichol] Eq. 16
+LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
 
 
 def _choice(value, options, what):
@@ -175,9 +178,13 @@ class GaussianDiffusion:
         t uniform, the unbiased one-sample estimate of L_0 + ... + L_{T-1}; the prior L_T has no
         parameters) or "hybrid" ([Nichol] Eq. 16: L_simple + λ T L_t with λ = 0.001 and the mean
         detached in L_t; needs var_type "learned_range").
+    loss_weighting: a weight w_t on the squared error of L_simple (and of hybrid's L_simple part),
+        see loss_weights(): "none" (w = 1), "min_snr" ([Hang] §3.4, γ = snr_gamma) or "p2"
+        ([Choi] §3.3, 1/(p2_k + SNR)^p2_gamma).
     """
 
-    def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple"):
+    def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple",
+                 loss_weighting="none", snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0):
         self.mean_type = _choice(mean_type, MEAN_TYPES, "mean_type")
         self.var_type = _choice(var_type, VAR_TYPES, "var_type")
         self.loss_type = _choice(loss_type, LOSS_TYPES, "loss_type")
@@ -187,6 +194,14 @@ class GaussianDiffusion:
         if loss_type == "hybrid" and var_type != "learned_range":
             raise ValueError("loss_type='hybrid' trains a learned variance (its VB term has the "
                              "mean detached); with a fixed variance use loss_type 'simple'")
+        self.loss_weighting = _choice(loss_weighting, LOSS_WEIGHTINGS, "loss_weighting")
+        if loss_weighting != "none" and loss_type == "vlb":
+            raise ValueError("loss_weighting weights L_simple's squared error; loss_type 'vlb' "
+                             "has none (use 'simple' or 'hybrid')")
+        if not (snr_gamma > 0 and p2_k > 0 and p2_gamma >= 0):
+            raise ValueError(f"need snr_gamma > 0, p2_k > 0 and p2_gamma >= 0, got {snr_gamma}, "
+                             f"{p2_k} and {p2_gamma}")
+        self.weighting_args = {"snr_gamma": snr_gamma, "p2_k": p2_k, "p2_gamma": p2_gamma}
         betas = _check_betas(betas)
         T = self.num_timesteps = betas.numel()
         self.timestep_map = torch.arange(T)  # index -> the timestep the model is told (respace)
@@ -232,6 +247,7 @@ class GaussianDiffusion:
             # fixed_large: β_t, with β̃_2 at the first step ([Ho]'s code; a better decoder).
             "fixed_large_log_variance": torch.log(torch.cat([first.reshape(1), betas[1:]])),
         }
+        self._tables["loss_weight"] = self.loss_weights()
         bad = [k for k, v in self._tables.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"betas give non-finite {', '.join(bad)}; betas this close to 0 or 1 "
@@ -285,7 +301,8 @@ class GaussianDiffusion:
         log_ac = torch.log(self.alphas_cumprod[keep])
         log_ac_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_ac[:-1]])
         betas = -torch.expm1(log_ac - log_ac_prev)
-        new = GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type)
+        new = GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type,
+                                self.loss_weighting, **self.weighting_args)
         new.timestep_map = self.timestep_map[keep]
         new._tables["timestep_map"] = new.timestep_map
         return new
@@ -572,8 +589,8 @@ class GaussianDiffusion:
         """Per-example training loss for x0 [B, ...] at timesteps t [B] ([Ho] Algorithm 1).
 
         Returns a dict of [B] tensors: "loss"; "mse" (the mean squared error of the predicted
-        quantity, [Ho] Eq. 14 for ε) unless loss_type is "vlb"; "vb" (L_t in bits/dim) for "vlb",
-        "hybrid", or a learned variance.
+        quantity, [Ho] Eq. 14 for ε, before any loss_weighting) unless loss_type is "vlb"; "vb"
+        (L_t in bits/dim) for "vlb", "hybrid", or a learned variance.
         """
         t = self._check_t(t, x0)
         noise = torch.randn_like(x0) if noise is None else noise
@@ -583,6 +600,8 @@ class GaussianDiffusion:
         terms = {}
         if self.loss_type != "vlb":
             terms["mse"] = mean_flat((self._target(x0, t, noise) - mean_out) ** 2)
+            weighted = terms["mse"] if self.loss_weighting == "none" else \
+                self._table("loss_weight", x0.device)[t].to(terms["mse"].dtype) * terms["mse"]
         if self.loss_type != "simple":
             if self.loss_type == "hybrid":  # L_vlb trains the variance only ([Nichol] §3.1)
                 output = mean_out.detach() if var_out is None else \
@@ -590,12 +609,33 @@ class GaussianDiffusion:
             terms["vb"], _ = self._vb_terms_bpd(output, x0, x_t, t, clip_denoised=False)
         T = self.num_timesteps
         if self.loss_type == "simple":
-            terms["loss"] = terms["mse"]
+            terms["loss"] = weighted
         elif self.loss_type == "vlb":
             terms["loss"] = T * terms["vb"]
         else:
-            terms["loss"] = terms["mse"] + HYBRID_LAMBDA * T * terms["vb"]
+            terms["loss"] = weighted + HYBRID_LAMBDA * T * terms["vb"]
         return terms
+
+    def loss_weights(self):
+        """w_t, float64 [T], the weight on the squared error of the predicted quantity at each
+        index. SNR_t = ᾱ_t / (1 - ᾱ_t). Both schemes are defined on ε-prediction's squared error,
+        and carried to the other targets by ‖ε - ε̂‖² = SNR ‖x_0 - x̂_0‖² = SNR/(SNR+1) ‖v - v̂‖²:
+          "none": 1 (L_simple of the predicted quantity, [Ho] Eq. 14 for ε).
+          "min_snr" ([Hang] §3.4, γ = snr_gamma): min(SNR, γ) in x_0's terms, so
+              ε: min(SNR, γ)/SNR,  x_0: min(SNR, γ),  v: min(SNR, γ)/(SNR + 1).
+          "p2" ([Choi] §3.3, λ'_t = λ_t/(k + SNR)^γ with [Ho]'s λ_t = 1): in ε's terms, so
+              ε: 1/(k + SNR)^γ,  x_0: SNR/(k + SNR)^γ,  v: SNR/((SNR + 1)(k + SNR)^γ).
+        """
+        ac = self.alphas_cumprod
+        snr = ac / -torch.expm1(torch.log(ac))                        # ᾱ / (1 - ᾱ)
+        a = self.weighting_args
+        if self.loss_weighting == "none":
+            return torch.ones_like(snr)
+        if self.loss_weighting == "min_snr":
+            in_x0 = torch.clamp(snr, max=a["snr_gamma"])
+            return {"eps": in_x0 / snr, "x0": in_x0, "v": in_x0 / (snr + 1)}[self.mean_type]
+        in_eps = (a["p2_k"] + snr) ** -a["p2_gamma"]
+        return {"eps": in_eps, "x0": in_eps * snr, "v": in_eps * snr / (snr + 1)}[self.mean_type]
 
     def prior_bpd(self, x0):
         """L_T = D_KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, [B] ([Ho] Eq. 5)."""

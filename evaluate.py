@@ -188,7 +188,9 @@ def print_table(r):
                 ("classified with confidence > 0.9", f"{s['confident_fraction']:.3f}"),
                 (f"class-histogram entropy (max log 10 = {s['class_entropy_max']:.3f})",
                  f"{s['class_entropy']:.3f}"),
-                ("precision / recall (k = 3)", f"{s['precision']:.3f} / {s['recall']:.3f}")):
+                ("precision / recall (k = 3)", f"{s['precision']:.3f} / {s['recall']:.3f}"),
+                (f"precision / recall of {s['count']} real training images",
+                 f"{s['precision_real']:.3f} / {s['recall_real']:.3f}")):
             print(f"  {label:<52} {value}")
 
 

@@ -158,16 +158,38 @@ def classifier_for(name, train_set, test_set, device, cache_dir=None, progress=T
     return model, accuracy
 
 
+class Scorer:
+    """Sample quality against a test set whose features are computed once: for uint8 samples
+    [N, C, 28, 28], the FD to the whole test set, precision and recall against a random subset of
+    it of the samples' size (equal-sized sets, as Kynkäänniemi et al. compare them), the share
+    classified with confidence > 0.9 and the entropy of the predicted classes."""
+
+    def __init__(self, classifier, test_images, seed=0, num_classes=10):
+        self.classifier, self.seed, self.num_classes = classifier, seed, num_classes
+        self.f_test, _ = embed(classifier, test_images)
+        self.test_stats = feature_stats(self.f_test)
+
+    def score(self, samples):
+        f_fake, p_fake = embed(self.classifier, samples)
+        subset = np.random.default_rng(self.seed).permutation(len(self.f_test))[:len(f_fake)]
+        precision, recall = precision_recall(self.f_test[subset], f_fake)
+        return {"fd": frechet_distance(*feature_stats(f_fake), *self.test_stats),
+                "confident_fraction": confident_fraction(p_fake),
+                "class_entropy": class_entropy(p_fake, self.num_classes),
+                "precision": precision, "recall": recall}
+
+    def floor(self, real_images):
+        """The same scores for real images (the training set's): what a perfect model gets at
+        this number of samples."""
+        return self.score(real_images)
+
+
 def sample_quality(classifier, samples, real_train, test_images, seed=0, num_classes=10):
-    """The sample-quality table for uint8 samples [N, C, 28, 28]. FD against the whole test set;
-    precision and recall against a random subset of it of the samples' size (equal-sized sets, as
-    Kynkäänniemi et al. compare them); `real_train` (as many training images) gives the FD floor."""
-    f_test, _ = embed(classifier, test_images)
-    f_fake, p_fake = embed(classifier, samples)
-    f_real, _ = embed(classifier, real_train)
-    subset = np.random.default_rng(seed).permutation(len(f_test))[:len(f_fake)]
-    precision, recall = precision_recall(f_test[subset], f_fake)
-    return {"fd": fd_of_features(f_fake, f_test), "fd_real_floor": fd_of_features(f_real, f_test),
-            "confident_fraction": confident_fraction(p_fake),
-            "class_entropy": class_entropy(p_fake, num_classes),
-            "class_entropy_max": math.log(num_classes), "precision": precision, "recall": recall}
+    """The sample-quality table for uint8 samples [N, C, 28, 28] (see Scorer), with the FD,
+    precision and recall of as many real training images (`real_train`) beside it: the floor of
+    the FD, and the precision and recall a perfect model would get at this N."""
+    scorer = Scorer(classifier, test_images, seed, num_classes)
+    floor = scorer.floor(real_train)
+    return {**scorer.score(samples), "fd_real_floor": floor["fd"],
+            "precision_real": floor["precision"], "recall_real": floor["recall"],
+            "class_entropy_max": math.log(num_classes)}

@@ -193,6 +193,15 @@ def setup_distributed(device_name="auto"):
     return rank, world, local_rank
 
 
+def broadcast_int(value):
+    """Rank 0's integer, on every process of the group."""
+    tensor = torch.tensor([int(value)], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch.distributed.broadcast(tensor, 0)
+    return int(tensor.item())
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 def atomic_write(path, write):

@@ -16,6 +16,7 @@ import checkpoint
 import convert
 import data
 import evaluate
+import plot
 import runtime
 import sample
 import sampling
@@ -104,6 +105,16 @@ def train_cases(w):
         ([*new, "--steps", "ten"], "invalid int value: 'ten'"),
         ([*new, "--warmup", "-1"], "--warmup must be >= 0"),
         ([*new, "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        ([*new, "--ema-warmup", "0"], "--ema-warmup must be >= 1"),
+        ([*new, "--minutes", "0"], "--minutes must be a number > 0"),
+        ([*new, "--minutes", "5", "--steps", "10"], "give one of them"),
+        ([*new, "--lr-schedule", "step"], "invalid choice: 'step'"),
+        ([*new, "--loss-weighting", "snr"], "invalid choice: 'snr'"),
+        ([*new, "--loss-weighting", "min_snr", "--snr-gamma", "0"], "snr_gamma > 0"),
+        ([*new, "--eval-every", "-1"], "--eval-every must be >= 0"),
+        ([*new, "--eval-every", "5"], "--eval-every scores 28x28 datasets with labels"),
+        ([*new, "--resume", "--overwrite"], "give one of them"),
+        ([*new, "--norm-groups", "3"], "norm_groups 3 does not divide"),
         ([*new, "--grad-clip", "0"], "--grad-clip must be a finite number > 0"),
         ([*new, "--log-every", "0"], "--log-every"),
         ([*new, "--num-samples", "0"], "--num-samples must be >= 1"),
@@ -219,7 +230,15 @@ def convert_cases(w):
     ]
 
 
-SCRIPTS = {"train": (train.run_main, train_cases), "convert": (convert.run, convert_cases), "sample": (sample.run, sample_cases),
+def plot_cases(w):
+    run, root = str(w["run"]), w["root"]
+    return [([str(root / "nowhere")], "no log at"), ([run, "--out", "x.jpg"], "must end in .png"),
+            ([run, "--out", "/proc/x.png"], "cannot write in /proc"),
+            ([str(root / "empty_run")], "no log at")]
+
+
+SCRIPTS = {"train": (train.run_main, train_cases), "convert": (convert.run, convert_cases),
+           "plot": (plot.run, plot_cases), "sample": (sample.run, sample_cases),
            "evaluate": (evaluate.run, evaluate_cases), "bench": (bench.run, bench_cases),
            "data": (data.run, data_cases)}
 
@@ -274,11 +293,11 @@ def test_real_processes_exit_2_with_one_line(script, args, needle, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "bench.py", "data.py",
-                                    "convert.py"])
+                                    "convert.py", "plot.py"])
 def test_help_explains_every_flag(script, capsys):
     """--help: every flag has a description; flags with a default or choices show them."""
     module = {"train.py": train, "sample.py": sample, "evaluate.py": evaluate, "bench.py": bench,
-              "data.py": data, "convert.py": convert}[script]
+              "data.py": data, "convert.py": convert, "plot.py": plot}[script]
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args(["--help"])
     assert exit_info.value.code == 0

@@ -553,3 +553,84 @@ def test_ddim_sample_loop_with_eta_is_song_eq12_draw_for_draw():
             x = x + sigma * torch.randn(shape, dtype=F64, generator=g_ref)
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
     assert torch.equal(g_code.get_state(), g_ref.get_state())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss weighting over t: Min-SNR-γ (Hang et al. 2023) and P2 (Choi et al. 2022)
+# ---------------------------------------------------------------------------------------------
+
+def _snr(betas):
+    """SNR_t = ᾱ_t / (1 - ᾱ_t), from the betas in NumPy (independent of ddpm.py's tables)."""
+    ac = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    return ac / (1.0 - ac)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_min_snr_and_p2_weights_are_the_papers(mean_type, cosine100):
+    """Min-SNR: min(SNR, γ) on the x_0 error, i.e. ε: min(SNR, γ)/SNR, x_0: min(SNR, γ),
+    v: min(SNR, γ)/(SNR + 1). P2: 1/(k + SNR)^γ on the ε error, i.e. ε: that, x_0: SNR times it,
+    v: SNR/(SNR + 1) times it."""
+    betas = cosine100.numpy()
+    snr = _snr(betas)
+    gamma, k, p2_gamma = 5.0, 1.0, 0.5
+    min_snr = ddpm.GaussianDiffusion(betas, mean_type, loss_weighting="min_snr", snr_gamma=gamma)
+    p2 = ddpm.GaussianDiffusion(betas, mean_type, loss_weighting="p2", p2_k=k, p2_gamma=p2_gamma)
+    clipped = np.minimum(snr, gamma)
+    expected_min_snr = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[mean_type]
+    p2_eps = 1.0 / (k + snr) ** p2_gamma
+    expected_p2 = {"eps": p2_eps, "x0": p2_eps * snr, "v": p2_eps * snr / (snr + 1)}[mean_type]
+    np.testing.assert_allclose(min_snr.loss_weights().numpy(), expected_min_snr, rtol=1e-12)
+    np.testing.assert_allclose(p2.loss_weights().numpy(), expected_p2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("weighting, kwargs", [("min_snr", {"snr_gamma": 5.0}),
+                                                ("p2", {"p2_k": 1.0, "p2_gamma": 1.0})])
+def test_each_target_gives_the_same_weighted_loss(weighting, kwargs, cosine100):
+    """A network whose prediction corresponds to the same x̂_0, whichever quantity it outputs,
+    gets the same weighted loss in all three parameterisations: Min-SNR's
+    min(SNR, γ) ‖x_0 - x̂_0‖² and P2's ‖ε - ε̂‖²/(k + SNR)^γ, computed here from x̂_0 directly."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    delta = 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 5, 20, 50, 80, 99])
+    ac = torch.from_numpy(np.cumprod(1 - cosine100.numpy()))[t].view(-1, 1, 1, 1)
+    x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+    x0_hat = x0 + delta
+    eps_hat = (x_t - ac.sqrt() * x0_hat) / (1 - ac).sqrt()
+    outputs = {"eps": eps_hat, "x0": x0_hat, "v": ac.sqrt() * eps_hat - (1 - ac).sqrt() * x0_hat}
+    snr = (ac / (1 - ac)).flatten()
+    x0_err = (delta ** 2).mean(dim=(1, 2, 3))
+    eps_err = ((noise - eps_hat) ** 2).mean(dim=(1, 2, 3))
+    expected = (torch.clamp(snr, max=kwargs.get("snr_gamma", 0)) * x0_err if weighting == "min_snr"
+                else eps_err / (kwargs.get("p2_k", 1) + snr) ** kwargs.get("p2_gamma", 1))
+    for mean_type, out in outputs.items():
+        d = ddpm.GaussianDiffusion(cosine100, mean_type, loss_weighting=weighting, **kwargs)
+        loss = d.training_losses(lambda x, tt: out, x0, t, noise=noise)["loss"]
+        torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12, msg=mean_type)
+
+
+@pytest.mark.parametrize("weighting, kwargs", [("min_snr", {"snr_gamma": float("inf")}),
+                                                ("p2", {"p2_gamma": 0.0}), ("none", {})])
+def test_neutral_weighting_is_l_simple_exactly(weighting, kwargs, cosine100):
+    """Min-SNR with γ = ∞ and P2 with γ = 0 weigh ε-prediction's squared error by exactly 1: the
+    loss is L_simple bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(5, 1, 4, 4, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 33, 70, 99])
+    model = lambda x, tt: 0.7 * x - 0.1
+    plain = ddpm.GaussianDiffusion(cosine100).training_losses(model, x0, t, noise=noise)
+    weighted = ddpm.GaussianDiffusion(cosine100, loss_weighting=weighting, **kwargs)
+    out = weighted.training_losses(model, x0, t, noise=noise)
+    assert torch.equal(out["loss"], plain["loss"]) and torch.equal(out["loss"], plain["mse"])
+
+
+def test_weighting_needs_a_squared_error(cosine100):
+    with pytest.raises(ValueError, match="loss_weighting weights L_simple"):
+        ddpm.GaussianDiffusion(cosine100, var_type="learned_range", loss_type="vlb",
+                               loss_weighting="min_snr")
+    with pytest.raises(ValueError, match="unknown loss_weighting"):
+        ddpm.GaussianDiffusion(cosine100, loss_weighting="snr")
+    respaced = ddpm.GaussianDiffusion(cosine100, loss_weighting="p2").respace(range(0, 100, 10))
+    assert respaced.loss_weighting == "p2" and respaced.loss_weights().shape == (10,)

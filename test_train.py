@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import checkpoint
+import data
 import imaging
 import runtime
 import train
@@ -241,3 +242,99 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load(tmp_path, required=("step",))["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ---- the recipe's knobs: lr schedules, EMA warmup, runs sized by time, in-training scores ----
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    """Linear warmup to lr over `warmup` steps; then constant, or a half cosine / a line from lr
+    at the first step after the warmup to exactly 0 at the last step."""
+    cfg = training.Config(lr=1e-3, warmup=10, steps=110)
+    for schedule in ("constant", "cosine", "linear"):
+        cfg.lr_schedule = schedule
+        lrs = [training.lr_at(cfg, s) for s in range(110)]
+        assert lrs[:10] == [1e-3 * (s + 1) / 10 for s in range(10)]
+        assert lrs[10] == 1e-3
+        assert lrs[-1] == (1e-3 if schedule == "constant" else 0.0)
+    cfg.lr_schedule = "cosine"
+    assert training.lr_at(cfg, 60) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 50 / 99)))
+    cfg.lr_schedule = "linear"
+    assert training.lr_at(cfg, 60) == pytest.approx(1e-3 * (1 - 50 / 99))
+
+
+def test_ema_decay_warms_up():
+    cfg = training.Config(ema_decay=0.999, ema_warmup=10)
+    assert training.ema_decay_at(cfg, 0) == 0.1
+    assert training.ema_decay_at(cfg, 90) == 91 / 100
+    assert training.ema_decay_at(cfg, 100000) == 0.999
+
+
+def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys):
+    """--minutes: the step count is measured, printed and stored; --steps with that count gives
+    a byte-identical model, and the learning rate decays to 0 at that step."""
+    start = time.perf_counter()
+    cfg, _, _ = run_train(npz, tmp_path / "timed", minutes=0.25, lr_schedule="cosine",
+                          ckpt_every=100000, log_every=1)
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    steps = cfg.steps
+    assert f"--steps {steps} repeats this run" in err and steps >= 1
+    timed = checkpoint.load(tmp_path / "timed")
+    assert timed["config"]["steps"] == steps and timed["config"]["minutes"] == 0.25
+    assert elapsed < 0.25 * 60 * 2  # sized to the budget (with room for a slow, shared machine)
+    run_train(npz, tmp_path / "fixed", steps=steps, lr_schedule="cosine", ckpt_every=100000)
+    fixed = checkpoint.load(tmp_path / "fixed")
+    for key in ("model", "ema"):
+        assert all(torch.equal(timed[key][k], fixed[key][k]) for k in timed[key])
+    assert read_log(tmp_path / "timed")[-1]["lr"] == 0.0
+
+
+def test_scores_while_training_leave_the_training_alone(tmp_path, monkeypatch):
+    """--eval-every writes score records (confident, FD, entropy, precision, recall, their time)
+    into log.jsonl, drawn from a generator of their own: the weights are those of a run
+    without them."""
+    import test_evaluate  # its synthetic labelled 28x28 digits
+    sets = {"train": test_evaluate.synthetic_digits(320, 0), "test": test_evaluate.synthetic_digits(100, 1)}
+    monkeypatch.setattr(data, "load_dataset", lambda name, split="train", *a, **k: sets[split])
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    given = {**TINY, "dataset": "mnist", "attn_resolutions": (14,), "steps": 4, "timesteps": 50,
+             "batch_size": 8, "log_every": 2, "sample_steps": 5}
+    train.train({**given, "out": str(tmp_path / "scored"), "eval_every": 2, "eval_samples": 20},
+                progress=False)
+    train.train({**given, "out": str(tmp_path / "plain")}, progress=False)
+    scores = [r for r in read_log(tmp_path / "scored") if r.get("kind") == "eval"]
+    assert [r["step"] for r in scores] == [2, 4]
+    for r in scores:
+        assert {"fd", "confident_fraction", "class_entropy", "precision", "recall",
+                "eval_seconds", "time_s"} <= set(r) and r["samples"] == 20
+    a, b = checkpoint.load(tmp_path / "scored"), checkpoint.load(tmp_path / "plain")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_plot_reads_the_last_record_of_each_step_and_draws(tmp_path, monkeypatch):
+    import plot
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 2, "loss": 1.0, "time_s": 1}, {"step": 4, "loss": 0.5, "time_s": 2},
+        {"step": 4, "loss": 0.4, "time_s": 3},        # a resumed run's replay: the last counts
+        {"step": 4, "kind": "eval", "fd": 9.0, "confident_fraction": 0.5, "class_entropy": 2.0,
+         "time_s": 4}]) + '\n{"step": 6, "lo')
+    train_records, scores = plot.read_log(log)
+    assert [(r["step"], r["loss"]) for r in train_records] == [(2, 1.0), (4, 0.4)]
+    assert [r["fd"] for r in scores] == [9.0]
+    real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", no_matplotlib)
+    with pytest.raises(runtime.UserError, match="pip install matplotlib"):
+        plot.plot(str(log), str(tmp_path / "log.png"))
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    plot.plot(str(log), str(tmp_path / "log.png"))
+    assert (tmp_path / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,38 +8,45 @@ exactly where it stopped.
 Several GPUs or machines: `torchrun --nproc_per_node=N train.py ...` trains with
 DistributedDataParallel; --batch-size is the global batch, split evenly across the processes.
 """
-import contextlib
-import dataclasses
-import json
-import math
-import os
-import signal
-import sys
 import time
-import warnings
-from typing import NamedTuple
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+STARTED = time.perf_counter()  # --minutes counts the run's wall time from here, imports included
 
-import checkpoint
-import data
-import imaging
-import runtime
-import sampling
-import training
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import checkpoint  # noqa: E402
+import data  # noqa: E402
+import imaging  # noqa: E402
+import metrics  # noqa: E402
+import runtime  # noqa: E402
+import sampling  # noqa: E402
+import training  # noqa: E402
 
 
 class TrainError(runtime.UserError):
     """A training run that cannot go on (a non-finite loss)."""
 
 
-def train(given, progress=True):
-    """Ho et al.'s Algorithm 1 for the flags in `given` ({Config field: value});
-    returns (cfg, model, ema). Raises runtime.Stopped after saving when a signal stops it."""
+def train(given, progress=True, started=None):
+    """Ho et al.'s Algorithm 1 for the flags in `given` ({Config field: value}); --minutes counts
+    from `started` (a perf_counter() reading; default: when this module was imported). Returns
+    (cfg, model, ema); raises runtime.Stopped after saving when a signal stops it."""
     with contextlib.ExitStack() as held:  # the run directory's lock and the log, until the end
-        run = prepare(given, held)
+        run = prepare(given, held, STARTED if started is None else started)
         cfg, step = run.cfg, run.start_step
         meter = Meter(cfg, run.device)
         run.model.train()
@@ -56,7 +63,7 @@ def train(given, progress=True):
                 at_end = step == cfg.steps
                 stopping = stop_requested(run, stop, step, at_end)
                 if step % cfg.log_every == 0 or at_end or stopping:
-                    record = meter.record(step, run)
+                    record = {**meter.record(step, run), "time_s": elapsed(run)}
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                     append_log(run, record)
                 if step % cfg.ckpt_every == 0 or at_end or stopping:
@@ -64,6 +71,9 @@ def train(given, progress=True):
                     meter.restart_clock()  # img/s counts training time only
                 if run.main and step % cfg.sample_every == 0 and not (at_end or stopping):
                     write_grid(run, f"{step:07d}", progress=False)
+                    meter.restart_clock()
+                if run.scorer and (step % cfg.eval_every == 0 or at_end) and not stopping:
+                    append_log(run, score(run, step))
                     meter.restart_clock()
                 if stopping:
                     raise runtime.Stopped(stop["signal"], f"stopped by signal {stop['signal']} at "
@@ -99,9 +109,11 @@ class Run(NamedTuple):
     ckpt_path: str
     log: object                  # log.jsonl opened for appending, unbuffered (main process)
     saved: dict                  # {"step": the step of the last checkpoint written, or None}
+    scorer: object               # metrics.Scorer for --eval-every (main process), else None
+    clock: dict                  # {"start": perf_counter() at the run's step 0 (over resumes)}
 
 
-def prepare(given, held):
+def prepare(given, held, started):
     """Check every flag, take the run directory (its lock held in `held` until the run ends),
     then load the data, build the model and restore a resumed run."""
     training.validate(training.Config(**given))
@@ -120,6 +132,8 @@ def prepare(given, held):
     cfg, unet_kwargs = training.resolve_config({**given, "out": out}, device, shape, saved)
     runtime.check(cfg.batch_size % world == 0,
                   f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
+    runtime.check(not cfg.eval_every or (data.image_shape(dataset) or ())[1:] == (28, 28),
+                  f"--eval-every scores 28x28 datasets with labels; {dataset} is not one")
     if rank == 0:
         runtime.check_writable_dir(cfg.out)
         check_directory(cfg, state)
@@ -139,6 +153,10 @@ def prepare(given, held):
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
     diffusion = checkpoint.build_diffusion(dataclasses.asdict(cfg))
+    scorer = make_scorer(cfg, train_set, device) if cfg.eval_every and rank == 0 else None
+    if cfg.steps is None:  # --minutes: as many steps as fit
+        cfg.steps = size_run(cfg, model, ema, optimizer, scaler, diffusion,
+                             train_set.images.shape[1:], device, world, started)
     # DDP compares a gradient's strides literally; for 1x1 kernels the strides of the size-1 dims
     # differ between oneDNN's gradient and the bucket while the memory layout is the same.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -156,7 +174,8 @@ def prepare(given, held):
                training.make_train_step(in_precision(forward), model, ema, optimizer, scaler,
                                         diffusion, cfg),
                in_precision(ema), state["step"] if state else 0, ckpt_path, log,
-               {"step": state["step"] if state else None})
+               {"step": state["step"] if state else None}, scorer,
+               {"start": time.perf_counter() - (state.get("elapsed", 0.0) if state else 0.0)})
 
 
 def load_resumed(out):
@@ -224,11 +243,91 @@ def truncate_log(path, step):
 
 def announce_default(cfg, given, state):
     """The one line that says what the README's command does on a machine without a GPU."""
-    if state is None and cfg.preset and "preset" not in given and "steps" not in given \
-            and cfg.steps == training.CPU_STEPS:
-        print(f"no GPU: training the {cfg.preset} preset for {cfg.steps} steps at batch "
-              f"{cfg.batch_size} ({cfg.precision}); --preset and --steps override this",
-              file=sys.stderr)
+    if state is None and cfg.minutes and "preset" not in given and "minutes" not in given:
+        print(f"no GPU: the {cfg.preset} preset at batch {cfg.batch_size} ({cfg.precision}), "
+              f"as many steps as fit in {cfg.minutes:g} minutes; --minutes, --steps and --preset "
+              "override this", file=sys.stderr)
+
+
+def size_run(cfg, model, ema, optimizer, scaler, diffusion, shape, device, world, started):
+    """The number of steps that fit in what is left of cfg.minutes: a few training steps and
+    sampling calls are timed on throwaway copies of the model (the run itself is untouched), and
+    the grids, checkpoints and scores the run will also make are counted in. Every process gets
+    rank 0's answer."""
+    budget = cfg.minutes * 60 - (time.perf_counter() - started)
+    step_s, call_s = probe(cfg, model, ema, optimizer, scaler, diffusion, shape, device)
+    calls = diffusion.num_timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
+    grid_s = calls * call_s * cfg.num_samples / cfg.batch_size
+    eval_s = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
+    per_step = (step_s + grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every
+                + (eval_s / cfg.eval_every if cfg.eval_every else 0))
+    steps = int((budget - grid_s - 2.0 - (eval_s if cfg.eval_every else 0)) / per_step)
+    if world > 1:
+        steps = int(runtime.broadcast_int(steps))
+    runtime.check(steps >= 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
+                  f"(one takes {step_s:.1f} s here); give more minutes or --steps")
+    print(f"sized to {cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s each, measured); "
+          f"--steps {steps} repeats this run", file=sys.stderr)
+    return steps
+
+
+def probe(cfg, model, ema, optimizer, scaler, diffusion, shape, device, warmup=2, timed=4):
+    """(seconds per training step, seconds per sampling call at batch cfg.batch_size), median of
+    `timed` after `warmup`, on deep copies; the global RNG is restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        parts = copy.deepcopy((model, ema, optimizer, scaler))
+        fn = runtime.in_precision(parts[0], cfg.precision, device, cfg.channels_last)
+        step = training.make_train_step(fn, *parts, diffusion, dataclasses.replace(cfg, steps=10**9))
+        g = torch.Generator(device).manual_seed(0)
+        x0 = torch.rand((cfg.batch_size, *shape), generator=g, device=device) * 2 - 1
+        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        sample = runtime.in_precision(parts[1], cfg.precision, device, cfg.channels_last)
+
+        def timed_median(fn):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(timed):
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            return float(np.median(times))
+
+        step_s = timed_median(lambda: step(x0, t, noise, 0))
+        with torch.no_grad():
+            call_s = timed_median(lambda: sample(x0, t))
+    return step_s, call_s
+
+
+def make_scorer(cfg, train_set, device):
+    """The --eval-every scorer: the evaluation classifier (trained once per dataset, cached) and
+    the test set's features."""
+    name = cfg.dataset
+    with torch.random.fork_rng():  # the classifier's training leaves the run's generators alone
+        test_set = data.load_dataset(name, "test", cfg.data_dir, progress=False)
+        classifier, _ = metrics.classifier_for(name, train_set, test_set, device)
+    return metrics.Scorer(classifier, test_set.images, cfg.seed)
+
+
+def score(run, step):
+    """The log record of one --eval-every score: cfg.eval_samples DDIM samples of the EMA model
+    from a generator of their own (seed + 1), scored; with the seconds it took."""
+    cfg, start = run.cfg, time.perf_counter()
+    x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
+                             cfg.eval_samples, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
+                             seed=cfg.seed + 1, device=run.device, progress=False)
+    scores = run.scorer.score(imaging.to_uint8(x).cpu().numpy())
+    return {"step": step, "kind": "eval", "samples": cfg.eval_samples,
+            "sampler": f"ddim-{cfg.sample_steps}", **scores,
+            "eval_seconds": time.perf_counter() - start, "time_s": elapsed(run)}
+
+
+def elapsed(run):
+    """Seconds of the run so far, over all its sessions."""
+    return time.perf_counter() - run.clock["start"]
 
 
 # ---- the loop's helpers ---------------------------------------------------------------------
@@ -334,7 +433,7 @@ def save_checkpoint(run, step):
             "step": step, "config": {**dataclasses.asdict(run.cfg), "unet": run.unet_kwargs},
             "model": run.model.state_dict(), "ema": run.ema.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}})
+            "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run)})
         run.saved["step"] = step
 
 

@@ -5,6 +5,7 @@ gradient clipping and the EMA.
 """
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import ddpm
 import runtime
 import unet
 
-CPU_STEPS = 3000  # no --preset on a CPU: mnist-small for this many steps
+CPU_MINUTES = 17.0  # no --steps or --preset on a CPU: a run sized to this wall time
 GPU_STEPS = 30000
 
 
@@ -46,8 +47,13 @@ class Config:
     downsample_padding: str = _flag(None, "tf_same: Ho et al.'s (zeros at the bottom and right); "
                                     "symmetric: zeros on every side", auto="the preset's",
                                     choices=unet.DOWNSAMPLE_PADDINGS)
-    steps: int = _flag(None, "training steps", auto=f"{CPU_STEPS} on a CPU without --preset, "
-                       f"else {GPU_STEPS}")
+    steps: int = _flag(None, "training steps", auto="as many as fit in --minutes on a CPU without "
+                       f"--preset, else {GPU_STEPS}")
+    minutes: float = _flag(None, "size the run to this many minutes of wall time in all: the "
+                           "step count is chosen from the throughput measured in the first "
+                           "seconds, printed and stored in the checkpoint (give it as --steps to "
+                           "repeat the run exactly)", auto=f"{CPU_MINUTES} on a CPU without "
+                           "--steps or --preset, else off")
     batch_size: int = _flag(None, "global batch size (split over the processes under torchrun)",
                             auto="64 on a CPU, 128 (Ho) on a GPU")
     lr: float = _flag(None, "peak Adam learning rate", auto="1e-3 for mnist-small, 2e-4 (Ho) "
@@ -55,7 +61,13 @@ class Config:
     warmup: int = _flag(None, "steps of linear learning-rate warmup",
                         auto="200 for mnist-small, 5000 (Ho) otherwise")
     grad_clip: float = _flag(1.0, "clip the gradient's global norm to this")
-    ema_decay: float = _flag(0.9999, "EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
+    lr_schedule: str = _flag("constant", "after the warmup: constant (Ho et al.), or decay to 0 at "
+                             "the last step along a cosine or a line",
+                             choices=("constant", "cosine", "linear"))
+    ema_decay: float = _flag(0.9999, "EMA decay, warmed up as min(decay, (1 + step) / "
+                             "(--ema-warmup + step))")
+    ema_warmup: float = _flag(10.0, "the EMA warmup's constant (larger: the average forgets the "
+                              "early weights more slowly)")
     schedule: str = _flag("linear", "beta schedule", choices=("linear", "cosine"))
     timesteps: int = _flag(1000, "diffusion steps T")
     loss_type: str = _flag("simple", "simple: L_simple (Ho Eq. 14); vlb: the bound; hybrid: "
@@ -63,6 +75,13 @@ class Config:
                            choices=ddpm.LOSS_TYPES)
     mean_type: str = _flag("eps", "what the network predicts: eps, x0 or v",
                            choices=ddpm.MEAN_TYPES)
+    loss_weighting: str = _flag("none", "weight of L_simple's squared error over t: none, min_snr "
+                                "(Hang et al. 2023: min(SNR, --snr-gamma) in x_0's terms) or p2 "
+                                "(Choi et al. 2022: 1/(--p2-k + SNR)^--p2-gamma in eps's terms)",
+                                choices=ddpm.LOSS_WEIGHTINGS)
+    snr_gamma: float = _flag(5.0, "Min-SNR's gamma")
+    p2_k: float = _flag(1.0, "P2's k")
+    p2_gamma: float = _flag(1.0, "P2's gamma (0: no weighting)")
     var_type: str = _flag("fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
                           "CIFAR-10 sampler), fixed_small (posterior beta~_t) or learned_range",
                           choices=ddpm.VAR_TYPES)
@@ -83,6 +102,10 @@ class Config:
     sample_every: int = _flag(1000, "steps between sample grids")
     ckpt_every: int = _flag(1000, "steps between checkpoints")
     num_samples: int = _flag(64, "images in each sample grid")
+    eval_every: int = _flag(0, "steps between scores of the EMA model (0: off): --eval-samples "
+                            "DDIM samples scored by the evaluation classifier (confident, FD, "
+                            "entropy, precision, recall) into log.jsonl; 28x28 labelled data only")
+    eval_samples: int = _flag(500, "samples per score of --eval-every")
     sampler: str = _flag("ddim", "sampler of the grids: ddim (--sample-steps steps, eta 0) or ddpm "
                          "(Ho's Algorithm 2, all T steps)", choices=("ddim", "ddpm"))
     sample_steps: int = _flag(50, "DDIM steps of the sample grids")
@@ -92,7 +115,8 @@ ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resoluti
                "norm_groups", "downsample_padding")
 # What --resume may not change: the model, the diffusion and the data it was trained on.
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "mean_type",
-                   "var_type", "seed", "batch_size") + ARCH_FIELDS
+                   "var_type", "loss_weighting", "snr_gamma", "p2_k", "p2_gamma", "seed",
+                   "batch_size") + ARCH_FIELDS
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -150,8 +174,11 @@ def _fill_automatic(cfg, given, device, image_shape):
     if cfg.preset is None:
         cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-small" if cpu else "mnist")
     small = cfg.preset == "mnist-small"
-    if cfg.steps is None:
-        cfg.steps = CPU_STEPS if (cpu and "preset" not in given) else GPU_STEPS
+    if cfg.steps is None and cfg.minutes is None:
+        if cpu and "preset" not in given:
+            cfg.minutes = CPU_MINUTES   # the step count is chosen once the model is built
+        else:
+            cfg.steps = GPU_STEPS
     if cfg.batch_size is None:
         cfg.batch_size = 64 if cpu else 128
     if cfg.lr is None:
@@ -184,13 +211,21 @@ def validate(cfg, complete=False):
 
     checks = [(cfg.resume and cfg.overwrite, "--resume continues the run in --out and --overwrite "
                "replaces it; give one of them"),
-              (given(cfg.steps) and cfg.steps < 1, f"--steps must be >= 1, got {cfg.steps}"),
+              (cfg.steps is not None and cfg.minutes is not None and not cfg.resume,
+               "--steps fixes the run's length and --minutes sizes it to a time; give one of them"),
+              ((cfg.steps is not None or complete and cfg.minutes is None) and (cfg.steps or 0) < 1,
+               f"--steps must be >= 1, got {cfg.steps}"),
               (given(cfg.batch_size) and cfg.batch_size < 1,
                f"--batch-size must be >= 1, got {cfg.batch_size}"),
               (given(cfg.lr) and not 0 < cfg.lr < float("inf"),
                f"--lr must be a finite number > 0, got {cfg.lr}"),
               (given(cfg.warmup) and cfg.warmup < 0, f"--warmup must be >= 0, got {cfg.warmup}"),
               (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+              (not cfg.ema_warmup >= 1, f"--ema-warmup must be >= 1, got {cfg.ema_warmup}"),
+              (cfg.minutes is not None and not 0 < cfg.minutes < float("inf"),
+               f"--minutes must be a number > 0, got {cfg.minutes}"),
+              (cfg.eval_every < 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
+              (cfg.eval_samples < 4, f"--eval-samples must be >= 4, got {cfg.eval_samples}"),
               (not 0 < cfg.grad_clip < float("inf"),
                f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}"),
               (cfg.timesteps < 1, f"--timesteps must be >= 1, got {cfg.timesteps}"),
@@ -259,8 +294,22 @@ def ema_update(ema, model, decay):
 
 
 def lr_at(cfg, step):
-    """Linear warmup over cfg.warmup steps to cfg.lr, then constant (Ho et al.)."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    """The learning rate of 0-based `step`: linear warmup over cfg.warmup steps to cfg.lr, then
+    constant (Ho et al.), or decaying to 0 at the last step along a half cosine or a line."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup + 1:
+        return cfg.lr
+    progress = (step - cfg.warmup) / (cfg.steps - 1 - cfg.warmup)     # 0 after the warmup, 1 at the end
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+def ema_decay_at(cfg, step):
+    """min(decay, (1 + step) / (w + step)): the EMA starts as a plain average and reaches its
+    decay as the run goes on (w = cfg.ema_warmup)."""
+    return min(cfg.ema_decay, (1 + step) / (cfg.ema_warmup + step))
 
 
 def build_training(cfg, unet_kwargs, device):
@@ -291,6 +340,6 @@ def make_train_step(model_fn, model, ema, optimizer, scaler, diffusion, cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, model, ema_decay_at(cfg, step))
         return losses.detach(), grad_norm.detach()
     return step_fn
