@@ -15,6 +15,8 @@ On the present device (CPU or CUDA), for the presets and a few batch sizes, it m
 and repeats the training step with each speed option on and off: bf16 autocast, channels_last,
 torch.compile (and CUDA graphs for sampling on CUDA).
 """
+import copy
+import importlib.util
 import json
 import resource
 import statistics
@@ -28,6 +30,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
+import interop
 import runtime
 import training
 import unet
@@ -114,10 +117,38 @@ def batch_shape(preset, batch):
     return (batch, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
 
 
-def bench_train(preset, batch, precision, channels_last, compile_, device, iters):
-    """The training step's img/s, FLOPs and peak memory."""
+class DiffusersPeer(nn.Module):
+    """diffusers' UNet2DModel configured as the preset (interop.diffusers_unet_config: the same
+    architecture and parameter count), called as unet.UNet is: forward(x, t) -> the output."""
+
+    def __init__(self, kwargs):
+        super().__init__()
+        from diffusers import UNet2DModel  # only for --peers; checked in parse_args
+        config = {k: v for k, v in interop.diffusers_unet_config(kwargs).items()
+                  if not k.startswith("_")}
+        self.net = UNet2DModel(**config)
+
+    def forward(self, x, t):
+        return self.net(x, t).sample
+
+
+def build_peer(cfg, kwargs, device):
+    """(model, ema, optimizer, scaler) as training.build_training makes them, around the peer."""
+    torch.manual_seed(cfg.seed)
+    layout = runtime.memory_format(cfg.channels_last)
+    model = DiffusersPeer(kwargs).to(device, memory_format=layout)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    return model, ema, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+
+def bench_train(preset, batch, precision, channels_last, compile_, device, iters, peer=False):
+    """The training step's img/s, FLOPs and peak memory; peer=True: the same step around
+    diffusers' UNet2DModel configured as the preset."""
     cfg, kwargs = config(preset, batch, precision, channels_last, compile_)
-    model, ema, optimizer, scaler = training.build_training(cfg, kwargs, device)
+    build = build_peer if peer else training.build_training
+    model, ema, optimizer, scaler = build(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     if compile_:
         torch._dynamo.reset()  # each row compiles afresh, so its graph count is its own
@@ -225,6 +256,10 @@ def parse_args(argv=None):
                    help="timed iterations per row (default: 5 on a CPU, 20 on CUDA)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile rows (each compiles for a minute or two on a CPU)")
+    p.add_argument("--peers", action="store_true",
+                   help="also time the same training step around diffusers' UNet2DModel "
+                   "configured as each preset (the same architecture and parameter count); "
+                   "needs diffusers, which the project does not depend on")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     runtime.check(args.iters is None or args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
@@ -259,7 +294,7 @@ def run(argv=None):
         variants.append({**base, "compile": True})
     variants = [v for i, v in enumerate(variants) if v not in variants[:i]]
 
-    rows, samples = [], []
+    rows, samples, peer_rows = [], [], []
     header = (f"{'preset':<12} {'batch':>5} {'prec':>5} {'chlast':>6} {'compile':>7} "
               f"{'img/s':>9} {'step ms':>9} {'GFLOP/s':>9} {'of mm':>7} {'convs':>7} {'peak MB':>8}")
     print("\ntraining step (forward, backward, Adam, EMA); 'of mm': its FLOP/s over the same-run "
@@ -285,6 +320,31 @@ def run(argv=None):
                 rows.append(row)
                 print(fmt_row(row), flush=True)
 
+    if args.peers and importlib.util.find_spec("diffusers") is None:
+        print("\n--peers: diffusers is not installed (pip install -r requirements-test.txt); "
+              "no peer rows")
+    elif args.peers:
+        print(f"\npeers: the same training step (autocast, layout, Adam, EMA, clipping) around "
+              f"diffusers' UNet2DModel as the preset, {base['precision']}, "
+              f"channels_last={base['channels_last']}, eager; 'ours/peer' divides img/s\n"
+              f"{'preset':<12} {'batch':>5} {'ours img/s':>11} {'peer img/s':>11} {'ours/peer':>10}")
+        for preset in presets:
+            for batch in batches:
+                ours = next((r for r in rows if (r["preset"], r["batch"]) == (preset, batch)
+                             and {k: r[k] for k in base} == base), None)
+                try:
+                    r = bench_train(preset, batch, base["precision"], base["channels_last"], False,
+                                    device, iters, peer=True)
+                except Exception as e:
+                    print(f"{preset:<12} {batch:>5} peer: failed ({str(e).splitlines()[0][:80]})")
+                    continue
+                row = {"preset": preset, "batch": batch, **base, **r, "network": "diffusers",
+                       "ours_img_s": ours["img_s"] if ours else None}
+                peer_rows.append(row)
+                ratio = f"{ours['img_s'] / r['img_s']:>10.2f}" if ours else f"{'-':>10}"
+                ours_text = f"{ours['img_s']:>11.1f}" if ours else f"{'-':>11}"
+                print(f"{preset:<12} {batch:>5} {ours_text} {r['img_s']:>11.1f} {ratio}", flush=True)
+
     print("\nsampling (one network call per step; img/s for the whole run of steps)")
     print(f"{'preset':<12} {'batch':>5} {'prec':>5} {'graphs':>6} {'DDPM-1000':>10} {'DDIM-50':>9}")
     for preset in presets:
@@ -303,7 +363,7 @@ def run(argv=None):
                       f"{r['ddpm1000_img_s']:>10.2f} {r['ddim50_img_s']:>9.1f}", flush=True)
     if args.json:
         result = {"device": name, "torch": torch.__version__, "matmul_flop_s": peaks,
-                  "train": rows, "sample": samples}
+                  "train": rows, "peers": peer_rows, "sample": samples}
         try:
             runtime.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
         except OSError as err:

@@ -2,8 +2,10 @@
 its command line. No timing is asserted (speed is what bench.py prints, not what tests check)."""
 import json
 
+import pytest
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import unet
@@ -96,3 +98,38 @@ def test_command_line_writes_every_variant(tmp_path, capsys):
         assert row["frac"] == row["flop_s"] / result["matmul_flop_s"][row["precision"]]
         assert row["conv_frac"] == row["conv_flop_s"] / result["matmul_flop_s"][row["precision"]] > 0
     assert result["sample"][0]["ddpm1000_img_s"] > 0 and result["sample"][0]["ddim50_img_s"] > 0
+
+
+def test_peers_are_diffusers_unet_with_the_same_step_and_flops(tmp_path, capsys):
+    """--peers: the diffusers UNet2DModel row has the preset's parameter count and, being the
+    same architecture, the same FLOPs per step as ours; without diffusers, one line."""
+    pytest.importorskip("diffusers")
+    peer = bench.DiffusersPeer(dict(unet.PRESETS["mnist-small"]))
+    assert unet.count_parameters(peer) == unet.count_parameters(unet.build_unet("mnist-small"))
+    out = tmp_path / "bench.json"
+    bench.run(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+               "--no-compile", "--peers", "--json", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["peers"]
+    ours = next(r for r in result["train"] if r["precision"] == row["precision"]
+                and r["channels_last"] == row["channels_last"] and not r["compile"])
+    assert row["network"] == "diffusers" and row["img_s"] > 0 and row["ours_img_s"] == ours["img_s"]
+    assert "ours/peer" in capsys.readouterr().out
+    # The same convolutions and linear layers, FLOP for FLOP (the counter misses diffusers'
+    # attention products, which run in a fused CPU kernel; ours appear as bmm).
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
+    counts = {}
+    for name, model in (("ours", unet.build_unet("mnist-small")), ("peer", peer)):
+        with FlopCounterMode(display=False) as flops:
+            model(x, t).sum().backward()
+        counts[name] = {str(k): v for k, v in flops.get_flop_counts()["Global"].items()}
+    assert sum(v for k, v in counts["ours"].items() if k != "aten.bmm") == sum(counts["peer"].values())
+
+
+def test_peers_without_diffusers_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    bench.run(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+               "--no-compile", "--peers"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "--peers" in l]
+    assert lines == ["--peers: diffusers is not installed (pip install -r requirements-test.txt); "
+                     "no peer rows"]

@@ -16,6 +16,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import checkpoint  # noqa: E402
 import convert  # noqa: E402
+import interop  # noqa: E402
 import runtime  # noqa: E402
 import sample  # noqa: E402
 import evaluate  # noqa: E402
@@ -69,7 +70,7 @@ def float64_time_embedding(monkeypatch):
 def import_model(theirs, tmp_path, name="model"):
     """Save a diffusers UNet2DModel as its folder, import it, rebuild ours from the checkpoint."""
     theirs.save_pretrained(tmp_path / name)
-    convert.import_diffusers(str(tmp_path / name), str(tmp_path / f"{name}.pt"), progress=lambda s: None)
+    interop.import_diffusers(str(tmp_path / name), str(tmp_path / f"{name}.pt"), progress=lambda s: None)
     state = checkpoint.load(tmp_path / f"{name}.pt")
     ours = unet.UNet(**state["config"]["unet"])
     ours.load_state_dict(state["ema"])
@@ -114,7 +115,7 @@ def test_ho_256_structure_at_small_width_as_a_pipeline_folder(tmp_path, monkeypa
     theirs = UNet2DModel(**HO_256_NARROW)
     pipeline = DDPMPipeline(unet=theirs, scheduler=DDPMScheduler(variance_type="fixed_small"))
     pipeline.save_pretrained(tmp_path / "pipe")
-    convert.import_diffusers(str(tmp_path / "pipe"), str(tmp_path / "pipe.pt"))
+    interop.import_diffusers(str(tmp_path / "pipe"), str(tmp_path / "pipe.pt"))
     state = checkpoint.load(tmp_path / "pipe.pt")
     assert state["config"]["unet"]["attn_resolutions"] == (16,)
     assert state["config"]["var_type"] == "fixed_small" and state["config"]["schedule"] == "linear"
@@ -135,13 +136,13 @@ def test_presets_export_and_round_trip_bit_exact(preset, tmp_path, monkeypatch):
               "dataset": "mnist"}
     checkpoint.save(tmp_path / "ours.pt", {"step": 5, "config": config,
                                           "model": model.state_dict(), "ema": model.state_dict()})
-    convert.export_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
+    interop.export_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
     theirs = DDPMPipeline.from_pretrained(tmp_path / "pipe").unet
     err32, err64 = compare(copy.deepcopy(model), theirs, 2, 28, 1, monkeypatch)
     assert err32 < 1e-5 and err64 < 1e-9, (err32, err64)
-    convert.import_diffusers(str(tmp_path / "pipe"), str(tmp_path / "back.pt"))
+    interop.import_diffusers(str(tmp_path / "pipe"), str(tmp_path / "back.pt"))
     back = checkpoint.load(tmp_path / "back.pt")
-    defaults = convert.unet_defaults()
+    defaults = interop.unet_defaults()
     assert {**defaults, **back["config"]["unet"]} == {**defaults, **unet.PRESETS[preset],
                                                       "out_channels": 1}
     for name, tensor in model.state_dict().items():
@@ -158,7 +159,7 @@ def test_ddpm_pipeline_samples_what_ddpm_py_samples(tmp_path):
               "var_type": "fixed_large", "loss_type": "simple", "dataset": None}
     checkpoint.save(tmp_path / "ours.pt", {"step": 1, "config": config, "model": model.state_dict(),
                                           "ema": model.state_dict()})
-    convert.export_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
+    interop.export_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
     pipeline = DDPMPipeline.from_pretrained(tmp_path / "pipe")
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(batch_size=2, generator=torch.Generator().manual_seed(7),
@@ -178,7 +179,7 @@ def test_ddpm_pipeline_samples_what_ddpm_py_samples(tmp_path):
 def test_exported_scheduler_has_our_tables(ours):
     """DDPMScheduler built from the exported config has our ᾱ (to float32, as it computes)."""
     config = {**ours, "mean_type": "v", "var_type": "fixed_small", "loss_type": "simple"}
-    scheduler = DDPMScheduler(**{k: v for k, v in convert.scheduler_from_diffusion_config(
+    scheduler = DDPMScheduler(**{k: v for k, v in interop.scheduler_from_diffusion_config(
         config).items() if not k.startswith("_")})
     diffusion = checkpoint.build_diffusion(config)
     np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(),
@@ -201,7 +202,7 @@ def test_exported_scheduler_has_our_tables(ours):
 def test_imported_scheduler_has_diffusers_tables(theirs, schedule, var_type, mean_type):
     """Each DDPMScheduler config maps to ddpm.py's settings whose β table is DDPMScheduler's own
     (a named schedule only where it is one)."""
-    ours = convert.diffusion_config_from_scheduler(theirs)
+    ours = interop.diffusion_config_from_scheduler(theirs)
     assert (ours["schedule"], ours["var_type"], ours["mean_type"]) == (schedule, var_type, mean_type)
     reference = DDPMScheduler(**theirs).betas.double().numpy()
     np.testing.assert_allclose(checkpoint.build_diffusion(ours).betas.numpy(), reference,
@@ -230,7 +231,7 @@ def test_deprecated_attention_names_and_bin_weights(tmp_path, monkeypatch):
 
 
 def import_model_from(folder, tmp_path):
-    convert.import_diffusers(str(folder), str(tmp_path / "imported.pt"), progress=lambda s: None)
+    interop.import_diffusers(str(folder), str(tmp_path / "imported.pt"), progress=lambda s: None)
     state = checkpoint.load(tmp_path / "imported.pt")
     ours = unet.UNet(**state["config"]["unet"])
     ours.load_state_dict(state["ema"])
@@ -246,8 +247,8 @@ def import_model_from(folder, tmp_path):
     ({"time_embedding_type": "fourier"}, "time_embedding_type"),
     ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift")])
 def test_what_unet_py_cannot_express_is_one_line(change, field):
-    with pytest.raises(convert.ConvertError) as excinfo:
-        convert.unet_kwargs_from_diffusers({**HO_CIFAR10, **change})
+    with pytest.raises(interop.ConvertError) as excinfo:
+        interop.unet_kwargs_from_diffusers({**HO_CIFAR10, **change})
     assert field in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
@@ -256,8 +257,8 @@ def test_what_unet_py_cannot_express_is_one_line(change, field):
                                            ({"clip_sample_range": 2.0}, "clip_sample_range"),
                                            ({"rescale_betas_zero_snr": True}, "rescale_betas")])
 def test_what_ddpm_py_cannot_express_is_one_line(change, field):
-    with pytest.raises(convert.ConvertError, match=field):
-        convert.diffusion_config_from_scheduler(change)
+    with pytest.raises(interop.ConvertError, match=field):
+        interop.diffusion_config_from_scheduler(change)
 
 
 def test_old_per_layer_group_counts_refuse_to_export(tmp_path):
@@ -270,8 +271,8 @@ def test_old_per_layer_group_counts_refuse_to_export(tmp_path):
               "var_type": "fixed_large", "loss_type": "simple"}
     checkpoint.save(tmp_path / "old.pt", {"step": 1, "config": config, "model": model.state_dict(),
                                          "ema": model.state_dict()})
-    with pytest.raises(convert.ConvertError, match="differ from layer to layer"):
-        convert.export_diffusers(str(tmp_path / "old.pt"), str(tmp_path / "out"))
+    with pytest.raises(interop.ConvertError, match="differ from layer to layer"):
+        interop.export_diffusers(str(tmp_path / "old.pt"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 
