@@ -102,8 +102,10 @@ def peak_memory(device):
 
 
 def config(preset, batch, precision, channels_last, compile_):
-    cfg = training.Config(preset=preset, batch_size=batch, precision=precision,
-                       channels_last=channels_last, compile=compile_, lr=2e-4, warmup=1000)
+    """The training config of a bench row: Ho et al.'s recipe at this preset, batch and options."""
+    cfg = training.Config(**{**training.RECIPES["ho"], "warmup": 1000, "batch_size": batch},
+                          preset=preset, precision=precision, channels_last=channels_last,
+                          compile=compile_)
     return cfg, dict(unet.PRESETS[preset])
 
 

@@ -10,14 +10,7 @@ import torch
 
 import imaging
 import runtime
-
-
-def assert_one_line(excinfo, *needles):
-    """The error message is one line and mentions every needle."""
-    message = str(excinfo.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not in {message!r}"
+from test_data import assert_one_line
 
 
 # ----------------------------------------------------------------------------- PNG and grids

@@ -273,8 +273,9 @@ def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys):
     """--minutes: the step count is measured, printed and stored; --steps with that count gives
     a byte-identical model, and the learning rate decays to 0 at that step."""
     start = time.perf_counter()
-    cfg, _, _ = run_train(npz, tmp_path / "timed", minutes=0.25, lr_schedule="cosine",
-                          ckpt_every=100000, log_every=1)
+    cfg, _, _ = train.train({**TINY, "dataset": npz, "out": str(tmp_path / "timed"), "minutes": 0.25,
+                             "lr_schedule": "cosine", "ckpt_every": 100000, "log_every": 1},
+                            progress=False, started=start)
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
     steps = cfg.steps

@@ -54,31 +54,33 @@ class Config:
                            "seconds, printed and stored in the checkpoint (give it as --steps to "
                            "repeat the run exactly)", auto=f"{CPU_MINUTES} on a CPU without "
                            "--steps or --preset, else off")
+    recipe: str = _flag("auto", "the defaults of the training settings marked 'the recipe's' "
+                        "(each flag still overrides): ho, Ho et al. 2020's; cpu, tuned for a "
+                        "good model within --minutes on a CPU (see the README); auto: cpu on a "
+                        "CPU, ho elsewhere", choices=("auto", "ho", "cpu"))
     batch_size: int = _flag(None, "global batch size (split over the processes under torchrun)",
-                            auto="64 on a CPU, 128 (Ho) on a GPU")
-    lr: float = _flag(None, "peak Adam learning rate", auto="1e-3 for mnist-small, 2e-4 (Ho) "
-                      "otherwise")
-    warmup: int = _flag(None, "steps of linear learning-rate warmup",
-                        auto="200 for mnist-small, 5000 (Ho) otherwise")
+                            auto="the recipe's")
+    lr: float = _flag(None, "peak Adam learning rate", auto="the recipe's")
+    warmup: int = _flag(None, "steps of linear learning-rate warmup", auto="the recipe's")
     grad_clip: float = _flag(1.0, "clip the gradient's global norm to this")
-    lr_schedule: str = _flag("constant", "after the warmup: constant (Ho et al.), or decay to 0 at "
+    lr_schedule: str = _flag(None, "after the warmup: constant (Ho et al.), or decay to 0 at "
                              "the last step along a cosine or a line",
-                             choices=("constant", "cosine", "linear"))
-    ema_decay: float = _flag(0.9999, "EMA decay, warmed up as min(decay, (1 + step) / "
-                             "(--ema-warmup + step))")
-    ema_warmup: float = _flag(10.0, "the EMA warmup's constant (larger: the average forgets the "
-                              "early weights more slowly)")
-    schedule: str = _flag("linear", "beta schedule", choices=("linear", "cosine"))
+                             choices=("constant", "cosine", "linear"), auto="the recipe's")
+    ema_decay: float = _flag(None, "EMA decay, warmed up as min(decay, (1 + step) / "
+                             "(--ema-warmup + step))", auto="the recipe's")
+    ema_warmup: float = _flag(None, "the EMA warmup's constant (larger: the average forgets the "
+                              "early weights more slowly)", auto="the recipe's")
+    schedule: str = _flag(None, "beta schedule", choices=("linear", "cosine"), auto="the recipe's")
     timesteps: int = _flag(1000, "diffusion steps T")
     loss_type: str = _flag("simple", "simple: L_simple (Ho Eq. 14); vlb: the bound; hybrid: "
                            "L_simple + L_vlb/1000 (needs --var-type learned_range)",
                            choices=ddpm.LOSS_TYPES)
-    mean_type: str = _flag("eps", "what the network predicts: eps, x0 or v",
-                           choices=ddpm.MEAN_TYPES)
-    loss_weighting: str = _flag("none", "weight of L_simple's squared error over t: none, min_snr "
+    mean_type: str = _flag(None, "what the network predicts: eps, x0 or v",
+                           choices=ddpm.MEAN_TYPES, auto="the recipe's")
+    loss_weighting: str = _flag(None, "weight of L_simple's squared error over t: none, min_snr "
                                 "(Hang et al. 2023: min(SNR, --snr-gamma) in x_0's terms) or p2 "
                                 "(Choi et al. 2022: 1/(--p2-k + SNR)^--p2-gamma in eps's terms)",
-                                choices=ddpm.LOSS_WEIGHTINGS)
+                                choices=ddpm.LOSS_WEIGHTINGS, auto="the recipe's")
     snr_gamma: float = _flag(5.0, "Min-SNR's gamma")
     p2_k: float = _flag(1.0, "P2's k")
     p2_gamma: float = _flag(1.0, "P2's gamma (0: no weighting)")
@@ -109,6 +111,18 @@ class Config:
     sampler: str = _flag("ddim", "sampler of the grids: ddim (--sample-steps steps, eta 0) or ddpm "
                          "(Ho's Algorithm 2, all T steps)", choices=("ddim", "ddpm"))
     sample_steps: int = _flag(50, "DDIM steps of the sample grids")
+
+
+# Each recipe fills the fields a run leaves unset ("auto: the recipe's" in --help).
+RECIPES = {
+    # Ho et al. 2020, App. B: Adam at 2e-4 after 5,000 warmup steps, batch 128, EMA 0.9999, ε, the
+    # linear schedule, L_simple unweighted.
+    "ho": dict(batch_size=128, lr=2e-4, warmup=5000, lr_schedule="constant", ema_decay=0.9999,
+               ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="none"),
+    # A good model in --minutes on a CPU: the README's table says what each difference bought.
+    "cpu": dict(batch_size=64, lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.9999,
+                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="min_snr"),
+}
 
 
 ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
@@ -154,6 +168,9 @@ def resolve_config(given, device, image_shape, saved=None):
                       f"has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); start a new --out")
         fields = {f.name for f in dataclasses.fields(Config)}
         cfg = Config(**{**{k: v for k, v in saved.items() if k in fields}, **given})
+        for field, value in RECIPES["ho"].items():  # what runs saved before these fields meant
+            if getattr(cfg, field) is None:
+                setattr(cfg, field, value)
         kwargs = dict(saved["unet"])
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
@@ -173,18 +190,15 @@ def _fill_automatic(cfg, given, device, image_shape):
     C, H, W = image_shape
     if cfg.preset is None:
         cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-small" if cpu else "mnist")
-    small = cfg.preset == "mnist-small"
+    cfg.recipe = cfg.recipe if cfg.recipe != "auto" else ("cpu" if cpu else "ho")
+    for field, value in RECIPES[cfg.recipe].items():
+        if getattr(cfg, field) is None:
+            setattr(cfg, field, value)
     if cfg.steps is None and cfg.minutes is None:
         if cpu and "preset" not in given:
             cfg.minutes = CPU_MINUTES   # the step count is chosen once the model is built
         else:
             cfg.steps = GPU_STEPS
-    if cfg.batch_size is None:
-        cfg.batch_size = 64 if cpu else 128
-    if cfg.lr is None:
-        cfg.lr = 1e-3 if small else 2e-4
-    if cfg.warmup is None:
-        cfg.warmup = 200 if small else 5000
     if cfg.channels_last is None:
         cfg.channels_last = runtime.channels_last_default(device)
     cfg.precision = runtime.resolve_precision(cfg.precision, device)
@@ -220,8 +234,10 @@ def validate(cfg, complete=False):
               (given(cfg.lr) and not 0 < cfg.lr < float("inf"),
                f"--lr must be a finite number > 0, got {cfg.lr}"),
               (given(cfg.warmup) and cfg.warmup < 0, f"--warmup must be >= 0, got {cfg.warmup}"),
-              (not 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
-              (not cfg.ema_warmup >= 1, f"--ema-warmup must be >= 1, got {cfg.ema_warmup}"),
+              (given(cfg.ema_decay) and not 0 <= cfg.ema_decay < 1,
+               f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+              (given(cfg.ema_warmup) and not cfg.ema_warmup >= 1,
+               f"--ema-warmup must be >= 1, got {cfg.ema_warmup}"),
               (cfg.minutes is not None and not 0 < cfg.minutes < float("inf"),
                f"--minutes must be a number > 0, got {cfg.minutes}"),
               (cfg.eval_every < 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
