@@ -33,7 +33,7 @@ class Config:
     data_dir: str = _flag(None, "local copies of the dataset files", auto="$DDPM_DATA, then the "
                           "cache $DDPM_CACHE or ~/.cache/ddpm, then the network")
     preset: str = _flag(None, "network size", choices=tuple(unet.PRESETS),
-                        auto="mnist-small on a CPU, mnist on a GPU (cifar10 for 32x32 RGB)")
+                        auto="mnist-tiny on a CPU, mnist on a GPU (cifar10 for 32x32 RGB)")
     base_channels: int = _flag(None, "channels at the first level", auto="the preset's")
     channel_mult: tuple = _flag(None, "channel multiplier of each level (space-separated)",
                                 auto="the preset's")
@@ -189,7 +189,7 @@ def _fill_automatic(cfg, given, device, image_shape):
     cpu = device.type == "cpu"
     C, H, W = image_shape
     if cfg.preset is None:
-        cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-small" if cpu else "mnist")
+        cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-tiny" if cpu else "mnist")
     cfg.recipe = cfg.recipe if cfg.recipe != "auto" else ("cpu" if cpu else "ho")
     for field, value in RECIPES[cfg.recipe].items():
         if getattr(cfg, field) is None:
