@@ -23,7 +23,7 @@ import sampling
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--base-channels", "8", "--channel-mult", "1", "2", "--num-res-blocks", "1",
+TINY = ["--base-channels", "8", "--norm-groups", "4", "--channel-mult", "1", "2", "--num-res-blocks", "1",
         "--attn-resolutions", "4", "--timesteps", "100", "--batch-size", "8", "--precision", "fp32",
         "--device", "cpu", "--log-every", "2", "--num-samples", "2", "--sample-steps", "2"]
 

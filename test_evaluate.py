@@ -113,7 +113,7 @@ def test_evaluate_end_to_end(tmp_path, monkeypatch):
     sets = {"train": synthetic_digits(640, 0), "test": synthetic_digits(200, 1)}
     monkeypatch.setattr(data, "load_dataset", lambda name, split="train", *a, **k: sets[split])
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
-    given = {"dataset": "mnist", "out": str(tmp_path / "run"), "steps": 6, "base_channels": 8,
+    given = {"dataset": "mnist", "out": str(tmp_path / "run"), "steps": 6, "base_channels": 8, "norm_groups": 4,
              "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (14,), "dropout": 0.0,
              "timesteps": 50, "batch_size": 8, "precision": "fp32", "device": "cpu",
              "num_samples": 2, "log_every": 3}

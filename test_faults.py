@@ -22,7 +22,7 @@ import runtime
 import sample
 import train
 
-TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
+TINY = {"base_channels": 8, "norm_groups": 4, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
         "dropout": 0.0, "timesteps": 50, "batch_size": 8, "lr": 2e-3, "warmup": 2,
         "log_every": 2, "ckpt_every": 4, "sample_every": 1000, "num_samples": 2,
         "sample_steps": 2, "precision": "fp32", "device": "cpu", "seed": 0}
@@ -84,7 +84,7 @@ def test_an_existing_run_is_refused_then_resumed_or_overwritten(npz, tmp_path, c
     naming --resume, --out and --overwrite, with every file kept; --overwrite replaces the run."""
     run_train(npz, tmp_path, steps=4)
     before = snapshot(tmp_path)
-    argv = ["--dataset", npz, "--out", str(tmp_path), "--steps", "4", "--base-channels", "8",
+    argv = ["--dataset", npz, "--out", str(tmp_path), "--steps", "4", "--base-channels", "8", "--norm-groups", "4",
             "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
             "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--precision", "fp32"]
     code, lines = run_main(train.run_main, argv, capsys)
@@ -150,7 +150,7 @@ def test_a_full_disk_while_logging_or_drawing_is_one_line(npz, tmp_path, capsys,
     monkeypatch.setattr(train, "open", lambda path, mode="r", **kw: real_open(
         "/dev/full" if str(path).endswith("log.jsonl") else path, mode, **kw), raising=False)
     argv = ["--dataset", npz, "--out", str(tmp_path / "log"), "--steps", "2", "--base-channels",
-            "8", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
+            "8", "--norm-groups", "4", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
             "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--log-every", "1"]
     code, lines = run_main(train.run_main, argv, capsys)
     assert code == 2 and len(lines) == 1 and "log.jsonl" in lines[0] \

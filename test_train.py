@@ -23,7 +23,7 @@ import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses share two cores with this one
-TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
+TINY = {"base_channels": 8, "norm_groups": 4, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
         "dropout": 0.0, "timesteps": 100, "batch_size": 16, "lr": 2e-3, "warmup": 10,
         "log_every": 5, "ckpt_every": 10, "sample_every": 1000, "num_samples": 4,
         "precision": "fp32", "device": "cpu", "seed": 0}
@@ -142,7 +142,7 @@ def test_batches_cover_each_epoch_once():
 def test_sigterm_writes_a_checkpoint_and_exits_143(npz, tmp_path):
     args = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", npz, "--out", tmp_path,
             "--steps", 100000, "--log-every", 5, "--ckpt-every", 100000, "--device", "cpu",
-            "--precision", "fp32", "--base-channels", 8, "--channel-mult", 1, 2,
+            "--precision", "fp32", "--base-channels", 8, "--norm-groups", 4, "--channel-mult", 1, 2,
             "--num-res-blocks", 1, "--attn-resolutions", 4, "--timesteps", 100,
             "--batch-size", 8, "--seed", 0]
     proc = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, text=True, cwd=HERE,
@@ -269,21 +269,26 @@ def test_ema_decay_warms_up():
     assert training.ema_decay_at(cfg, 100000) == 0.999
 
 
-def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys):
+@pytest.mark.parametrize("warmup", [10, 30])
+def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys, warmup):
     """--minutes: the step count is measured, printed and stored; --steps with that count gives
-    a byte-identical model, and the learning rate decays to 0 at that step."""
+    a byte-identical model, and the learning rate decays to 0 at that step. With a warmup of 30
+    steps the count is fixed from the run's own steps 10-30 (the probe's estimate is replaced);
+    with 10 (too short to time inside) it is the probe's."""
     start = time.perf_counter()
     cfg, _, _ = train.train({**TINY, "dataset": npz, "out": str(tmp_path / "timed"), "minutes": 0.25,
-                             "lr_schedule": "cosine", "ckpt_every": 100000, "log_every": 1},
-                            progress=False, started=start)
+                             "lr_schedule": "cosine", "ckpt_every": 100000, "log_every": 1,
+                             "warmup": warmup}, progress=False, started=start)
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
     steps = cfg.steps
     assert f"--steps {steps} repeats this run" in err and steps >= 1
+    assert ("the count is fixed at step 30" in err) == (warmup == 30)
     timed = checkpoint.load(tmp_path / "timed")
     assert timed["config"]["steps"] == steps and timed["config"]["minutes"] == 0.25
     assert elapsed < 0.25 * 60 * 2  # sized to the budget (with room for a slow, shared machine)
-    run_train(npz, tmp_path / "fixed", steps=steps, lr_schedule="cosine", ckpt_every=100000)
+    run_train(npz, tmp_path / "fixed", steps=steps, lr_schedule="cosine", ckpt_every=100000,
+              warmup=warmup)
     fixed = checkpoint.load(tmp_path / "fixed")
     for key in ("model", "ema"):
         assert all(torch.equal(timed[key][k], fixed[key][k]) for k in timed[key])

@@ -59,6 +59,8 @@ def train(given, progress=True, started=None):
                 step += 1
                 meter.add(losses, grad_norm, t)
                 bar.update(1)
+                if run.sizing:
+                    resize(run, step, bar)
 
                 at_end = step == cfg.steps
                 stopping = stop_requested(run, stop, step, at_end)
@@ -111,6 +113,7 @@ class Run(NamedTuple):
     saved: dict                  # {"step": the step of the last checkpoint written, or None}
     scorer: object               # metrics.Scorer for --eval-every (main process), else None
     clock: dict                  # {"start": perf_counter() at the run's step 0 (over resumes)}
+    sizing: dict                 # a --minutes run's plan to re-measure its step count, or None
 
 
 def prepare(given, held, started):
@@ -154,9 +157,10 @@ def prepare(given, held, started):
         torch.set_rng_state(state["rng"]["torch"])
     diffusion = checkpoint.build_diffusion(dataclasses.asdict(cfg))
     scorer = make_scorer(cfg, train_set, device) if cfg.eval_every and rank == 0 else None
+    sizing = None
     if cfg.steps is None:  # --minutes: as many steps as fit
-        cfg.steps = size_run(cfg, model, ema, optimizer, scaler, diffusion,
-                             train_set.images.shape[1:], device, world, started)
+        cfg.steps, sizing = size_run(cfg, model, ema, optimizer, scaler, diffusion,
+                                     train_set.images.shape[1:], device, world, started)
     # DDP compares a gradient's strides literally; for 1x1 kernels the strides of the size-1 dims
     # differ between oneDNN's gradient and the bucket while the memory layout is the same.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -175,7 +179,8 @@ def prepare(given, held, started):
                                         diffusion, cfg),
                in_precision(ema), state["step"] if state else 0, ckpt_path, log,
                {"step": state["step"] if state else None}, scorer,
-               {"start": time.perf_counter() - (state.get("elapsed", 0.0) if state else 0.0)})
+               {"start": time.perf_counter() - (state.get("elapsed", 0.0) if state else 0.0)},
+               sizing)
 
 
 def load_resumed(out):
@@ -250,25 +255,61 @@ def announce_default(cfg, given, state):
 
 
 def size_run(cfg, model, ema, optimizer, scaler, diffusion, shape, device, world, started):
-    """The number of steps that fit in what is left of cfg.minutes: a few training steps and
-    sampling calls are timed on throwaway copies of the model (the run itself is untouched), and
-    the grids, checkpoints and scores the run will also make are counted in. Every process gets
-    rank 0's answer."""
-    budget = cfg.minutes * 60 - (time.perf_counter() - started)
+    """(steps, plan): the number of steps that fit in what is left of cfg.minutes. A few training
+    steps and sampling calls are timed on throwaway copies of the model (the run itself is
+    untouched), and the grids, checkpoints and scores the run will also make are counted in.
+    A CPU's first seconds run faster than its steady state, so where the learning rate of the
+    first steps does not depend on the step count (inside the warmup, or a constant rate), the
+    loop measures its own steps and fixes the count at step plan["at"] (resize()); until then
+    the count is provisional. Every process gets rank 0's answer."""
     step_s, call_s = probe(cfg, model, ema, optimizer, scaler, diffusion, shape, device)
     calls = diffusion.num_timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
     grid_s = calls * call_s * cfg.num_samples / cfg.batch_size
     eval_s = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
-    per_step = (step_s + grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every
-                + (eval_s / cfg.eval_every if cfg.eval_every else 0))
-    steps = int((budget - grid_s - 2.0 - (eval_s if cfg.eval_every else 0)) / per_step)
+    plan = {"end": started + cfg.minutes * 60,
+            "tail_s": grid_s + 2.0 + (eval_s if cfg.eval_every else 0),  # final grid, save, score
+            "extra_s": grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every   # per step, on average
+                       + (eval_s / cfg.eval_every if cfg.eval_every else 0)}
+    budget = plan["end"] - time.perf_counter() - plan["tail_s"]
+    steps = int(budget / (step_s + plan["extra_s"]))
     if world > 1:
         steps = int(runtime.broadcast_int(steps))
     runtime.check(steps >= 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
                   f"(one takes {step_s:.1f} s here); give more minutes or --steps")
+    at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
+    first = at // 3  # the steps from `first` to `at` are timed
+    busy = [k for k in (cfg.log_every, cfg.sample_every, cfg.ckpt_every, cfg.eval_every)
+            if k and at // k > first // k and k != cfg.log_every]  # a grid, save or score inside
+    if at >= 15 and steps > 2 * at and not busy:
+        plan.update(first=first, at=at)
+        print(f"sized to {cfg.minutes:g} minutes: about {steps} steps ({step_s:.2f} s each on a "
+              f"probe); the count is fixed at step {at} from the steps' own time", file=sys.stderr)
+        return steps, plan
     print(f"sized to {cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s each, measured); "
           f"--steps {steps} repeats this run", file=sys.stderr)
-    return steps
+    return steps, None
+
+
+def resize(run, step, bar):
+    """A --minutes run's step count, from the time of its own steps plan["first"]..plan["at"]
+    (see size_run): what is left of the budget over the measured seconds per step."""
+    plan, cfg = run.sizing, run.cfg
+    if step == plan["first"]:
+        plan["t"] = time.perf_counter()
+    if step != plan["at"]:
+        return
+    step_s = (time.perf_counter() - plan["t"]) / (plan["at"] - plan["first"])
+    left = plan["end"] - time.perf_counter() - plan["tail_s"]
+    steps = step + max(0, int(left / (step_s + plan["extra_s"])))
+    if run.world > 1:
+        steps = int(runtime.broadcast_int(steps))
+    cfg.steps = steps
+    bar.total = steps
+    bar.refresh()
+    plan.clear()  # falsy: done
+    if run.main:
+        tqdm.write(f"sized to {cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s each, the "
+                   f"run's own steps); --steps {steps} repeats this run", file=sys.stderr)
 
 
 def probe(cfg, model, ema, optimizer, scaler, diffusion, shape, device, warmup=2, timed=4):
