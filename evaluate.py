@@ -157,7 +157,7 @@ def evaluate(args, path, device, progress=True):
             len(train_set.images))[:args.samples]]
         results["samples"] = {
             "count": args.samples, "sampler": args.sampler if args.sampler == "ddpm" else
-            f"ddim-{args.steps} eta={args.eta:g}", "precision": model.precision,
+            f"ddim-{args.steps} eta={args.eta:g}", "autocast": model.precision,
             "seconds": seconds, "classifier_test_accuracy": accuracy,
             **metrics.sample_quality(classifier, fakes, real, test_set.images, args.seed)}
     return results

@@ -125,7 +125,7 @@ def test_ho_256_structure_at_small_width_as_a_pipeline_folder(tmp_path, monkeypa
     assert err32 < 1e-5 and err64 < 1e-9, (err32, err64)
 
 
-@pytest.mark.parametrize("preset", ["mnist", "mnist-small"])
+@pytest.mark.parametrize("preset", ["mnist", "mnist-small", "mnist-tiny"])
 def test_presets_export_and_round_trip_bit_exact(preset, tmp_path, monkeypatch):
     """Ours -> diffusers: the same function (float64, 1e-9 with the float64 embedding); -> ours
     again: the same config and bit-identical weights."""

@@ -118,7 +118,7 @@ def test_parameter_count_matches_formula(config):
 
 
 def test_preset_output_shapes(cifar10):
-    for name in ("mnist", "mnist-small"):
+    for name in ("mnist", "mnist-small", "mnist-tiny"):
         model = build_unet(name).eval()
         x, t = inputs(model, batch=2)
         with torch.no_grad():
@@ -542,5 +542,5 @@ def test_the_options_default_to_the_old_network():
     model = UNet(**TINY)
     downs = [m for m in model.modules() if isinstance(m, Downsample)]
     assert downs and all(not d.tf_same and d.conv.padding == (1, 1) for d in downs)
-    for name in ("mnist", "mnist-small", "cifar10"):
+    for name in PRESETS:
         assert PRESETS[name]["downsample_padding"] == "tf_same" and PRESETS[name]["norm_groups"]
