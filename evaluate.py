@@ -74,10 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=10000,
                    help="generated images for sample quality; 0 skips it")
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
-    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddpm",
-                   help="ddpm: Ho et al.'s Algorithm 2 over all T steps; ddim: Song et al. 2021")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddim",
+                   help="ddim: Song et al. 2021 over --steps respaced steps; ddpm: Ho et al.'s "
+                   "Algorithm 2 over all T steps (T/--steps times the network calls)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or the model's T if smaller)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 is Algorithm 2 on the "
+                   "respaced chain (the default: the best quality per second in the README's "
+                   "sampler table), 0 the deterministic DDIM")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -94,7 +97,7 @@ def parse_args(argv=None):
         value = getattr(args, name)
         runtime.check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
     for name in ("nll_batch_size", "batch_size", "steps"):
-        runtime.check(getattr(args, name) >= 1,
+        runtime.check(getattr(args, name) is None or getattr(args, name) >= 1,
                       f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     runtime.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
                   f"use 3 neighbours), got {args.samples}")
@@ -114,6 +117,7 @@ def evaluate(args, path, device, progress=True):
     diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
     runtime.check(name is not None, f"{path} names no dataset (an imported model); give "
                   "--dataset NAME for its test set")
+    args.steps = args.steps or min(sampling.DEFAULT_STEPS, diffusion.num_timesteps)
     if args.samples:
         sampling.check_steps(args.sampler, args.steps, diffusion)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)

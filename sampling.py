@@ -6,6 +6,7 @@ from tqdm import tqdm
 import runtime
 
 SAMPLERS = ("ddpm", "ddim")
+DEFAULT_STEPS = 50  # DDIM steps of sample.py and evaluate.py where --steps is not given
 
 
 def check_steps(sampler, steps, diffusion):

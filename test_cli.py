@@ -107,6 +107,7 @@ def train_cases(w):
         ([*new, "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         ([*new, "--ema-warmup", "0"], "--ema-warmup must be >= 1"),
         ([*new, "--minutes", "0"], "--minutes must be a number > 0"),
+        ([*new, "--sample-eta", "-0.5"], "--sample-eta must be >= 0"),
         ([*new, "--minutes", "5", "--steps", "10"], "give one of them"),
         ([*new, "--lr-schedule", "step"], "invalid choice: 'step'"),
         ([*new, "--loss-weighting", "snr"], "invalid choice: 'snr'"),

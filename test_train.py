@@ -17,6 +17,7 @@ import checkpoint
 import data
 import imaging
 import runtime
+import sampling
 import train
 import training
 import unet
@@ -72,6 +73,13 @@ def test_loss_goes_down_and_outputs_are_written(npz, tmp_path):
     assert state["step"] == 120 and state["config"]["unet"]["image_size"] == 8
     grid = imaging.read_png(tmp_path / "samples_final.png")
     assert grid.shape == imaging.make_grid(np.zeros((4, 1, 8, 8), np.uint8)).shape
+    # the grid is DDIM-50 at the default --sample-eta 1 from the EMA weights (not eta 0)
+    model = checkpoint.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"), "fp32")
+    for eta, same in ((1.0, True), (0.0, False)):
+        x, _ = sampling.generate(model.network, model.diffusion, (1, 8, 8), 4, 4, "ddim", 50, eta,
+                                 seed=0, progress=False)
+        drawn = imaging.make_grid(imaging.to_uint8(x).numpy())
+        assert np.array_equal(grid.reshape(drawn.shape), drawn) == same
 
 
 def test_resume_is_exact(npz, tmp_path):

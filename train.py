@@ -359,10 +359,10 @@ def score(run, step):
     cfg, start = run.cfg, time.perf_counter()
     x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
                              cfg.eval_samples, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
-                             seed=cfg.seed + 1, device=run.device, progress=False)
+                             cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False)
     scores = run.scorer.score(imaging.to_uint8(x).cpu().numpy())
     return {"step": step, "kind": "eval", "samples": cfg.eval_samples,
-            "sampler": f"ddim-{cfg.sample_steps}", **scores,
+            "sampler": f"ddim-{cfg.sample_steps} eta={cfg.sample_eta:g}", **scores,
             "eval_seconds": time.perf_counter() - start, "time_s": elapsed(run)}
 
 
@@ -484,7 +484,7 @@ def write_grid(run, tag, progress):
     cfg = run.cfg
     x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
                              cfg.num_samples, cfg.num_samples, cfg.sampler, cfg.sample_steps,
-                             seed=cfg.seed, device=run.device, progress=progress)
+                             cfg.sample_eta, seed=cfg.seed, device=run.device, progress=progress)
     path = os.path.join(cfg.out, f"samples_{tag}.png")
     imaging.save_grid(path, x)
     return path

@@ -108,9 +108,12 @@ class Config:
                             "DDIM samples scored by the evaluation classifier (confident, FD, "
                             "entropy, precision, recall) into log.jsonl; 28x28 labelled data only")
     eval_samples: int = _flag(500, "samples per score of --eval-every")
-    sampler: str = _flag("ddim", "sampler of the grids: ddim (--sample-steps steps, eta 0) or ddpm "
-                         "(Ho's Algorithm 2, all T steps)", choices=("ddim", "ddpm"))
-    sample_steps: int = _flag(50, "DDIM steps of the sample grids")
+    sampler: str = _flag("ddim", "sampler of the grids: ddim (--sample-steps steps, --sample-eta) "
+                         "or ddpm (Ho's Algorithm 2, all T steps)", choices=("ddim", "ddpm"))
+    sample_steps: int = _flag(50, "DDIM steps of the sample grids and scores")
+    sample_eta: float = _flag(1.0, "DDIM eta of the grids and scores: 1 is Algorithm 2 on the "
+                              "--sample-steps chain, 0 the deterministic DDIM (see the README's "
+                              "sampler table)")
 
 
 # Each recipe fills the fields a run leaves unset ("auto: the recipe's" in --help).
@@ -168,9 +171,9 @@ def resolve_config(given, device, image_shape, saved=None):
                       f"has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); start a new --out")
         fields = {f.name for f in dataclasses.fields(Config)}
         cfg = Config(**{**{k: v for k, v in saved.items() if k in fields}, **given})
-        for field, value in RECIPES["ho"].items():  # what runs saved before these fields meant
-            if getattr(cfg, field) is None:
-                setattr(cfg, field, value)
+        for key, value in RECIPES["ho"].items():  # what runs saved before these fields meant
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
         kwargs = dict(saved["unet"])
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
@@ -191,9 +194,9 @@ def _fill_automatic(cfg, given, device, image_shape):
     if cfg.preset is None:
         cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-tiny" if cpu else "mnist")
     cfg.recipe = cfg.recipe if cfg.recipe != "auto" else ("cpu" if cpu else "ho")
-    for field, value in RECIPES[cfg.recipe].items():
-        if getattr(cfg, field) is None:
-            setattr(cfg, field, value)
+    for key, value in RECIPES[cfg.recipe].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
     if cfg.steps is None and cfg.minutes is None:
         if cpu and "preset" not in given:
             cfg.minutes = CPU_MINUTES   # the step count is chosen once the model is built
@@ -248,6 +251,7 @@ def validate(cfg, complete=False):
               (min(cfg.log_every, cfg.sample_every, cfg.ckpt_every) < 1,
                "--log-every, --sample-every and --ckpt-every must be >= 1"),
               (cfg.num_samples < 1, f"--num-samples must be >= 1, got {cfg.num_samples}"),
+              (cfg.sample_eta < 0, f"--sample-eta must be >= 0, got {cfg.sample_eta}"),
               (not 1 <= cfg.sample_steps <= cfg.timesteps,
                f"--sample-steps must be in [1, --timesteps = {cfg.timesteps}], got {cfg.sample_steps}"),
               (given(cfg.dropout) and not 0 <= cfg.dropout < 1,
