@@ -74,13 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=10000,
                    help="generated images for sample quality; 0 skips it")
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
-    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddim",
-                   help="ddim: Song et al. 2021 over --steps respaced steps; ddpm: Ho et al.'s "
-                   "Algorithm 2 over all T steps (T/--steps times the network calls)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or the model's T if smaller)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 is Algorithm 2 on the "
-                   "respaced chain (the default: the best quality per second in the README's "
-                   "sampler table), 0 the deterministic DDIM")
+    sampling.add_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -96,12 +90,12 @@ def parse_args(argv=None):
     for name in ("n", "samples"):
         value = getattr(args, name)
         runtime.check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
-    for name in ("nll_batch_size", "batch_size", "steps"):
-        runtime.check(getattr(args, name) is None or getattr(args, name) >= 1,
+    for name in ("nll_batch_size", "batch_size"):
+        runtime.check(getattr(args, name) >= 1,
                       f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     runtime.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
                   f"use 3 neighbours), got {args.samples}")
-    runtime.check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
+    sampling.check_arguments(args)
     if args.dataset:
         data.check_name(args.dataset)
     runtime.check(args.n != 0 or args.samples != 0, "--n 0 and --samples 0 leave nothing to "
@@ -117,9 +111,8 @@ def evaluate(args, path, device, progress=True):
     diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
     runtime.check(name is not None, f"{path} names no dataset (an imported model); give "
                   "--dataset NAME for its test set")
-    args.steps = args.steps or min(sampling.DEFAULT_STEPS, diffusion.num_timesteps)
     if args.samples:
-        sampling.check_steps(args.sampler, args.steps, diffusion)
+        args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     runtime.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "

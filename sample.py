@@ -27,13 +27,7 @@ def parse_args(argv=None):
                    "ckpt.pt under runs/)")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
-    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddim",
-                   help="ddim: Song et al. 2021 over --steps respaced steps; ddpm: Ho et al.'s "
-                   "Algorithm 2 over all T steps (T/--steps times the network calls)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or the model's T if smaller)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 is Algorithm 2 on the "
-                   "respaced chain (the default: the best quality per second in the README's "
-                   "sampler table), 0 the deterministic DDIM")
+    sampling.add_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--out", default="samples.png", help=".png grid, or .npz of uint8 images")
     p.add_argument("--trajectory", type=int, default=0, metavar="K",
@@ -48,8 +42,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     runtime.check(args.n >= 1, f"--n must be >= 1, got {args.n}")
     runtime.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    runtime.check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    runtime.check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
+    sampling.check_arguments(args)
     runtime.check(args.trajectory >= 0, f"--trajectory must be >= 0, got {args.trajectory}")
     runtime.check(args.out.endswith((".png", ".npz")),
                   f"--out must end in .png or .npz, got {args.out}")
@@ -77,8 +70,7 @@ def run(argv=None):
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
     model = checkpoint.load_model(path, device, args.precision, use_ema=not args.no_ema,
                                   compile=args.compile)
-    args.steps = args.steps or min(sampling.DEFAULT_STEPS, model.diffusion.num_timesteps)
-    sampling.check_steps(args.sampler, args.steps, model.diffusion)
+    args.steps = sampling.steps_for(args.sampler, args.steps, model.diffusion)
     name = sampling.describe(args.sampler, args.steps, args.eta, model.diffusion)
     print(f"sampling {args.n} images from {path} with {name} ({model.precision})", file=sys.stderr)
     shape = (model.module.in_channels, model.module.image_size, model.module.image_size)

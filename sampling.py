@@ -9,11 +9,31 @@ SAMPLERS = ("ddpm", "ddim")
 DEFAULT_STEPS = 50  # DDIM steps of sample.py and evaluate.py where --steps is not given
 
 
-def check_steps(sampler, steps, diffusion):
-    """DDIM cannot take more steps than the model's T: say so before any sampling starts."""
+def add_arguments(p):
+    """--sampler, --steps and --eta, as sample.py and evaluate.py take them."""
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim: Song et al. 2021 over --steps respaced steps; ddpm: Ho et al.'s "
+                   "Algorithm 2 over all T steps (T/--steps times the network calls)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or the model's T if smaller)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 is Algorithm 2 on the "
+                   "respaced chain (the default: the best quality per second in the README's "
+                   "sampler table), 0 the deterministic DDIM")
+
+
+def check_arguments(args):
+    """What add_arguments' flags must be, before any checkpoint is read."""
+    runtime.check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    runtime.check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
+
+
+def steps_for(sampler, steps, diffusion):
+    """--steps for this model (None: DEFAULT_STEPS, or T if smaller). DDIM cannot take more steps
+    than the model's T: say so before any sampling starts."""
+    steps = steps or min(DEFAULT_STEPS, diffusion.num_timesteps)
     runtime.check(sampler != "ddim" or 1 <= steps <= diffusion.num_timesteps,
                   f"--steps {steps} must be in [1, the model's T = {diffusion.num_timesteps}] "
                   "for DDIM")
+    return steps
 
 
 def describe(sampler, steps, eta, diffusion):

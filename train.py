@@ -278,8 +278,8 @@ def size_run(cfg, model, ema, optimizer, scaler, diffusion, shape, device, world
                   f"(one takes {step_s:.1f} s here); give more minutes or --steps")
     at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
     first = at // 3  # the steps from `first` to `at` are timed
-    busy = [k for k in (cfg.log_every, cfg.sample_every, cfg.ckpt_every, cfg.eval_every)
-            if k and at // k > first // k and k != cfg.log_every]  # a grid, save or score inside
+    busy = [k for k in (cfg.sample_every, cfg.ckpt_every, cfg.eval_every)  # a grid, save or
+            if k and at // k > first // k]                              # score while timed
     if at >= 15 and steps > 2 * at and not busy:
         plan.update(first=first, at=at)
         print(f"sized to {cfg.minutes:g} minutes: about {steps} steps ({step_s:.2f} s each on a "
