@@ -29,10 +29,13 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
+import config
 import ddpm
+import files
+import hardware
 import interop
-import runtime
-import training
+import optim
 import unet
 
 
@@ -101,16 +104,16 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def config(preset, batch, precision, channels_last, compile_):
+def row_config(preset, batch, precision, channels_last, compile_):
     """The training config of a bench row: Ho et al.'s recipe at this preset, batch and options."""
-    cfg = training.Config(**{**training.RECIPES["ho"], "warmup": 1000, "batch_size": batch},
-                          preset=preset, precision=precision, channels_last=channels_last,
-                          compile=compile_)
+    cfg = config.Config(**{**config.RECIPES["ho"], "warmup": 1000, "batch_size": batch},
+                        preset=preset, precision=precision, channels_last=channels_last,
+                        compile=compile_)
     return cfg, dict(unet.PRESETS[preset])
 
 
-def in_precision(network, cfg, device):
-    return runtime.in_precision(network, cfg.precision, device, cfg.channels_last)
+def as_called(network, cfg, device):
+    return hardware.as_called(network, cfg.precision, device, cfg.channels_last)
 
 
 def batch_shape(preset, batch):
@@ -126,18 +129,18 @@ class DiffusersPeer(nn.Module):
     def __init__(self, kwargs):
         super().__init__()
         from diffusers import UNet2DModel  # only for --peers; checked in parse_args
-        config = {k: v for k, v in interop.diffusers_unet_config(kwargs).items()
-                  if not k.startswith("_")}
-        self.net = UNet2DModel(**config)
+        settings = {k: v for k, v in interop.diffusers_unet_config(kwargs).items()
+                    if not k.startswith("_")}
+        self.net = UNet2DModel(**settings)
 
     def forward(self, x, t):
         return self.net(x, t).sample
 
 
 def build_peer(cfg, kwargs, device):
-    """(model, ema, optimizer, scaler) as training.build_training makes them, around the peer."""
+    """(model, ema, optimizer, scaler) as optim.build makes them, around the peer."""
     torch.manual_seed(cfg.seed)
-    layout = runtime.memory_format(cfg.channels_last)
+    layout = hardware.memory_format(cfg.channels_last)
     model = DiffusersPeer(kwargs).to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
@@ -148,16 +151,15 @@ def build_peer(cfg, kwargs, device):
 def bench_train(preset, batch, precision, channels_last, compile_, device, iters, peer=False):
     """The training step's img/s, FLOPs and peak memory; peer=True: the same step around
     diffusers' UNet2DModel configured as the preset."""
-    cfg, kwargs = config(preset, batch, precision, channels_last, compile_)
-    build = build_peer if peer else training.build_training
+    cfg, kwargs = row_config(preset, batch, precision, channels_last, compile_)
+    build = build_peer if peer else optim.build
     model, ema, optimizer, scaler = build(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     if compile_:
         torch._dynamo.reset()  # each row compiles afresh, so its graph count is its own
     graphs_before = dynamo_counters["stats"]["unique_graphs"]
     network = torch.compile(model) if compile_ else model
-    step_fn = training.make_train_step(in_precision(network, cfg, device), model, ema,
-                                    optimizer, scaler, diffusion, cfg)
+    trainee = optim.Trainee(model, as_called(network, cfg, device), ema, optimizer, scaler)
     g = torch.Generator(device).manual_seed(0)
     shape = batch_shape(preset, batch)
     x0 = torch.rand(shape, generator=g, device=device) * 2 - 1
@@ -166,14 +168,14 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
     counter = {"step": 0}
 
     def run():
-        step_fn(x0, t, noise, counter["step"])
+        optim.train_step(trainee, diffusion, cfg, x0, t, noise, counter["step"])
         counter["step"] += 1
 
     reset_peak_memory(device)
     seconds = median_time(run, device, warmup=3 if not compile_ else 5, iters=iters)
     peak = peak_memory(device)  # before the FLOP-counting pass below, which runs uncompiled
     with FlopCounterMode(display=False) as flops:
-        losses = diffusion.training_losses(in_precision(model, cfg, device), x0, t, noise=noise)
+        losses = diffusion.training_losses(as_called(model, cfg, device), x0, t, noise=noise)
         losses["loss"].mean().backward()
     optimizer.zero_grad(set_to_none=True)
     compiled_graphs = dynamo_counters["stats"]["unique_graphs"] - graphs_before
@@ -186,11 +188,11 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
 
 def bench_sample(preset, batch, precision, channels_last, graphs, device, iters):
     """Sampling img/s of DDPM-1000 and DDIM-50 from the median time of one step of each."""
-    cfg, kwargs = config(preset, batch, precision, channels_last, False)
-    _, ema, _, _ = training.build_training(cfg, kwargs, device)
+    cfg, kwargs = row_config(preset, batch, precision, channels_last, False)
+    _, ema, _, _ = optim.build(cfg, kwargs, device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
     network = torch.compile(ema, mode="reduce-overhead") if graphs else ema
-    fn = in_precision(network, cfg, device)
+    fn = as_called(network, cfg, device)
     shape = batch_shape(preset, batch)
     x = torch.randn(shape, device=device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
@@ -218,8 +220,8 @@ def bench_convs(preset, batch, precision, channels_last, device, iters):
     in the step's dtype and memory layout. Returns (FLOPs, seconds) summed over the calls."""
     model = unet.build_unet(preset).to(device)
     x = torch.randn(batch_shape(preset, batch), device=device)
-    dtype = runtime.DTYPES[precision]
-    layout = runtime.memory_format(channels_last)
+    dtype = hardware.DTYPES[precision]
+    layout = hardware.memory_format(channels_last)
     total_flops, total_seconds = 0, 0.0
     for conv, shape in conv_calls(model, x, torch.zeros(batch, dtype=torch.long, device=device)):
         inp = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
@@ -248,8 +250,8 @@ def fmt_row(row):
 
 
 def parse_args(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help=hardware.DEVICE_HELP)
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(unet.PRESETS),
                    help="network presets to time (default: mnist-small mnist)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
@@ -264,22 +266,22 @@ def parse_args(argv=None):
                    "needs diffusers, which the project does not depend on")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    runtime.check(args.iters is None or args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
-    runtime.check(not args.batch_sizes or min(args.batch_sizes) >= 1,
+    cli.check(args.iters is None or args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
+    cli.check(not args.batch_sizes or min(args.batch_sizes) >= 1,
                   f"--batch-sizes must be >= 1, got {min(args.batch_sizes or [1])}")
     if args.json:
-        runtime.check_writable(args.json, "--json")
+        files.check_writable(args.json, "--json")
     return args
 
 
-def run(argv=None):
+def main(argv=None):
     args = parse_args(argv)
-    device = runtime.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     cuda = device.type == "cuda"
     presets = args.presets or ["mnist-small", "mnist"]
     batches = args.batch_sizes or ([128, 512] if cuda else [64, 128])
     iters = args.iters or (20 if cuda else 5)
-    bf16_ok = runtime.bf16_is_fast(device)
+    bf16_ok = hardware.bf16_is_fast(device)
 
     sizes = (4096, 8192) if cuda else (512, 1024, 2048)
     peaks = {"fp32": matmul_peak(device, torch.float32, sizes)}
@@ -366,12 +368,9 @@ def run(argv=None):
     if args.json:
         result = {"device": name, "torch": torch.__version__, "matmul_flop_s": peaks,
                   "train": rows, "peers": peer_rows, "sample": samples}
-        try:
-            runtime.atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
-        except OSError as err:
-            raise runtime.write_error(args.json, err) from None
+        files.write_file(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()))
         print(f"\nwrote {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    cli.run_script(main)

@@ -1,7 +1,7 @@
 """Checkpoints: one dict, written in one place and read in one place, and the model rebuilt from it.
 
 A training checkpoint holds {"format_version", "step", "config", "model", "ema", "optimizer",
-"scaler", "rng"}; "config" is a plain dict (the training Config plus the resolved UNet kwargs under
+"scaler", "rng", "elapsed" (the run's seconds so far)}; "config" is a plain dict (the training Config plus the resolved UNet kwargs under
 "unet"), enough to rebuild the network and the diffusion with no flags. Writing goes through a
 temporary file in the same directory and os.replace, so an interrupted write never damages the
 previous checkpoint. Reading uses torch.load(weights_only=True): a checkpoint from elsewhere cannot
@@ -12,33 +12,32 @@ from typing import NamedTuple
 
 import torch
 
+import cli
 import ddpm
-import runtime
+import files
+import hardware
+import rundir
 import unet
 
 FORMAT_VERSION = 1
-FILENAME = "ckpt.pt"
 RUN_KEYS = ("step", "config", "model", "ema")  # what sampling and evaluation need of a run
 CONFIG_KEYS = ("unet", "schedule", "timesteps", "mean_type", "var_type", "loss_type")
 
 
-class CheckpointError(runtime.UserError):
+class CheckpointError(cli.UserError):
     """A checkpoint that cannot be used; the message is one line saying what to do."""
 
 
 def save(path, state):
     """Write `state` to `path` atomically (temporary file + rename). A failed write (a full disk)
     raises UserError and leaves the previous file at `path` intact."""
-    try:
-        runtime.atomic_write(path, lambda f: torch.save({**state, "format_version": FORMAT_VERSION}, f))
-    except OSError as err:
-        raise runtime.write_error(path, err) from None
+    files.write_file(path, lambda f: torch.save({**state, "format_version": FORMAT_VERSION}, f))
 
 
 def resolve(path):
     """A checkpoint file from a file path or a run directory (its ckpt.pt)."""
     if os.path.isdir(path):
-        path = os.path.join(path, FILENAME)
+        path = os.path.join(path, rundir.CHECKPOINT)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}; train one with `python train.py` or pass "
                               "--ckpt with a checkpoint file or run directory")
@@ -47,7 +46,7 @@ def resolve(path):
 
 def newest(runs_dir="runs"):
     """The most recently written ckpt.pt under `runs_dir`."""
-    found = [os.path.join(root, FILENAME) for root, _, files in os.walk(runs_dir) if FILENAME in files]
+    found = [os.path.join(root, rundir.CHECKPOINT) for root, _, files in os.walk(runs_dir) if rundir.CHECKPOINT in files]
     if not found:
         raise CheckpointError(f"no checkpoint under {runs_dir}/; train one with "
                               "`python train.py --dataset mnist` or pass --ckpt")
@@ -124,7 +123,7 @@ class Model(NamedTuple):
 
 def load_model(path, device, precision="auto", use_ema=True, compile=False):
     """The network (EMA weights unless use_ema=False) and diffusion of a checkpoint, rebuilt from
-    its config alone, in the memory layout and precision the runtime picks for `device`.
+    its config alone, in the memory layout and precision hardware.py picks for `device`.
     compile=True runs the network through torch.compile (on CUDA with CUDA graphs)."""
     state = load(path, map_location=device)
     config = state["config"]
@@ -133,12 +132,12 @@ def load_model(path, device, precision="auto", use_ema=True, compile=False):
         module = unet.UNet(**config["unet"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has a config this code cannot build ({e})") from None
-    channels_last = runtime.channels_last_default(device)
-    module = module.to(device, memory_format=runtime.memory_format(channels_last))
+    channels_last = hardware.channels_last_default(device)
+    module = module.to(device, memory_format=hardware.memory_format(channels_last))
     load_weights(module, state["ema" if use_ema else "model"], path)
     module.eval().requires_grad_(False)
-    precision = runtime.resolve_precision(precision, device)
+    precision = hardware.resolve_precision(precision, device)
     compiled = torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else None) \
         if compile else module
-    network = runtime.in_precision(compiled, precision, device, channels_last)
+    network = hardware.as_called(compiled, precision, device, channels_last)
     return Model(network, module, diffusion, config, state["step"], precision)

@@ -18,14 +18,15 @@ import os
 import sys
 
 import checkpoint
+import cli
+import files
 import interop
-import runtime
 
 
 # ---- command line ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-diffusers", metavar="DIR",
                      help="a diffusers DDPM pipeline folder or UNet2DModel folder to import")
@@ -37,17 +38,17 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     if os.path.exists(args.out):
-        runtime.check(args.overwrite, f"--out {args.out} exists; choose another path or add "
+        cli.check(args.overwrite, f"--out {args.out} exists; choose another path or add "
                       "--overwrite to replace it")
-        runtime.check(os.path.isdir(args.out) == bool(args.to_diffusers),
+        cli.check(os.path.isdir(args.out) == bool(args.to_diffusers),
                       f"--out {args.out} is a {'directory' if os.path.isdir(args.out) else 'file'};"
                       f" the {'export' if args.to_diffusers else 'import'} writes a "
                       f"{'folder' if args.to_diffusers else 'checkpoint file'}")
-    runtime.check_writable(args.out)
+    files.check_writable(args.out)
     return args
 
 
-def run(argv=None):
+def main(argv=None):
     args = parse_args(argv)
     say = lambda line: print(line, file=sys.stderr)
     if args.from_diffusers:
@@ -62,4 +63,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    cli.run_script(main)

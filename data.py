@@ -39,8 +39,9 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 from tqdm import tqdm
 
+import cli
+import files
 import imaging
-import runtime
 
 SPLITS = ("train", "test")
 
@@ -75,7 +76,7 @@ CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 
 
-class DataError(runtime.UserError):
+class DataError(cli.UserError):
     """A dataset or file could not be used; the message is one line saying what to do."""
 
 
@@ -227,7 +228,7 @@ def _write_cache(path, splits):
     for split, (images, labels) in splits.items():
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     try:
-        runtime.atomic_write(path, lambda f: np.savez(f, **arrays))
+        files.atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
         raise DataError(f"cannot write cache file {path} ({_one_line(err)}); "
                         "set $DDPM_CACHE to a writable directory")
@@ -497,7 +498,7 @@ def _download(url, dest, progress):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest),
                       disable=not progress) as bar:
-                runtime.atomic_write(dest, lambda f: _copy_stream(response, f, bar))
+                files.atomic_write(dest, lambda f: _copy_stream(response, f, bar))
     except (OSError, ValueError, http.client.HTTPException) as err:
         raise DataError(f"download of {url} failed ({_one_line(err)})")
 
@@ -682,7 +683,7 @@ DATASETS = {
 
 
 def parse_args(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name", help=f"the dataset: {', '.join(DATASETS)}, or npz:PATH")
     p.add_argument("--split", default="train", choices=SPLITS, help="which split to read")
     p.add_argument("--data-dir", help="local copies of the dataset (default: $DDPM_DATA, "
@@ -690,14 +691,14 @@ def parse_args(argv=None):
     p.add_argument("--grid", metavar="PNG", help="also save the first --count images here")
     p.add_argument("--count", type=int, default=64, help="images in the --grid")
     args = p.parse_args(argv)
-    runtime.check(args.count >= 1, f"--count must be >= 1, got {args.count}")
+    cli.check(args.count >= 1, f"--count must be >= 1, got {args.count}")
     check_name(args.name)
     if args.grid:
-        runtime.check_writable(args.grid, "--grid")
+        files.check_writable(args.grid, "--grid")
     return args
 
 
-def run(argv=None):
+def main(argv=None):
     """Fetch a dataset into the cache, print what it holds, optionally save a grid of images."""
     args = parse_args(argv)
     dataset = load_dataset(args.name, args.split, args.data_dir)
@@ -710,4 +711,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    cli.run_script(main)

@@ -554,13 +554,15 @@ class GaussianDiffusion:
         return {"sample": mean + cast(torch.sqrt(var)) * noise, "pred_x0": out["pred_x0"]}
 
     @torch.no_grad()
-    def ddim_sample_loop(self, model, shape, steps=50, eta=0.0, noise=None, clip_denoised=True,
+    def ddim_sample_loop(self, model, shape, steps, eta, noise=None, clip_denoised=True,
                          generator=None, progress=False, device=None, dtype=None, spacing="uniform",
                          trajectory=0):
         """DDIM sampling ([Song] Eq. 12) over ddim_timesteps(steps, spacing), descending; the last
         step goes from the smallest kept index to ᾱ = 1 (x_0). E.g. T=1000, steps=50 visits
-        980 -> 960 -> ... -> 20 -> 0 -> x_0. Noise, generator and trajectory as in p_sample_loop;
-        with eta > 0 one z per step is drawn from `generator`, none at the last step.
+        980 -> 960 -> ... -> 20 -> 0 -> x_0. eta = 0 is the deterministic DDIM, eta = 1 Algorithm 2
+        on the respaced chain (the project's default sampler lives in sampling.py). Noise,
+        generator and trajectory as in p_sample_loop; with eta > 0 one z per step is drawn from
+        `generator`, none at the last step.
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
         seq = self.ddim_timesteps(steps, spacing)

@@ -24,10 +24,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
+import files
+import hardware
 import imaging
 import metrics
-import runtime
+import rundir
 import sampling
 
 
@@ -65,7 +68,7 @@ def mean_and_se(x):
 
 def parse_args(argv=None):
     """The flags, every one checked before any checkpoint, data or model is touched."""
-    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: the newest "
                    "ckpt.pt under runs/)")
     p.add_argument("--n", type=int, default=None,
@@ -76,10 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     sampling.add_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="network autocast for sampling; auto: bf16 where the device runs it fast, "
-                   "else fp32 (the NLL always runs in fp32)")
+    hardware.add_arguments(p, "network autocast for sampling; auto: bf16 where the device runs "
+                           "it fast, else fp32 (the NLL always runs in fp32)")
     p.add_argument("--dataset", help="the dataset whose test set to use (default: the one the "
                    "checkpoint was trained on; needed for imported models, which name none)")
     p.add_argument("--data-dir", help="where local dataset files live (default: $DDPM_DATA, "
@@ -89,19 +90,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for name in ("n", "samples"):
         value = getattr(args, name)
-        runtime.check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
+        cli.check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
     for name in ("nll_batch_size", "batch_size"):
-        runtime.check(getattr(args, name) >= 1,
+        cli.check(getattr(args, name) >= 1,
                       f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    runtime.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
+    cli.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
                   f"use 3 neighbours), got {args.samples}")
     sampling.check_arguments(args)
     if args.dataset:
         data.check_name(args.dataset)
-    runtime.check(args.n != 0 or args.samples != 0, "--n 0 and --samples 0 leave nothing to "
+    cli.check(args.n != 0 or args.samples != 0, "--n 0 and --samples 0 leave nothing to "
                   "evaluate; drop one of them")
     if args.json:
-        runtime.check_writable(args.json, "--json")
+        files.check_writable(args.json, "--json")
     return args
 
 
@@ -109,16 +110,16 @@ def evaluate(args, path, device, progress=True):
     """The results dict for the checkpoint at `path` (see the module docstring)."""
     model = checkpoint.load_model(path, device, args.precision)
     diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
-    runtime.check(name is not None, f"{path} names no dataset (an imported model); give "
+    cli.check(name is not None, f"{path} names no dataset (an imported model); give "
                   "--dataset NAME for its test set")
     if args.samples:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
-    runtime.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
+    cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
                   "give the --dataset it was trained on")
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress)
-    runtime.check(test_set.images.shape[1:] == want, f"{name} images are "
+    cli.check(test_set.images.shape[1:] == want, f"{name} images are "
                   f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it "
                   "was trained on")
     results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device)}
@@ -126,8 +127,8 @@ def evaluate(args, path, device, progress=True):
     n = len(test_set.images) if args.n is None else min(args.n, len(test_set.images))
     if n:
         start = time.perf_counter()
-        fp32 = runtime.in_precision(model.module, "fp32", device,
-                                    runtime.channels_last_default(device))
+        fp32 = hardware.as_called(model.module, "fp32", device,
+                                    hardware.channels_last_default(device))
         parts = nll_bits_per_dim(fp32, diffusion, test_set.images[:n], args.nll_batch_size,
                                  args.seed, device, progress)
         results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
@@ -153,8 +154,9 @@ def evaluate(args, path, device, progress=True):
         real = train_set.images[np.random.default_rng(args.seed).permutation(
             len(train_set.images))[:args.samples]]
         results["samples"] = {
-            "count": args.samples, "sampler": args.sampler if args.sampler == "ddpm" else
-            f"ddim-{args.steps} eta={args.eta:g}", "autocast": model.precision,
+            "count": args.samples,
+            "sampler": sampling.describe(args.sampler, args.steps, args.eta, diffusion),
+            "autocast": model.precision,
             "seconds": seconds, "classifier_test_accuracy": accuracy,
             **metrics.sample_quality(classifier, fakes, real, test_set.images, args.seed)}
     return results
@@ -191,20 +193,17 @@ def print_table(r):
             print(f"  {label:<52} {value}")
 
 
-def run(argv=None):
+def main(argv=None):
     args = parse_args(argv)
-    device = runtime.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
-    out = args.json or os.path.join(os.path.dirname(path), "eval.json")
-    runtime.check_writable(out, "--json")
+    out = args.json or os.path.join(os.path.dirname(path), rundir.EVAL)
+    files.check_writable(out, "--json")
     results = evaluate(args, path, device)
     print_table(results)
-    try:
-        runtime.atomic_write(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    except OSError as err:
-        raise runtime.write_error(out, err) from None
+    files.write_file(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
     print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    cli.run_script(main)

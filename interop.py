@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 import checkpoint
+import cli
 import ddpm
-import runtime
+import files
 import unet
 
 SAFETENSORS_HINT = "pip install safetensors"
@@ -41,7 +42,7 @@ SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_e
                       "clip_sample_range": 1.0, "rescale_betas_zero_snr": False}
 
 
-class ConvertError(runtime.UserError):
+class ConvertError(cli.UserError):
     """A folder or checkpoint that cannot be converted; the message names the field."""
 
 
@@ -382,38 +383,41 @@ def export_diffusers(path, out, use_ema=True, progress=print):
     scheduler = scheduler_from_diffusion_config(config)
     weights = weights_to_diffusers(state["ema" if use_ema else "model"])
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    try:
-        version = {"_diffusers_version": "0.42.1"}
-        _write_json(os.path.join(temp, "model_index.json"), {
-            "_class_name": "DDPMPipeline", **version, "scheduler": ["diffusers", "DDPMScheduler"],
-            "unet": ["diffusers", "UNet2DModel"]})
-        os.makedirs(os.path.join(temp, "unet"))
-        os.makedirs(os.path.join(temp, "scheduler"))
-        _write_json(os.path.join(temp, "unet", "config.json"), {**unet_config, **version})
-        _write_json(os.path.join(temp, "scheduler", "scheduler_config.json"),
-                    {**scheduler, **version})
+    with files.writing(out):
+        os.makedirs(parent, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
         try:
-            from safetensors.torch import save_file
-            save_file(weights, os.path.join(temp, "unet", WEIGHT_FILES[0]), {"format": "pt"})
-        except ImportError:
-            torch.save(weights, os.path.join(temp, "unet", WEIGHT_FILES[1]))
-            progress(f"safetensors is not installed: wrote unet/{WEIGHT_FILES[1]} instead "
-                     f"({SAFETENSORS_HINT} for the safetensors file)")
-        if os.path.isdir(out):  # --overwrite: swap the complete new folder in, then drop the old
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
-            os.replace(out, os.path.join(old, "previous"))
-            os.replace(temp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(temp, out)
-    except OSError as err:
-        raise runtime.write_error(out, err) from None
-    finally:
-        if os.path.isdir(temp):
-            shutil.rmtree(temp)
+            _write_pipeline(temp, unet_config, scheduler, weights, progress)
+            if os.path.isdir(out):  # --overwrite: swap the complete new folder in, drop the old
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=parent)
+                os.replace(out, os.path.join(old, "previous"))
+                os.replace(temp, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(temp, out)
+        finally:
+            if os.path.isdir(temp):
+                shutil.rmtree(temp)
     return unet_config, scheduler
+
+
+def _write_pipeline(folder, unet_config, scheduler, weights, progress):
+    """model_index.json, unet/ (config and weights) and scheduler/ of a DDPMPipeline in `folder`."""
+    version = {"_diffusers_version": "0.42.1"}
+    _write_json(os.path.join(folder, "model_index.json"), {
+        "_class_name": "DDPMPipeline", **version, "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]})
+    os.makedirs(os.path.join(folder, "unet"))
+    os.makedirs(os.path.join(folder, "scheduler"))
+    _write_json(os.path.join(folder, "unet", "config.json"), {**unet_config, **version})
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), {**scheduler, **version})
+    try:
+        from safetensors.torch import save_file
+        save_file(weights, os.path.join(folder, "unet", WEIGHT_FILES[0]), {"format": "pt"})
+    except ImportError:
+        torch.save(weights, os.path.join(folder, "unet", WEIGHT_FILES[1]))
+        progress(f"safetensors is not installed: wrote unet/{WEIGHT_FILES[1]} instead "
+                 f"({SAFETENSORS_HINT} for the safetensors file)")
 
 
 def _write_json(path, value):

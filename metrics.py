@@ -40,10 +40,6 @@ def feature_stats(features):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def fd_of_features(f1, f2):
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
-
-
 def _kth_neighbour_radius(features, k, chunk=2048):
     """Distance of each point to its k-th nearest other point in the same set."""
     x = torch.as_tensor(features, dtype=torch.float32)

@@ -1,6 +1,7 @@
 """Plot a training run's log: `python plot.py runs/mnist` writes runs/mnist/log.png.
 
-The loss (with its quarter of the t range with the largest loss) and, where the run scored its
+The training loss, over all t and over each quarter of the t range (which shows where a model is
+weak: the first quarter, the least noisy, is the hardest to fit), and, where the run scored its
 samples (--eval-every), the share classified confidently, the FD and the class entropy, each
 against the step and against wall time. Where a resumed run logged a step twice, the last
 record counts. Needs matplotlib (`pip install matplotlib`), imported only here; a few hundred
@@ -10,7 +11,9 @@ import json
 import os
 import sys
 
-import runtime
+import cli
+import files
+import rundir
 
 MATPLOTLIB_HINT = "pip install matplotlib"
 
@@ -23,7 +26,7 @@ def read_log(path):
         with open(path) as f:
             lines = f.readlines()
     except OSError as e:
-        raise runtime.UserError(f"cannot read {path} ({os.strerror(e.errno)}); give a run "
+        raise cli.UserError(f"cannot read {path} ({os.strerror(e.errno)}); give a run "
                                 "directory or its log.jsonl") from None
     for line in lines:
         try:
@@ -42,60 +45,64 @@ def series(records, key):
             [r[key] for r in kept])
 
 
-PANELS = [("train", "loss", "training loss", True), ("eval", "confident_fraction",
-                                                       "confident (> 0.9)", False),
-          ("eval", "fd", "FD (classifier features)", True), ("eval", "class_entropy",
-                                                             "class entropy", False)]
+# (records, {key: curve label}, axis label, log scale)
+QUARTERS = {f"loss_q{q}": f"t in [{q}T/4, {q + 1}T/4)" for q in range(4)}
+PANELS = [("train", {"loss": "all t", **QUARTERS}, "training loss", True),
+          ("eval", {"confident_fraction": None}, "confident (> 0.9)", False),
+          ("eval", {"fd": None}, "FD (classifier features)", True),
+          ("eval", {"class_entropy": None}, "class entropy", False)]
 
 
 def plot(path, out):
     train, scores = read_log(path)
-    runtime.check(train or scores, f"{path} holds no log records yet")
+    cli.check(train or scores, f"{path} holds no log records yet")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise runtime.UserError(f"plotting needs matplotlib: {MATPLOTLIB_HINT}") from None
-    panels = [p for p in PANELS if series(train if p[0] == "train" else scores, p[1])[0]]
+        raise cli.UserError(f"plotting needs matplotlib: {MATPLOTLIB_HINT}") from None
+    records = {"train": train, "eval": scores}
+    panels = [p for p in PANELS if any(series(records[p[0]], key)[0] for key in p[1])]
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 2.6 * len(panels)), squeeze=False)
-    for row, (kind, key, label, log_scale) in zip(axes, panels):
-        steps, seconds, values = series(train if kind == "train" else scores, key)
-        for ax, x, xlabel in ((row[0], steps, "step"), (row[1], [s / 60 for s in seconds],
-                                                        "wall time (minutes)")):
-            ax.plot(x, values, marker="o" if kind == "eval" else None, markersize=3)
+    for row, (kind, curves, label, log_scale) in zip(axes, panels):
+        for key, curve in curves.items():
+            steps, seconds, values = series(records[kind], key)
+            for ax, x in ((row[0], steps), (row[1], [s / 60 for s in seconds])):
+                ax.plot(x, values, marker="o" if kind == "eval" else None, markersize=3,
+                        linewidth=2 if key == "loss" else 1, label=curve)
+        for ax, xlabel in ((row[0], "step"), (row[1], "wall time (minutes)")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
             if log_scale:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            row[0].legend(fontsize=7)
     fig.suptitle(os.path.dirname(os.path.abspath(path)))
     fig.tight_layout()
-    try:
-        runtime.atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
-    except OSError as err:
-        raise runtime.write_error(out, err) from None
+    files.write_file(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
 def parse_args(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run directory (its log.jsonl) or a log.jsonl file")
     p.add_argument("--out", help="the PNG to write (default: log.png beside the log)")
     args = p.parse_args(argv)
-    args.log = os.path.join(args.run, "log.jsonl") if os.path.isdir(args.run) else args.run
-    runtime.check(os.path.isfile(args.log), f"no log at {args.log}; give a run directory")
+    args.log = os.path.join(args.run, rundir.LOG) if os.path.isdir(args.run) else args.run
+    cli.check(os.path.isfile(args.log), f"no log at {args.log}; give a run directory")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.log)), "log.png")
-    runtime.check(args.out.endswith(".png"), f"--out must end in .png, got {args.out}")
-    runtime.check_writable(args.out)
+    cli.check(args.out.endswith(".png"), f"--out must end in .png, got {args.out}")
+    files.check_writable(args.out)
     return args
 
 
-def run(argv=None):
+def main(argv=None):
     args = parse_args(argv)
     plot(args.log, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    cli.run_script(main)

@@ -15,14 +15,16 @@ import numpy as np
 import torch
 
 import checkpoint
+import cli
+import files
+import hardware
 import imaging
-import runtime
 import sampling
 
 
 def parse_args(argv=None):
     """The flags, every one checked before the checkpoint is read."""
-    p = runtime.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: the newest "
                    "ckpt.pt under runs/)")
     p.add_argument("--n", type=int, default=64, help="number of images")
@@ -32,21 +34,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples.png", help=".png grid, or .npz of uint8 images")
     p.add_argument("--trajectory", type=int, default=0, metavar="K",
                    help="write x_t at K evenly spaced steps instead: one row per image")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on a GPU); pays off for long runs")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="autocast for the network; auto: bf16 where the device runs it fast "
-                   "(CUDA, CPUs with AMX or AVX512-BF16), else fp32")
+    hardware.add_arguments(p)
     args = p.parse_args(argv)
-    runtime.check(args.n >= 1, f"--n must be >= 1, got {args.n}")
-    runtime.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.check(args.n >= 1, f"--n must be >= 1, got {args.n}")
+    cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     sampling.check_arguments(args)
-    runtime.check(args.trajectory >= 0, f"--trajectory must be >= 0, got {args.trajectory}")
-    runtime.check(args.out.endswith((".png", ".npz")),
+    cli.check(args.trajectory >= 0, f"--trajectory must be >= 0, got {args.trajectory}")
+    cli.check(args.out.endswith((".png", ".npz")),
                   f"--out must end in .png or .npz, got {args.out}")
-    runtime.check_writable(args.out)
+    files.check_writable(args.out)
     return args
 
 
@@ -56,17 +55,14 @@ def write(path, images, nrow=None):
     if path.endswith(".npz"):
         array = images.transpose(0, 2, 3, 1)
         array = array[..., 0] if array.shape[-1] == 1 else array
-        try:
-            runtime.atomic_write(path, lambda f: np.savez(f, images=array))
-        except OSError as err:
-            raise runtime.write_error(path, err) from None
+        files.write_file(path, lambda f: np.savez(f, images=array))
     else:
         imaging.save_png(path, imaging.make_grid(images, nrow=nrow))
 
 
-def run(argv=None):
+def main(argv=None):
     args = parse_args(argv)
-    device = runtime.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
     model = checkpoint.load_model(path, device, args.precision, use_ema=not args.no_ema,
                                   compile=args.compile)
@@ -86,4 +82,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    cli.run_script(main)

@@ -1,36 +1,44 @@
-"""The sampling driver shared by train.py (its grids), sample.py, evaluate.py and bench.py: n images
-drawn batch by batch from one seeded generator with Ho et al.'s Algorithm 2 or DDIM."""
+"""The sampling driver shared by train.py (its grids and scores), sample.py and evaluate.py: n
+images drawn batch by batch from one seeded generator with Ho et al.'s Algorithm 2 or DDIM; the
+sampler's flags and its defaults, written here once.
+"""
 import torch
 from tqdm import tqdm
 
-import runtime
+from cli import check
 
 SAMPLERS = ("ddpm", "ddim")
-DEFAULT_STEPS = 50  # DDIM steps of sample.py and evaluate.py where --steps is not given
+# The default sampler everywhere (sample.py, evaluate.py, the training grids and scores): DDIM-50
+# at eta 1, Algorithm 2 on the 50-step respaced chain, the best quality per second in the sampler
+# table of docs/results.md.
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
+DEFAULT_ETA = 1.0
 
 
 def add_arguments(p):
     """--sampler, --steps and --eta, as sample.py and evaluate.py take them."""
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                    help="ddim: Song et al. 2021 over --steps respaced steps; ddpm: Ho et al.'s "
                    "Algorithm 2 over all T steps (T/--steps times the network calls)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or the model's T if smaller)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 is Algorithm 2 on the "
-                   "respaced chain (the default: the best quality per second in the README's "
-                   "sampler table), 0 the deterministic DDIM")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default: {DEFAULT_STEPS}, or the "
+                   "model's T if smaller)")
+    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta: 1 is Algorithm 2 on "
+                   "the respaced chain (the best quality per second in the sampler table of "
+                   "docs/results.md), 0 the deterministic DDIM")
 
 
 def check_arguments(args):
     """What add_arguments' flags must be, before any checkpoint is read."""
-    runtime.check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    runtime.check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
+    check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
 
 
 def steps_for(sampler, steps, diffusion):
     """--steps for this model (None: DEFAULT_STEPS, or T if smaller). DDIM cannot take more steps
     than the model's T: say so before any sampling starts."""
     steps = steps or min(DEFAULT_STEPS, diffusion.num_timesteps)
-    runtime.check(sampler != "ddim" or 1 <= steps <= diffusion.num_timesteps,
+    check(sampler != "ddim" or 1 <= steps <= diffusion.num_timesteps,
                   f"--steps {steps} must be in [1, the model's T = {diffusion.num_timesteps}] "
                   "for DDIM")
     return steps
@@ -43,8 +51,9 @@ def describe(sampler, steps, eta, diffusion):
     return f"DDIM-{steps} eta={eta:g}"
 
 
-def generate(network, diffusion, shape, n, batch_size, sampler="ddpm", steps=50, eta=0.0, seed=0,
-             device="cpu", trajectory=0, progress=True, clip_denoised=True):
+def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
+             eta=DEFAULT_ETA, seed=0, device="cpu", trajectory=0, progress=True,
+             clip_denoised=True):
     """n images in [-1, 1] ([n, *shape]); with trajectory=K also [n, K, *shape] snapshots of x_t.
 
     network(x_t, t) is the model as the diffusion calls it (float32 out). Images are drawn batch by

@@ -85,7 +85,7 @@ def test_matmul_peak_is_a_rate():
 
 def test_command_line_writes_every_variant(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.run(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+    bench.main(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
                 "--no-compile", "--json", str(out)])
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -107,7 +107,7 @@ def test_peers_are_diffusers_unet_with_the_same_step_and_flops(tmp_path, capsys)
     peer = bench.DiffusersPeer(dict(unet.PRESETS["mnist-small"]))
     assert unet.count_parameters(peer) == unet.count_parameters(unet.build_unet("mnist-small"))
     out = tmp_path / "bench.json"
-    bench.run(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+    bench.main(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
                "--no-compile", "--peers", "--json", str(out)])
     result = json.loads(out.read_text())
     (row,) = result["peers"]
@@ -128,7 +128,7 @@ def test_peers_are_diffusers_unet_with_the_same_step_and_flops(tmp_path, capsys)
 
 def test_peers_without_diffusers_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
-    bench.run(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
+    bench.main(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
                "--no-compile", "--peers"])
     lines = [l for l in capsys.readouterr().out.splitlines() if "--peers" in l]
     assert lines == ["--peers: diffusers is not installed (pip install -r requirements-test.txt); "

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import checkpoint
-import runtime
+import cli
+import hardware
+import rundir
 import unet
 
 SMALL = dict(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -62,9 +64,9 @@ def test_newest_is_the_most_recently_written(tmp_path):
     """Not the first found nor the last in name order: the newest modification time."""
     for i, name in enumerate(["b", "a", "c"]):
         (tmp_path / name).mkdir()
-        (tmp_path / name / checkpoint.FILENAME).write_bytes(b"x")
-        os.utime(tmp_path / name / checkpoint.FILENAME, (1000 + i, [5, 9, 7][i] * 1000))
-    assert checkpoint.newest(str(tmp_path)) == str(tmp_path / "a" / checkpoint.FILENAME)
+        (tmp_path / name / rundir.CHECKPOINT).write_bytes(b"x")
+        os.utime(tmp_path / name / rundir.CHECKPOINT, (1000 + i, [5, 9, 7][i] * 1000))
+    assert checkpoint.newest(str(tmp_path)) == str(tmp_path / "a" / rundir.CHECKPOINT)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint under"):
         checkpoint.newest(str(tmp_path / "empty"))
 
@@ -77,7 +79,7 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken)
-    with pytest.raises(runtime.UserError, match=r"\(No space left on device\); free some disk space"):
+    with pytest.raises(cli.UserError, match=r"\(No space left on device\); free some disk space"):
         checkpoint.save(tmp_path / "ckpt.pt", {"step": 2})
     monkeypatch.undo()
     assert checkpoint.load(tmp_path, required=("step",))["step"] == 1
@@ -103,4 +105,4 @@ def test_load_model_rebuilds_the_ema_network(tmp_path):
         raw = checkpoint.load_model(tmp_path, cpu, precision="fp32", use_ema=False)
         torch.testing.assert_close(raw.network(x, t), model.eval()(x, t))
     assert loaded.diffusion.num_timesteps == 100
-    assert checkpoint.load_model(tmp_path, cpu).precision == runtime.resolve_precision("auto", cpu)
+    assert checkpoint.load_model(tmp_path, cpu).precision == hardware.resolve_precision("auto", cpu)

@@ -1,6 +1,6 @@
 """Every script against a table of bad inputs, as a new user would type them: each must exit
 non-zero with one line on stderr (`error: ...`), no traceback, and leave every file of the run
-directory and the data cache as it was. The scripts run in-process through runtime.main, the same
+directory and the data cache as it was. The scripts run in-process through cli.run_script, the same
 wrapper their `__main__` calls; two cases also run as real processes."""
 import hashlib
 import os
@@ -13,11 +13,12 @@ import torch
 
 import bench
 import checkpoint
+import cli
 import convert
 import data
 import evaluate
+import hardware
 import plot
-import runtime
 import sample
 import sampling
 import train
@@ -42,7 +43,7 @@ def world(tmp_path_factory):
     run = root / "run"
     os.environ["DDPM_CACHE"] = str(cache)
     try:
-        runtime.main(train.run_main, ["--dataset", npz, "--out", str(run), "--steps", "2", *TINY])
+        cli.run_script(train.main, ["--dataset", npz, "--out", str(run), "--steps", "2", *TINY])
     finally:
         del os.environ["DDPM_CACHE"]
     bad = root / "bad"
@@ -158,7 +159,7 @@ def sample_cases(w):
         (["--ckpt", run, "--steps", "0", *out], "--steps must be >= 1"),
         (["--ckpt", run, "--device", "tpu", *out], "unknown --device 'tpu'"),
         (["--ckpt", run, "--device", "cuda:7", *out], "--device"),
-        (["--ckpt", run, "--precision", "fp16", *out], "invalid choice: 'fp16'"),
+        (["--ckpt", run, "--precision", "fp8", *out], "invalid choice: 'fp8'"),
         (["--ckpt", str(bad / "garbage.pt"), *out], "not a readable checkpoint"),
         (["--ckpt", str(bad / "version_only.pt"), *out], "lacks step, config, model, ema"),
         (["--ckpt", str(bad / "future.pt"), *out], "checkpoint format 99"),
@@ -238,10 +239,10 @@ def plot_cases(w):
             ([str(root / "empty_run")], "no log at")]
 
 
-SCRIPTS = {"train": (train.run_main, train_cases), "convert": (convert.run, convert_cases),
-           "plot": (plot.run, plot_cases), "sample": (sample.run, sample_cases),
-           "evaluate": (evaluate.run, evaluate_cases), "bench": (bench.run, bench_cases),
-           "data": (data.run, data_cases)}
+SCRIPTS = {"train": (train.main, train_cases), "convert": (convert.main, convert_cases),
+           "plot": (plot.main, plot_cases), "sample": (sample.main, sample_cases),
+           "evaluate": (evaluate.main, evaluate_cases), "bench": (bench.main, bench_cases),
+           "data": (data.main, data_cases)}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -256,14 +257,14 @@ def test_bad_inputs_give_one_line_and_change_nothing(script, world, capsys, monk
     def no_model(*args, **kwargs):
         raise AssertionError("a bad input reached the model")
 
-    monkeypatch.setattr(train.training, "build_training", no_model)
+    monkeypatch.setattr(train.optim, "build", no_model)
     monkeypatch.setattr(sampling, "generate", no_model)  # outputs are checked before sampling
     run, cases = SCRIPTS[script]
     before = snapshot(world["run"], world["bad"], world["cache"])
     for argv, needle in cases(world):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            runtime.main(run, argv)
+            cli.run_script(run, argv)
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
         assert exit_info.value.code == 2, (argv, err)
@@ -279,7 +280,7 @@ def test_a_genuine_bug_keeps_its_traceback(capsys):
         raise ZeroDivisionError("a bug")
 
     with pytest.raises(ZeroDivisionError):
-        runtime.main(buggy, [])
+        cli.run_script(buggy, [])
 
 
 @pytest.mark.parametrize("script, args, needle", [
@@ -332,6 +333,6 @@ def test_ddp_backend_follows_the_device_asked_for(asked, backend, cuda_device, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert runtime.setup_distributed(asked) == (1, 2, 1)
+    assert hardware.setup_distributed(asked) == (1, 2, 1)
     assert calls["init"] == [backend]
     assert calls["set_device"] == ([] if cuda_device is None else [torch.device("cuda", cuda_device)])

@@ -235,7 +235,7 @@ def test_same_seed_same_samples_and_trajectory(sampler, cosine100):
     d = ddpm.GaussianDiffusion(cosine100)
     model = lambda x, t: 0.1 * x
     run = {"ddpm": lambda **kw: d.p_sample_loop(model, (3, 1, 2, 2), **kw),
-           "ddim": lambda **kw: d.ddim_sample_loop(model, (3, 1, 2, 2), steps=10, **kw),
+           "ddim": lambda **kw: d.ddim_sample_loop(model, (3, 1, 2, 2), steps=10, eta=0.0, **kw),
            "ddim_eta": lambda **kw: d.ddim_sample_loop(model, (3, 1, 2, 2), steps=10, eta=0.5, **kw)}[sampler]
     a = run(generator=torch.Generator().manual_seed(7))
     b, traj = run(generator=torch.Generator().manual_seed(7), trajectory=4)
@@ -282,8 +282,8 @@ def test_bad_calls_raise_one_line_errors(cosine100):
         (lambda: d.q_sample(x, at(0, 2), noise=torch.zeros(2, 1, 3)), "noise has shape"),
         (lambda: d.p_mean_variance(lambda x, t: torch.zeros(2, 2, 3, 3), x, at(0, 2)),
          "model output has shape"),
-        (lambda: d.ddim_sample_loop(zero, x.shape, steps=0), "DDIM steps must be an integer in \\[1, 100\\]"),
-        (lambda: d.ddim_sample_loop(zero, x.shape, steps=101), "DDIM steps"),
+        (lambda: d.ddim_sample_loop(zero, x.shape, steps=0, eta=0.0), "DDIM steps must be an integer in \\[1, 100\\]"),
+        (lambda: d.ddim_sample_loop(zero, x.shape, steps=101, eta=0.0), "DDIM steps"),
         (lambda: d.ddim_timesteps(10, "cubic"), "unknown DDIM spacing"),
         (lambda: d.p_sample_loop(zero, x.shape, noise=torch.zeros(3, 1, 3, 3)), "noise has shape"),
         (lambda: d.respace([]), "non-empty"),
@@ -307,7 +307,7 @@ def test_short_chains():
         zero = lambda x, t: torch.zeros_like(x)
         x0 = torch.zeros(2, 1)
         assert torch.isfinite(d.p_sample_loop(zero, (2, 1))).all()
-        assert torch.isfinite(d.ddim_sample_loop(zero, (2, 1), steps=len(betas))).all()
+        assert torch.isfinite(d.ddim_sample_loop(zero, (2, 1), steps=len(betas), eta=0.0)).all()
         assert torch.isfinite(d.training_losses(zero, x0, at(0, 2))["loss"]).all()
         assert torch.isfinite(d.calc_bpd_loop(zero, x0)["total_bpd"]).all()
 
@@ -480,7 +480,7 @@ def test_ddim_has_no_nan_in_low_precision(case):
     model = lambda x, t: 0.1 * x
     assert torch.isfinite(d.p_sample_loop(model, x.shape, noise=x.clone())).all()
     assert torch.isfinite(d.ddim_sample_loop(model, x.shape, steps=d.num_timesteps // 20 or 1,
-                                             noise=x.clone())).all()
+                                             eta=0.0, noise=x.clone())).all()
 
 
 # ---- single steps with noise=None draw z from the generator they are given -----------------

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import ddpm
-import runtime
+import files
+import rundir
 import sample
 import train
 
@@ -41,11 +43,11 @@ def run_train(npz, out, **overrides):
 
 
 def run_main(script_run, argv, capsys):
-    """(exit status, stderr lines) of a script run through runtime.main, in-process; progress
+    """(exit status, stderr lines) of a script run through cli.run_script, in-process; progress
     bars (carriage-return lines) are left out, and there must be no traceback."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        runtime.main(script_run, argv)
+        cli.run_script(script_run, argv)
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     lines = [line.split("\r")[-1].replace("\x1b[A", "") for line in err.splitlines()]
@@ -87,7 +89,7 @@ def test_an_existing_run_is_refused_then_resumed_or_overwritten(npz, tmp_path, c
     argv = ["--dataset", npz, "--out", str(tmp_path), "--steps", "4", "--base-channels", "8", "--norm-groups", "4",
             "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
             "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--precision", "fp32"]
-    code, lines = run_main(train.run_main, argv, capsys)
+    code, lines = run_main(train.main, argv, capsys)
     assert code == 2 and len(lines) == 1, lines
     assert "holds a run" in lines[0] and all(w in lines[0] for w in ("--resume", "--out", "--overwrite"))
     assert snapshot(tmp_path) == before
@@ -109,7 +111,7 @@ def test_two_runs_cannot_share_a_directory_and_kill_9_frees_it(npz, tmp_path):
          str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runtime.UserError, match="is in use by process holder"):
+        with pytest.raises(cli.UserError, match="is in use by process holder"):
             run_train(npz, tmp_path, steps=2)
         assert sorted(os.listdir(tmp_path)) == [".lock"]
     finally:
@@ -133,7 +135,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     argv = ["--out", str(tmp_path), "--resume", "--steps", "8", "--device", "cpu"]
-    code, lines = run_main(train.run_main, argv, capsys)
+    code, lines = run_main(train.main, argv, capsys)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert code == 2 and len(lines) == 1, lines
     assert "No space left on device" in lines[0] and "free some disk space" in lines[0]
@@ -146,23 +148,23 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 def test_a_full_disk_while_logging_or_drawing_is_one_line(npz, tmp_path, capsys, monkeypatch):
     """ENOSPC on a log line (log.jsonl written to /dev/full) and on the final grid: one line naming
     the file, never a traceback; the checkpoint written before is intact."""
-    real_open, real_write = open, runtime.atomic_write
-    monkeypatch.setattr(train, "open", lambda path, mode="r", **kw: real_open(
+    real_open, real_write = open, files.atomic_write
+    monkeypatch.setattr(rundir, "open", lambda path, mode="r", **kw: real_open(
         "/dev/full" if str(path).endswith("log.jsonl") else path, mode, **kw), raising=False)
     argv = ["--dataset", npz, "--out", str(tmp_path / "log"), "--steps", "2", "--base-channels",
             "8", "--norm-groups", "4", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attn-resolutions", "4",
             "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--log-every", "1"]
-    code, lines = run_main(train.run_main, argv, capsys)
+    code, lines = run_main(train.main, argv, capsys)
     assert code == 2 and len(lines) == 1 and "log.jsonl" in lines[0] \
         and "No space left on device" in lines[0], lines
     monkeypatch.undo()
 
     run_train(npz, tmp_path / "png", steps=2)
-    monkeypatch.setattr(runtime, "atomic_write", lambda path, write: (
+    monkeypatch.setattr(files, "atomic_write", lambda path, write: (
         _raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) if path.endswith(".png")
         else real_write(path, write)))
     argv = ["--out", str(tmp_path / "png"), "--resume", "--steps", "4", "--device", "cpu"]
-    code, lines = run_main(train.run_main, argv, capsys)
+    code, lines = run_main(train.main, argv, capsys)
     assert code == 2 and len(lines) == 1 and "samples_final.png" in lines[0], lines
     assert checkpoint.load(tmp_path / "png")["step"] == 4
 
@@ -187,7 +189,7 @@ def test_ctrl_c_while_sampling_changes_nothing(npz, tmp_path, capsys, monkeypatc
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ddpm.GaussianDiffusion, "ddim_sample", interrupted)
-    code, lines = run_main(sample.run, ["--ckpt", str(tmp_path / "run"), "--sampler", "ddim",
+    code, lines = run_main(sample.main, ["--ckpt", str(tmp_path / "run"), "--sampler", "ddim",
                                         "--steps", "5", "--n", "4", "--out",
                                         str(tmp_path / "out.png")], capsys)
     assert code == 130 and "Ctrl-C" in lines[-1] and "none is left half-written" in lines[-1], lines

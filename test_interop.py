@@ -17,7 +17,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 import checkpoint  # noqa: E402
 import convert  # noqa: E402
 import interop  # noqa: E402
-import runtime  # noqa: E402
+import cli  # noqa: E402
 import sample  # noqa: E402
 import evaluate  # noqa: E402
 import unet  # noqa: E402
@@ -287,19 +287,19 @@ def test_command_line_import_sample_and_evaluate(tmp_path, capsys, monkeypatch):
                          flip_sin_to_cos=False, freq_shift=1)
     DDPMPipeline(unet=theirs, scheduler=DDPMScheduler(num_train_timesteps=50, beta_start=0.001,
                                                       beta_end=0.2)).save_pretrained(tmp_path / "p")
-    runtime.main(convert.run, ["--from-diffusers", str(tmp_path / "p"), "--out",
+    cli.run_script(convert.main, ["--from-diffusers", str(tmp_path / "p"), "--out",
                                str(tmp_path / "m.pt")])
     with pytest.raises(SystemExit) as exit_info:  # the same --out again
-        runtime.main(convert.run, ["--from-diffusers", str(tmp_path / "p"), "--out",
+        cli.run_script(convert.main, ["--from-diffusers", str(tmp_path / "p"), "--out",
                                    str(tmp_path / "m.pt")])
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    runtime.main(sample.run, ["--ckpt", str(tmp_path / "m.pt"), "--n", "3", "--out",
+    cli.run_script(sample.main, ["--ckpt", str(tmp_path / "m.pt"), "--n", "3", "--out",
                               str(tmp_path / "s.png")])
     np.savez(tmp_path / "d.npz", images=np.zeros((6, 8, 8), np.uint8))
     with pytest.raises(SystemExit):
-        runtime.main(evaluate.run, ["--ckpt", str(tmp_path / "m.pt"), "--n", "2", "--samples", "0"])
+        cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "m.pt"), "--n", "2", "--samples", "0"])
     assert "give --dataset" in capsys.readouterr().err
-    runtime.main(evaluate.run, ["--ckpt", str(tmp_path / "m.pt"), "--dataset",
+    cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "m.pt"), "--dataset",
                                 f"npz:{tmp_path / 'd.npz'}", "--n", "2", "--samples", "0",
                                 "--json", str(tmp_path / "e.json")])
     result = json.loads((tmp_path / "e.json").read_text())

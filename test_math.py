@@ -608,7 +608,7 @@ def test_11_ddim_is_euler_on_the_probability_flow_ode(steps, spacing, m, s):
     ac = reference(LINEAR.numpy())["ac"]
     data = Mixture([1.0], [m], [s])
     xT = torch.linspace(-3, 3, 25, dtype=F64)[:, None]
-    got = d.ddim_sample_loop(data.eps_model(ac), xT.shape, steps=steps, noise=xT,
+    got = d.ddim_sample_loop(data.eps_model(ac), xT.shape, steps=steps, eta=0.0, noise=xT,
                              clip_denoised=False, spacing=spacing)[:, 0].numpy()
 
     def euler(x, seq):
@@ -639,7 +639,7 @@ def test_11_ddim_with_an_x0_oracle_returns_x0(x0, steps, spacing, clip):
     would return a noisy x_t instead)."""
     d = ddpm.GaussianDiffusion(LINEAR)
     x0 = tens(x0).view(2, 3)
-    out = d.ddim_sample_loop(x0_oracle(x0, d.alphas_cumprod), x0.shape, steps=steps,
+    out = d.ddim_sample_loop(x0_oracle(x0, d.alphas_cumprod), x0.shape, steps=steps, eta=0.0,
                              clip_denoised=clip, spacing=spacing,
                              noise=torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0)))
     np.testing.assert_allclose(out, x0, atol=1e-9)

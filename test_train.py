@@ -14,13 +14,15 @@ import torch
 import torch.multiprocessing as mp
 
 import checkpoint
+import cli
+import config
 import data
 import imaging
-import runtime
+import optim
 import sampling
 import train
-import training
 import unet
+from test_imaging import read_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses share two cores with this one
@@ -55,7 +57,7 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def cli(script, *args, timeout=120):
+def run_script(script, *args, timeout=120):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
 
@@ -71,7 +73,7 @@ def test_loss_goes_down_and_outputs_are_written(npz, tmp_path):
     assert last < 0.6 * first
     state = checkpoint.load(tmp_path)
     assert state["step"] == 120 and state["config"]["unet"]["image_size"] == 8
-    grid = imaging.read_png(tmp_path / "samples_final.png")
+    grid = read_png(tmp_path / "samples_final.png")
     assert grid.shape == imaging.make_grid(np.zeros((4, 1, 8, 8), np.uint8)).shape
     # the grid is DDIM-50 at the default --sample-eta 1 from the EMA weights (not eta 0)
     model = checkpoint.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"), "fp32")
@@ -140,11 +142,11 @@ def test_speed_options_train_the_same_model(npz, tmp_path, option):
 
 def test_batches_cover_each_epoch_once():
     """The stateless data order: every image once per epoch, across batch boundaries."""
-    b = training.Batches(10, 4, seed=3, device="cpu")
+    b = optim.Batches(10, 4, seed=3, device="cpu")
     seen = torch.cat([b.indices(s) for s in range(5)])  # 20 positions = 2 epochs
     assert sorted(seen[:10].tolist()) == list(range(10))
     assert sorted(seen[10:].tolist()) == list(range(10))
-    assert torch.equal(b.indices(3), training.Batches(10, 4, 3, "cpu").indices(3))
+    assert torch.equal(b.indices(3), optim.Batches(10, 4, 3, "cpu").indices(3))
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(npz, tmp_path):
@@ -195,19 +197,19 @@ def trained(npz, tmp_path_factory):
 def test_sample_writes_png_npz_and_trajectory(trained, tmp_path):
     """sample.py rebuilds the model from the checkpoint alone; PNG grid of the right size, .npz of
     uint8 [N, H, W], the same seed giving the same images, a trajectory strip of K + 1 columns."""
-    r = cli("sample.py", "--ckpt", trained, "--n", 6, "--sampler", "ddim", "--steps", 5,
+    r = run_script("sample.py", "--ckpt", trained, "--n", 6, "--sampler", "ddim", "--steps", 5,
             "--out", tmp_path / "s.png")
     assert r.returncode == 0, r.stderr
-    png = imaging.read_png(tmp_path / "s.png")
+    png = read_png(tmp_path / "s.png")
     assert png.shape == imaging.make_grid(np.zeros((6, 1, 8, 8), np.uint8)).shape
     for name in ("a.npz", "b.npz"):
-        assert cli("sample.py", "--ckpt", trained / "ckpt.pt", "--n", 5, "--sampler", "ddim",
+        assert run_script("sample.py", "--ckpt", trained / "ckpt.pt", "--n", 5, "--sampler", "ddim",
                    "--steps", 5, "--eta", 1, "--batch-size", 2, "--out", tmp_path / name).returncode == 0
     a, b = (np.load(tmp_path / n)["images"] for n in ("a.npz", "b.npz"))
     assert a.shape == (5, 8, 8) and a.dtype == np.uint8 and np.array_equal(a, b)
-    r = cli("sample.py", "--ckpt", trained, "--n", 3, "--trajectory", 4, "--out", tmp_path / "t.png")
+    r = run_script("sample.py", "--ckpt", trained, "--n", 3, "--trajectory", 4, "--out", tmp_path / "t.png")
     assert r.returncode == 0, r.stderr
-    assert imaging.read_png(tmp_path / "t.png").shape == imaging.make_grid(
+    assert read_png(tmp_path / "t.png").shape == imaging.make_grid(
         np.zeros((15, 1, 8, 8), np.uint8), nrow=5).shape
 
 
@@ -245,7 +247,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken)
-    with pytest.raises(runtime.UserError, match="cannot write .*ckpt.pt"):
+    with pytest.raises(cli.UserError, match="cannot write .*ckpt.pt"):
         checkpoint.save(tmp_path / "ckpt.pt", {"step": 2})
     monkeypatch.undo()
     assert checkpoint.load(tmp_path, required=("step",))["step"] == 1
@@ -257,24 +259,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
     """Linear warmup to lr over `warmup` steps; then constant, or a half cosine / a line from lr
     at the first step after the warmup to exactly 0 at the last step."""
-    cfg = training.Config(lr=1e-3, warmup=10, steps=110)
+    cfg = config.Config(lr=1e-3, warmup=10, steps=110)
     for schedule in ("constant", "cosine", "linear"):
         cfg.lr_schedule = schedule
-        lrs = [training.lr_at(cfg, s) for s in range(110)]
+        lrs = [optim.lr_at(cfg, s) for s in range(110)]
         assert lrs[:10] == [1e-3 * (s + 1) / 10 for s in range(10)]
         assert lrs[10] == 1e-3
         assert lrs[-1] == (1e-3 if schedule == "constant" else 0.0)
     cfg.lr_schedule = "cosine"
-    assert training.lr_at(cfg, 60) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 50 / 99)))
+    assert optim.lr_at(cfg, 60) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 50 / 99)))
     cfg.lr_schedule = "linear"
-    assert training.lr_at(cfg, 60) == pytest.approx(1e-3 * (1 - 50 / 99))
+    assert optim.lr_at(cfg, 60) == pytest.approx(1e-3 * (1 - 50 / 99))
 
 
 def test_ema_decay_warms_up():
-    cfg = training.Config(ema_decay=0.999, ema_warmup=10)
-    assert training.ema_decay_at(cfg, 0) == 0.1
-    assert training.ema_decay_at(cfg, 90) == 91 / 100
-    assert training.ema_decay_at(cfg, 100000) == 0.999
+    cfg = config.Config(ema_decay=0.999, ema_warmup=10)
+    assert optim.ema_decay_at(cfg, 0) == 0.1
+    assert optim.ema_decay_at(cfg, 90) == 91 / 100
+    assert optim.ema_decay_at(cfg, 100000) == 0.999
 
 
 @pytest.mark.parametrize("warmup", [10, 30])
@@ -346,9 +348,20 @@ def test_plot_reads_the_last_record_of_each_step_and_draws(tmp_path, monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr("builtins.__import__", no_matplotlib)
-    with pytest.raises(runtime.UserError, match="pip install matplotlib"):
+    with pytest.raises(cli.UserError, match="pip install matplotlib"):
         plot.plot(str(log), str(tmp_path / "log.png"))
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
     plot.plot(str(log), str(tmp_path / "log.png"))
     assert (tmp_path / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_minutes_count_from_the_start_of_the_process():
+    """--minutes counts the imports too: a process that spent a second before importing
+    budget.py is at least a second old by budget.process_started(), and not much older."""
+    code = ("import time; t = time.perf_counter(); time.sleep(1.0); import budget; "
+            "print(time.perf_counter() - budget.process_started(), time.perf_counter() - t)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       env=ENV, timeout=60)
+    age, since_t = map(float, r.stdout.split())
+    assert since_t <= age <= since_t + 5.0, (age, since_t)

@@ -1,11 +1,10 @@
-"""The training run's parts shared by train.py and bench.py: the configuration (a dataclass with
-Ho et al.'s defaults, turned into command-line flags and stored in the checkpoint), its
-resolution for a device and a dataset, the data order, and one step of Algorithm 1 with Adam,
-gradient clipping and the EMA.
+"""The run's configuration: a dataclass with Ho et al.'s defaults, turned into command-line flags
+and stored in the checkpoint; the recipes that fill the training settings a run leaves unset; the
+choices left to the machine and the dataset; and the checks of every value before any data or
+model work.
 """
 import argparse
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -13,8 +12,10 @@ import torch
 
 import checkpoint
 import ddpm
-import runtime
+import hardware
+import sampling
 import unet
+from cli import ArgumentParser, UserError, check
 
 CPU_MINUTES = 17.0  # no --steps or --preset on a CPU: a run sized to this wall time
 GPU_STEPS = 30000
@@ -56,7 +57,7 @@ class Config:
                            "--steps or --preset, else off")
     recipe: str = _flag("auto", "the defaults of the training settings marked 'the recipe's' "
                         "(each flag still overrides): ho, Ho et al. 2020's; cpu, tuned for a "
-                        "good model within --minutes on a CPU (see the README); auto: cpu on a "
+                        "good model within --minutes on a CPU (docs/results.md); auto: cpu on a "
                         "CPU, ho elsewhere", choices=("auto", "ho", "cpu"))
     batch_size: int = _flag(None, "global batch size (split over the processes under torchrun)",
                             auto="the recipe's")
@@ -87,19 +88,13 @@ class Config:
     var_type: str = _flag("fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
                           "CIFAR-10 sampler), fixed_small (posterior beta~_t) or learned_range",
                           choices=ddpm.VAR_TYPES)
-    precision: str = _flag("auto", "autocast precision of the network; auto: bf16 where the "
-                           "device runs it fast (CUDA, CPUs with AMX or AVX512-BF16), else fp32",
-                           choices=("auto",) + runtime.PRECISIONS)
+    precision: str = _flag("auto", hardware.PRECISION_HELP, choices=("auto",) + hardware.PRECISIONS)
     compile: bool = _flag(False, "torch.compile the network")
     channels_last: bool = _flag(None, "channels_last memory layout", auto="on for CUDA, off on "
                                 "the CPU")
     seed: int = _flag(0, "seed of the initial weights, the data order, t and the noise")
     out: str = _flag(None, "run directory", auto="runs/<dataset>")
-    resume: bool = _flag(False, "continue the run in --out from its checkpoint")
-    overwrite: bool = _flag(False, "start a new run in an --out that holds one, deleting its "
-                            "checkpoint, log, grids and eval.json (without it such an --out is "
-                            "refused)")
-    device: str = _flag("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _flag("auto", hardware.DEVICE_HELP)
     log_every: int = _flag(50, "steps between lines of log.jsonl")
     sample_every: int = _flag(1000, "steps between sample grids")
     ckpt_every: int = _flag(1000, "steps between checkpoints")
@@ -108,12 +103,21 @@ class Config:
                             "DDIM samples scored by the evaluation classifier (confident, FD, "
                             "entropy, precision, recall) into log.jsonl; 28x28 labelled data only")
     eval_samples: int = _flag(500, "samples per score of --eval-every")
-    sampler: str = _flag("ddim", "sampler of the grids: ddim (--sample-steps steps, --sample-eta) "
-                         "or ddpm (Ho's Algorithm 2, all T steps)", choices=("ddim", "ddpm"))
-    sample_steps: int = _flag(50, "DDIM steps of the sample grids and scores")
-    sample_eta: float = _flag(1.0, "DDIM eta of the grids and scores: 1 is Algorithm 2 on the "
-                              "--sample-steps chain, 0 the deterministic DDIM (see the README's "
-                              "sampler table)")
+    sampler: str = _flag(sampling.DEFAULT_SAMPLER, "sampler of the grids: ddim (--sample-steps "
+                         "steps, --sample-eta) or ddpm (Ho's Algorithm 2, all T steps)",
+                         choices=sampling.SAMPLERS)
+    sample_steps: int = _flag(sampling.DEFAULT_STEPS, "DDIM steps of the sample grids and scores")
+    sample_eta: float = _flag(sampling.DEFAULT_ETA, "DDIM eta of the grids and scores: 1 is "
+                              "Algorithm 2 on the --sample-steps chain, 0 the deterministic DDIM "
+                              "(docs/results.md, the sampler table)")
+
+
+# Flags about the invocation, not the run: they are not stored in its checkpoint.
+INVOCATION = {
+    "resume": "continue the run in --out from its checkpoint",
+    "overwrite": "start a new run in an --out that holds one, deleting its checkpoint, log, "
+                 "grids and eval.json (without it such an --out is refused)",
+}
 
 
 # Each recipe fills the fields a run leaves unset ("auto: the recipe's" in --help).
@@ -122,7 +126,7 @@ RECIPES = {
     # linear schedule, L_simple unweighted.
     "ho": dict(batch_size=128, lr=2e-4, warmup=5000, lr_schedule="constant", ema_decay=0.9999,
                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="none"),
-    # A good model in --minutes on a CPU: the README's table says what each difference bought.
+    # A good model in --minutes on a CPU: docs/results.md says what each difference bought.
     "cpu": dict(batch_size=64, lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.9999,
                 ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="min_snr"),
 }
@@ -139,8 +143,8 @@ FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "m
 # ---- configuration --------------------------------------------------------------------------
 
 def parse_args(argv=None, description=None):
-    """Command-line flags from the Config fields; returns {field: value} for the flags given."""
-    p = runtime.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    """{Config field or INVOCATION flag: value} for the flags given (see --help)."""
+    p = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         default = meta["auto"] or f.default
@@ -152,7 +156,17 @@ def parse_args(argv=None, description=None):
         else:
             kind = {"int": int, "float": float}.get(f.type.__name__, str)
             p.add_argument(flag, type=kind, choices=meta["choices"], help=text)
+    for name, text in INVOCATION.items():
+        p.add_argument("--" + name, action="store_true", help=text)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
+
+
+def split_invocation(given):
+    """({Config field: value}, {INVOCATION flag: bool}) of the flags given."""
+    invocation = {k: bool(given.get(k, False)) for k in INVOCATION}
+    check(not (invocation["resume"] and invocation["overwrite"]), "--resume continues the run in "
+          "--out and --overwrite replaces it; give one of them")
+    return {k: v for k, v in given.items() if k not in INVOCATION}, invocation
 
 
 def default_out(dataset):
@@ -160,15 +174,14 @@ def default_out(dataset):
     return os.path.join("runs", dataset.replace(":", "_").replace("/", "_"))
 
 
-def resolve_config(given, device, image_shape, saved=None):
-    """(Config with every automatic choice made, UNet kwargs) for the flags `given`, the device and
-    the images' (C, H, W). `saved` is the config of the run being resumed. Raises UserError for
-    anything that cannot run, before any data or model work."""
-    validate(Config(**given))
+def resolve(given, device, image_shape, saved=None):
+    """(Config with every automatic choice made, UNet kwargs) for the flags `given` (already
+    checked by validate), the device and the images' (C, H, W). `saved` is the config of the run
+    being resumed. Raises UserError for anything that cannot run, before any model work."""
     if saved is not None:
         changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
-        runtime.check(not changed, f"--resume cannot change {', '.join(changed)} (the checkpoint "
-                      f"has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); start a new --out")
+        check(not changed, f"--resume cannot change {', '.join(changed)} (the checkpoint "
+              f"has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); start a new --out")
         fields = {f.name for f in dataclasses.fields(Config)}
         cfg = Config(**{**{k: v for k, v in saved.items() if k in fields}, **given})
         for key, value in RECIPES["ho"].items():  # what runs saved before these fields meant
@@ -177,13 +190,13 @@ def resolve_config(given, device, image_shape, saved=None):
         kwargs = dict(saved["unet"])
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
-    validate(cfg, complete=True)
+    validate(cfg, complete=True, resuming=saved is not None)
     try:  # the diffusion and the network, built without memory: their own checks, now
         checkpoint.build_diffusion(dataclasses.asdict(cfg))
         with torch.device("meta"):
             unet.UNet(**kwargs)
     except ValueError as e:
-        raise runtime.UserError(f"{e}; change the flags") from None
+        raise UserError(f"{e}; change the flags") from None
     return cfg, kwargs
 
 
@@ -203,13 +216,13 @@ def _fill_automatic(cfg, given, device, image_shape):
         else:
             cfg.steps = GPU_STEPS
     if cfg.channels_last is None:
-        cfg.channels_last = runtime.channels_last_default(device)
-    cfg.precision = runtime.resolve_precision(cfg.precision, device)
+        cfg.channels_last = hardware.channels_last_default(device)
+    cfg.precision = hardware.resolve_precision(cfg.precision, device)
     cfg.out = cfg.out or default_out(cfg.dataset)
     kwargs = {**unet.PRESETS[cfg.preset],
               **{k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}}
     if (H, W) != (kwargs["image_size"],) * 2 or C != kwargs["in_channels"]:
-        runtime.check(H == W, f"images must be square, got {H}x{W}")
+        check(H == W, f"images must be square, got {H}x{W}")
         levels = len(kwargs["channel_mult"])
         if "attn_resolutions" not in given:  # attention at the coarsest level
             kwargs["attn_resolutions"] = (H // 2 ** (levels - 1),)
@@ -220,15 +233,13 @@ def _fill_automatic(cfg, given, device, image_shape):
     return cfg, kwargs
 
 
-def validate(cfg, complete=False):
+def validate(cfg, complete=False, resuming=False):
     """UserError for the first value that cannot run. Fields still None (automatic) are skipped
     unless `complete`."""
     def given(v):
         return v is not None or complete
 
-    checks = [(cfg.resume and cfg.overwrite, "--resume continues the run in --out and --overwrite "
-               "replaces it; give one of them"),
-              (cfg.steps is not None and cfg.minutes is not None and not cfg.resume,
+    checks = [(cfg.steps is not None and cfg.minutes is not None and not resuming,
                "--steps fixes the run's length and --minutes sizes it to a time; give one of them"),
               ((cfg.steps is not None or complete and cfg.minutes is None) and (cfg.steps or 0) < 1,
                f"--steps must be >= 1, got {cfg.steps}"),
@@ -266,100 +277,6 @@ def validate(cfg, complete=False):
                f"--channel-mult must be integers >= 1, got {cfg.channel_mult}")]
     for bad, message in checks:
         if bad:
-            raise runtime.UserError(message)
+            raise UserError(message)
 
 
-# ---- the data order -------------------------------------------------------------------------
-
-class Batches:
-    """The global batch of step s, without state: the data stream is the concatenation of one
-    random permutation per epoch (seeded by (seed, epoch)), and step s takes positions
-    [s B, (s+1) B). Every process computes the same global batch and keeps its own slice."""
-
-    def __init__(self, n, batch_size, seed, device):
-        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self._epoch, self._perm = None, None
-
-    def _permutation(self, epoch):
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
-        return self._perm
-
-    def indices(self, step):
-        start, parts = step * self.batch_size, []
-        while sum(len(p) for p in parts) < self.batch_size:
-            epoch, offset = divmod(start, self.n)
-            take = min(self.n - offset, self.batch_size - sum(len(p) for p in parts))
-            parts.append(self._permutation(epoch)[offset:offset + take])
-            start += take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def step_noise(cfg, step, shape, device):
-    """Algorithm 1's t ~ Uniform({1..T}) and ε ~ N(0, I) for the global batch of `step`, from
-    (seed, step) alone: the same draws after a resume and in every process."""
-    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-    t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
-    noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
-    return t, noise
-
-
-# ---- model, optimiser and the step ----------------------------------------------------------
-
-def ema_update(ema, model, decay):
-    """θ_ema <- decay θ_ema + (1 - decay) θ, for all parameters at once."""
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-def lr_at(cfg, step):
-    """The learning rate of 0-based `step`: linear warmup over cfg.warmup steps to cfg.lr, then
-    constant (Ho et al.), or decaying to 0 at the last step along a half cosine or a line."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup + 1:
-        return cfg.lr
-    progress = (step - cfg.warmup) / (cfg.steps - 1 - cfg.warmup)     # 0 after the warmup, 1 at the end
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * (1 - progress)
-
-
-def ema_decay_at(cfg, step):
-    """min(decay, (1 + step) / (w + step)): the EMA starts as a plain average and reaches its
-    decay as the run goes on (w = cfg.ema_warmup)."""
-    return min(cfg.ema_decay, (1 + step) / (cfg.ema_warmup + step))
-
-
-def build_training(cfg, unet_kwargs, device):
-    """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
-    frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
-    torch.manual_seed(cfg.seed)
-    layout = runtime.memory_format(cfg.channels_last)
-    model = unet.UNet(**unet_kwargs).to(device, memory_format=layout)
-    ema = unet.UNet(**unet_kwargs).to(device, memory_format=layout).eval()
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return model, ema, optimizer, scaler
-
-
-def make_train_step(model_fn, model, ema, optimizer, scaler, diffusion, cfg):
-    """One step of Ho et al.'s Algorithm 1 with Adam, gradient clipping and the EMA update:
-    step_fn(x0, t, noise, step) -> (per-example losses, grad norm), both detached, no host sync."""
-    def step_fn(x0, t, noise, step):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        losses = diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.mean()).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        ema_update(ema, model, ema_decay_at(cfg, step))
-        return losses.detach(), grad_norm.detach()
-    return step_fn

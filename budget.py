@@ -1,0 +1,136 @@
+"""A run sized to a time budget (--minutes): how many training steps fit.
+
+    plan = budget.plan(cfg, parts, diffusion, shape, device, world, started)
+    cfg.steps = plan.steps            # provisional, from a probe on throwaway copies
+    ...each step: new = plan.measure(step); if new: cfg.steps = new   # fixed from the run's own steps
+
+The probe times a few training steps and sampling calls on deep copies of the model (the run
+itself is untouched) and counts in the grids, checkpoints and scores the run will also make. A
+CPU's first seconds run faster than its steady state, so where the learning rate of the first
+steps does not depend on the step count (inside the warmup, or a constant rate) the run then
+times its own steps and fixes the count at step `at`; until then the count is provisional. Every
+process gets rank 0's answer. The count is printed and stored: --steps N repeats the run.
+"""
+import copy
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import hardware
+import optim
+from cli import check
+
+
+def process_started():
+    """The perf_counter() reading of when this process started, so that --minutes counts the
+    imports too (Linux: from /proc/self/stat; elsewhere: when this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.perf_counter() - max(0.0, age)
+    except (OSError, IndexError, ValueError, AttributeError):
+        return _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+class Plan:
+    """The step count of a --minutes run: `steps` now, and measure(step) for the count fixed from
+    the run's own steps (see the module docstring)."""
+
+    def __init__(self, cfg, steps, end, tail_s, extra_s, world, speak, first=None, at=None):
+        self.cfg, self.steps, self.world, self.speak = cfg, steps, world, speak
+        self.end, self.tail_s, self.extra_s = end, tail_s, extra_s
+        self.first, self.at, self.t_first = first, at, None
+
+    def measure(self, step):
+        """After `step` steps: the count fixed from the time of steps first..at (what is left of
+        the budget over the measured seconds per step), at step `at`; None at every other step."""
+        if self.at is None:
+            return None
+        if step == self.first:
+            self.t_first = time.perf_counter()
+        if step != self.at:
+            return None
+        step_s = (time.perf_counter() - self.t_first) / (self.at - self.first)
+        left = self.end - time.perf_counter() - self.tail_s
+        steps = step + max(0, int(left / (step_s + self.extra_s)))
+        if self.world > 1:
+            steps = hardware.broadcast_int(steps)
+        self.steps, self.at = steps, None
+        if self.speak:  # beside the progress bar
+            tqdm.write(f"sized to {self.cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s "
+                       f"each, the run's own steps); --steps {steps} repeats this run",
+                       file=sys.stderr)
+        return steps
+
+
+def plan(cfg, parts, diffusion, shape, device, world, started, speak=True):
+    """The Plan of a --minutes run (cfg.minutes from `started`, a perf_counter() reading) for the
+    model parts (model, ema, optimizer, scaler), which are not changed; `speak`: print the count
+    (the writing process)."""
+    step_s, call_s = probe(cfg, parts, diffusion, shape, device)
+    calls = diffusion.num_timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
+    grid_s = calls * call_s * cfg.num_samples / cfg.batch_size
+    eval_s = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
+    end = started + cfg.minutes * 60
+    tail_s = grid_s + 2.0 + (eval_s if cfg.eval_every else 0)   # final grid, save, score
+    extra_s = (grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every  # per step, on average
+               + (eval_s / cfg.eval_every if cfg.eval_every else 0))
+    steps = int((end - time.perf_counter() - tail_s) / (step_s + extra_s))
+    if world > 1:
+        steps = hardware.broadcast_int(steps)
+    check(steps >= 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
+          f"(one takes {step_s:.1f} s here); give more minutes or --steps")
+    at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
+    first = at // 3  # the steps from `first` to `at` are timed
+    busy = [k for k in (cfg.sample_every, cfg.ckpt_every, cfg.eval_every)  # a grid, save or
+            if k and at // k > first // k]                              # score while timed
+    remeasure = at >= 15 and steps > 2 * at and not busy
+    if speak and remeasure:
+        print(f"sized to {cfg.minutes:g} minutes: about {steps} steps ({step_s:.2f} s each on a "
+              f"probe); the count is fixed at step {at} from the steps' own time", file=sys.stderr)
+    elif speak:
+        print(f"sized to {cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s each, measured); "
+              f"--steps {steps} repeats this run", file=sys.stderr)
+    return Plan(cfg, steps, end, tail_s, extra_s, world, speak,
+                *((first, at) if remeasure else ()))
+
+
+def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):
+    """(seconds per training step, seconds per sampling call at batch cfg.batch_size), median of
+    `timed` after `warmup`, on deep copies of parts; the global RNG is restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model, ema, optimizer, scaler = copy.deepcopy(parts)
+        forward = hardware.as_called(model, cfg.precision, device, cfg.channels_last)
+        trainee = optim.Trainee(model, forward, ema, optimizer, scaler)
+        long_cfg = dataclasses.replace(cfg, steps=10**9)
+        g = torch.Generator(device).manual_seed(0)
+        x0 = torch.rand((cfg.batch_size, *shape), generator=g, device=device) * 2 - 1
+        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        sample = hardware.as_called(ema, cfg.precision, device, cfg.channels_last)
+
+        def timed_median(fn):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(timed):
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            return float(np.median(times))
+
+        step_s = timed_median(lambda: optim.train_step(trainee, diffusion, long_cfg, x0, t, noise, 0))
+        with torch.no_grad():
+            call_s = timed_median(lambda: sample(x0, t))
+    return step_s, call_s

@@ -1,0 +1,119 @@
+"""The optimisation of Algorithm 1, shared by train.py and bench.py: one gradient step (the loss,
+Adam, gradient clipping, the EMA), the model and optimiser it updates, the learning-rate schedule
+and the EMA's decay, and the data order and draws of t and ε of each step (functions of the seed
+and the step alone, so that a resumed or distributed run draws exactly what one process would).
+"""
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+import hardware
+import unet
+
+# ---- the data order -------------------------------------------------------------------------
+
+class Batches:
+    """The global batch of step s, without state: the data stream is the concatenation of one
+    random permutation per epoch (seeded by (seed, epoch)), and step s takes positions
+    [s B, (s+1) B). Every process computes the same global batch and keeps its own slice."""
+
+    def __init__(self, n, batch_size, seed, device):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self._epoch, self._perm = None, None
+
+    def _permutation(self, epoch):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
+        return self._perm
+
+    def indices(self, step):
+        start, parts = step * self.batch_size, []
+        while sum(len(p) for p in parts) < self.batch_size:
+            epoch, offset = divmod(start, self.n)
+            take = min(self.n - offset, self.batch_size - sum(len(p) for p in parts))
+            parts.append(self._permutation(epoch)[offset:offset + take])
+            start += take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def step_noise(cfg, step, shape, device):
+    """Algorithm 1's t ~ Uniform({1..T}) and ε ~ N(0, I) for the global batch of `step`, from
+    (seed, step) alone: the same draws after a resume and in every process."""
+    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+    noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
+    return t, noise
+
+
+# ---- model, optimiser and the step ----------------------------------------------------------
+
+def ema_update(ema, model, decay):
+    """θ_ema <- decay θ_ema + (1 - decay) θ, for all parameters at once."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def lr_at(cfg, step):
+    """The learning rate of 0-based `step`: linear warmup over cfg.warmup steps to cfg.lr, then
+    constant (Ho et al.), or decaying to 0 at the last step along a half cosine or a line."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup + 1:
+        return cfg.lr
+    progress = (step - cfg.warmup) / (cfg.steps - 1 - cfg.warmup)     # 0 after the warmup, 1 at the end
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+def ema_decay_at(cfg, step):
+    """min(decay, (1 + step) / (w + step)): the EMA starts as a plain average and reaches its
+    decay as the run goes on (w = cfg.ema_warmup)."""
+    return min(cfg.ema_decay, (1 + step) / (cfg.ema_warmup + step))
+
+
+class Trainee(NamedTuple):
+    """What a training step updates: the model's parameters (`model`), the model as the loss
+    calls it (`forward`: in its precision and layout, under DDP or torch.compile when asked), its
+    EMA copy, the optimiser and the gradient scaler."""
+    model: torch.nn.Module
+    forward: Callable
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build(cfg, unet_kwargs, device):
+    """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
+    frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
+    torch.manual_seed(cfg.seed)
+    layout = hardware.memory_format(cfg.channels_last)
+    model = unet.UNet(**unet_kwargs).to(device, memory_format=layout)
+    ema = unet.UNet(**unet_kwargs).to(device, memory_format=layout).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return model, ema, optimizer, scaler
+
+
+def train_step(trainee, diffusion, cfg, x0, t, noise, step):
+    """One step of Ho et al.'s Algorithm 1: the gradient of the loss (L_simple: ‖ε - ε_θ(√ᾱ_t x_0
+    + √(1-ᾱ_t) ε, t)‖², weighted as cfg says) at the learning rate of `step`, clipped, an Adam
+    step, then the EMA update. Returns (per-example losses, gradient norm), both detached, with
+    no host sync."""
+    model, optimizer, scaler = trainee.model, trainee.optimizer, trainee.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    losses = diffusion.training_losses(trainee.forward, x0, t, noise=noise)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses.mean()).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    ema_update(trainee.ema, model, ema_decay_at(cfg, step))
+    return losses.detach(), grad_norm.detach()

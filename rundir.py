@@ -1,0 +1,98 @@
+"""A run directory: the names of the files a run writes there, and taking the directory for a
+run (a new run never mixes with an old one's files; a resumed run's log is cut back to its
+checkpoint).
+
+    runs/mnist/ckpt.pt             the checkpoint (checkpoint.py)
+    runs/mnist/log.jsonl           one JSON record per --log-every steps, and the scores
+    runs/mnist/samples_<step>.png  the sample grids, then samples_final.png
+    runs/mnist/eval.json           what evaluate.py measured
+"""
+import json
+import os
+import sys
+
+import files
+from cli import UserError
+
+CHECKPOINT = "ckpt.pt"
+LOG = "log.jsonl"
+EVAL = "eval.json"
+
+
+def grid_name(tag):
+    """samples_<tag>.png: a grid of the run (tag: the step, zero-padded, or "final")."""
+    return f"samples_{tag}.png"
+
+
+def run_files(directory):
+    """The files of a run in `directory`: its checkpoint, log, grids and evaluation."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory)
+                  if n in (CHECKPOINT, LOG, EVAL) or (n.startswith("samples_") and n.endswith(".png")))
+
+
+def refuse_existing(directory, resuming, overwrite):
+    """A new run is refused where another run's files are, unless --overwrite."""
+    found = run_files(directory)
+    if not resuming and found and not overwrite:
+        raise UserError(
+            f"{directory} holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+            "add --resume to continue it, --out DIR for a new run beside it, or --overwrite to "
+            "replace it")
+
+
+def take(directory, resumed_step, overwrite):
+    """Make the run directory ready, under its lock: temporary files of a killed save removed;
+    the check of refuse_existing again (another run may have written since), then with
+    --overwrite the old run's files deleted; a resumed run's log cut back to its checkpoint's
+    step (resumed_step; None for a new run), so that no step is logged twice."""
+    for name in files.remove_stale_temporaries(directory):
+        print(f"removed {os.path.join(directory, name)}, left by a save that was killed",
+              file=sys.stderr)
+    refuse_existing(directory, resumed_step is not None, overwrite)
+    if resumed_step is None:
+        for name in run_files(directory):
+            os.remove(os.path.join(directory, name))
+    else:
+        truncate_log(os.path.join(directory, LOG), resumed_step)
+
+
+def truncate_log(path, step):
+    """Keep the records of log.jsonl up to `step` (the resumed checkpoint's), rewritten atomically;
+    a torn last line (a kill during a write) is dropped too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    files.write_file(path, lambda f: f.write("".join(kept).encode()))
+
+
+class Log:
+    """log.jsonl opened for appending, unbuffered: each record is one write() of a whole line,
+    nothing waits in a buffer. A failed write is one line naming the file."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, LOG)
+        with files.writing(self.path):
+            self.file = open(self.path, "ab", buffering=0)
+
+    def append(self, record):
+        with files.writing(self.path):
+            self.file.write((json.dumps(record) + "\n").encode())
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

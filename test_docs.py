@@ -1,0 +1,147 @@
+"""The docs cannot drift from the code: every command written in README.md and docs/*.md
+(`python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...`, in code blocks and inline code) names a
+script that exists and only flags its --help lists; the README stays a newcomer's page; the
+import graph in docs/layout.md is the code's."""
+import ast
+import contextlib
+import glob
+import importlib
+import io
+import os
+import re
+import shlex
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DOCS = ["README.md", *sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md")))]
+SHELL_BREAKS = {"&&", "||", "|", ";", "#", ">", "2>&1"}
+
+
+def code_spans(text):
+    """The code of a markdown text: each line of its fenced blocks (lines ending in a backslash
+    joined to the next), and each inline code span (line breaks inside it made spaces)."""
+    spans, rest = [], []
+    for i, part in enumerate(re.split(r"^```[^\n]*\n", text, flags=re.M)):
+        if i % 2:  # inside a fence (the closing ``` ends the block)
+            block, _, after = part.partition("```")
+            spans += [line for line in block.replace("\\\n", " ").split("\n") if line.strip()]
+            rest.append(after)
+        else:
+            rest.append(part)
+    for span in re.findall(r"`([^`]+)`", "\n".join(rest)):
+        spans.append(" ".join(span.split()))
+    return spans
+
+
+def commands(text):
+    """[(script, [flags])] of every command in a markdown text that runs a script of this
+    project: `python[3] SCRIPT.py ...`, `torchrun [--opts] SCRIPT.py ...`, or a span that starts
+    with `SCRIPT.py --`. Flags are the `--name` tokens up to a shell separator."""
+    found = []
+    for span in code_spans(text):
+        try:
+            tokens = shlex.split(span, comments=True)
+        except ValueError:  # an unbalanced quote in prose-like code: split on spaces
+            tokens = span.split()
+        for i, token in enumerate(tokens):
+            if not re.fullmatch(r"[\w./-]+\.py", token):
+                continue
+            before = tokens[:i]
+            runner = before[-1:] in (["python"], ["python3"]) or (
+                "torchrun" in before and all(t.startswith("--") or t.isdigit()
+                                             for t in before[before.index("torchrun") + 1:]))
+            bare = i == 0 and len(tokens) > 1 and tokens[1].startswith("--")
+            if not (runner or bare):
+                continue
+            args = []
+            for t in tokens[i + 1:]:
+                if t in SHELL_BREAKS:
+                    break
+                args.append(t)
+            found.append((token, [a.split("=")[0] for a in args if re.fullmatch(r"--[\w-]+(=.*)?", a)]))
+    return found
+
+
+def help_flags(script):
+    """The long flags a script's --help lists."""
+    module = importlib.import_module(os.path.basename(script)[:-3])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    return set(re.findall(r"--[a-z][\w-]*", out.getvalue()))
+
+
+def problems(text):
+    """One line for each command of `text` that names a missing script or an unknown flag."""
+    found, known = [], {}
+    for script, flags in commands(text):
+        if not os.path.isfile(os.path.join(HERE, script)) or os.path.dirname(script):
+            found.append(f"{script}: no such script")
+            continue
+        known.setdefault(script, help_flags(script))
+        found += [f"{script} {flag}: not in its --help" for flag in flags
+                  if flag not in known[script]]
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_command_in_the_docs_runs_a_script_with_flags_it_has(doc):
+    with open(os.path.join(HERE, doc), encoding="utf-8") as f:
+        text = f.read()
+    assert commands(text) or doc != "README.md"
+    assert problems(text) == [], doc
+
+
+def test_the_check_catches_a_doc_line_with_an_unknown_flag():
+    """A doc with a wrong flag, a missing script and good commands in every form: only the wrong
+    ones are reported."""
+    text = ("Run `python train.py --dataset mnist --lr 1e-3` or\n`python train.py --no-such-flag 3`.\n\n"
+            "```bash\npip install -r requirements.txt && python sample.py --n 4 \\\n    --bogus 1\n"
+            "torchrun --nproc_per_node=2 train.py --steps 5\npython missing.py --x\n```\n"
+            "A table row: | `train.py --dataset mnist --stepz 9` |\n")
+    assert sorted(problems(text)) == ["missing.py: no such script",
+                                      "sample.py --bogus: not in its --help",
+                                      "train.py --no-such-flag: not in its --help",
+                                      "train.py --stepz: not in its --help"]
+    assert ("train.py", ["--steps"]) in commands(text)
+
+
+def test_the_readme_is_a_newcomers_page():
+    """At most 8 KB; its first 40 lines give the set-up commands, a picture, and how to train,
+    sample and evaluate."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert len(text.encode()) <= 8192
+    head = "\n".join(text.split("\n")[:40])
+    assert "pip install -r requirements.txt" in head and "python -m pytest" in head
+    assert re.search(r"!\[[^\]]+\]\([^)]+\.png\)", head)
+    for script in ("train.py", "sample.py", "evaluate.py"):
+        assert f"python {script}" in head, script
+
+
+def import_graph():
+    """{module: sorted project modules it imports}, from the import statements."""
+    names = {p[:-3] for p in os.listdir(HERE) if p.endswith(".py") and not p.startswith("test_")
+             and p != "conftest.py"}
+    graph = {}
+    for name in names:
+        with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[name] = sorted((deps & names) - {name})
+    return graph
+
+
+def test_the_import_graph_in_the_docs_is_the_codes():
+    with open(os.path.join(HERE, "docs", "layout.md"), encoding="utf-8") as f:
+        text = f.read()
+    written = {}
+    for line in re.findall(r"^(\w+)\.py\s+-> (.*)$", text, flags=re.M):
+        written[line[0]] = [] if line[1] == "nothing of the project" else line[1].split(", ")
+    assert written == import_graph()
