@@ -266,9 +266,10 @@ def parse_args(argv=None):
                    "needs diffusers, which the project does not depend on")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    cli.check(args.iters is None or args.iters >= 1, f"--iters must be >= 1, got {args.iters}")
-    cli.check(not args.batch_sizes or min(args.batch_sizes) >= 1,
-                  f"--batch-sizes must be >= 1, got {min(args.batch_sizes or [1])}")
+    if args.iters is not None:
+        cli.check_number("--iters", args.iters, 1, 100_000)
+    for batch in args.batch_sizes or ():
+        cli.check_number("--batch-sizes", batch, 1, 1_000_000)
     if args.json:
         files.check_writable(args.json, "--json")
     return args

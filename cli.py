@@ -73,3 +73,19 @@ def check(ok, message):
     """Raise UserError(message) unless ok."""
     if not ok:
         raise UserError(message)
+
+
+def check_number(flag, value, low=None, high=None, open_low=False, open_high=False):
+    """UserError unless `value` (a flag's int or float) is finite and within the range: [low,
+    high], open at an end where asked; None leaves an end unbounded. Every number a flag takes is
+    checked here, so NaN, infinities and values past what the code can hold all get one line."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    low_text, high_text = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
+    ends = (f"{'>' if open_low else '>='} {low_text}" if high is None else
+            f"{'<' if open_high else '<='} {high_text}" if low is None else
+            f"in {'(' if open_low else '['}{low_text}, {high_text}{')' if open_high else ']'}")
+    ok = (integer or (isinstance(value, float) and math.isfinite(value))) and \
+        (low is None or (value > low if open_low else value >= low)) and \
+        (high is None or (value < high if open_high else value <= high))
+    check(ok, f"{flag} must be {'an integer' if integer else 'a finite number'} {ends}, "
+          f"got {value}")

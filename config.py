@@ -5,6 +5,7 @@ model work.
 """
 import argparse
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import ddpm
 import hardware
 import sampling
 import unet
-from cli import ArgumentParser, UserError, check
+from cli import ArgumentParser, UserError, check, check_number
 
 CPU_MINUTES = 17.0  # no --steps or --preset on a CPU: a run sized to this wall time
 GPU_STEPS = 30000
@@ -187,7 +188,7 @@ def resolve(given, device, image_shape, saved=None):
         for key, value in RECIPES["ho"].items():  # what runs saved before these fields meant
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
-        kwargs = dict(saved["unet"])
+        kwargs = saved_network(saved)
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
     validate(cfg, complete=True, resuming=saved is not None)
@@ -198,6 +199,25 @@ def resolve(given, device, image_shape, saved=None):
     except ValueError as e:
         raise UserError(f"{e}; change the flags") from None
     return cfg, kwargs
+
+
+def saved_network(saved):
+    """The UNet kwargs of a resumed run's config; UserError for fields this code's unet.py does
+    not know (a checkpoint of another version)."""
+    kwargs = saved["unet"]
+    check(isinstance(kwargs, dict), f"the checkpoint's network config is {type(kwargs).__name__}, "
+          "not a dict; it is damaged")
+    unknown = sorted(set(kwargs) - set(inspect.signature(unet.UNet).parameters))
+    check(not unknown, f"the checkpoint's network config has {', '.join(unknown)}, which this "
+          "version's unet.py does not know; resume it with the version of this code that wrote it")
+    return dict(kwargs)
+
+
+def carried(saved):
+    """The fields of a resumed run's config that this version does not know (a newer version's):
+    kept as they are in every checkpoint the run writes, so that nothing of it is lost."""
+    known = {f.name for f in dataclasses.fields(Config)} | set(INVOCATION) | {"unet"}
+    return {k: v for k, v in (saved or {}).items() if k not in known}
 
 
 def _fill_automatic(cfg, given, device, image_shape):
@@ -233,50 +253,34 @@ def _fill_automatic(cfg, given, device, image_shape):
     return cfg, kwargs
 
 
+MAX_COUNT = 2 ** 31 - 1  # the largest step, batch, interval or seed a flag may give
+MAX_MINUTES = 1_000_000  # about two years
+
+
 def validate(cfg, complete=False, resuming=False):
-    """UserError for the first value that cannot run. Fields still None (automatic) are skipped
-    unless `complete`."""
-    def given(v):
-        return v is not None or complete
-
-    checks = [(cfg.steps is not None and cfg.minutes is not None and not resuming,
-               "--steps fixes the run's length and --minutes sizes it to a time; give one of them"),
-              ((cfg.steps is not None or complete and cfg.minutes is None) and (cfg.steps or 0) < 1,
-               f"--steps must be >= 1, got {cfg.steps}"),
-              (given(cfg.batch_size) and cfg.batch_size < 1,
-               f"--batch-size must be >= 1, got {cfg.batch_size}"),
-              (given(cfg.lr) and not 0 < cfg.lr < float("inf"),
-               f"--lr must be a finite number > 0, got {cfg.lr}"),
-              (given(cfg.warmup) and cfg.warmup < 0, f"--warmup must be >= 0, got {cfg.warmup}"),
-              (given(cfg.ema_decay) and not 0 <= cfg.ema_decay < 1,
-               f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
-              (given(cfg.ema_warmup) and not cfg.ema_warmup >= 1,
-               f"--ema-warmup must be >= 1, got {cfg.ema_warmup}"),
-              (cfg.minutes is not None and not 0 < cfg.minutes < float("inf"),
-               f"--minutes must be a number > 0, got {cfg.minutes}"),
-              (cfg.eval_every < 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
-              (cfg.eval_samples < 4, f"--eval-samples must be >= 4, got {cfg.eval_samples}"),
-              (not 0 < cfg.grad_clip < float("inf"),
-               f"--grad-clip must be a finite number > 0, got {cfg.grad_clip}"),
-              (cfg.timesteps < 1, f"--timesteps must be >= 1, got {cfg.timesteps}"),
-              (min(cfg.log_every, cfg.sample_every, cfg.ckpt_every) < 1,
-               "--log-every, --sample-every and --ckpt-every must be >= 1"),
-              (cfg.num_samples < 1, f"--num-samples must be >= 1, got {cfg.num_samples}"),
-              (cfg.sample_eta < 0, f"--sample-eta must be >= 0, got {cfg.sample_eta}"),
-              (not 1 <= cfg.sample_steps <= cfg.timesteps,
-               f"--sample-steps must be in [1, --timesteps = {cfg.timesteps}], got {cfg.sample_steps}"),
-              (given(cfg.dropout) and not 0 <= cfg.dropout < 1,
-               f"--dropout must be in [0, 1), got {cfg.dropout}"),
-              (cfg.norm_groups is not None and cfg.norm_groups < 0,
-               f"--norm-groups must be >= 0, got {cfg.norm_groups}"),
-              (given(cfg.base_channels) and cfg.base_channels < 1,
-               f"--base-channels must be >= 1, got {cfg.base_channels}"),
-              (given(cfg.num_res_blocks) and cfg.num_res_blocks < 1,
-               f"--num-res-blocks must be >= 1, got {cfg.num_res_blocks}"),
-              (given(cfg.channel_mult) and min(cfg.channel_mult or (1,)) < 1,
-               f"--channel-mult must be integers >= 1, got {cfg.channel_mult}")]
-    for bad, message in checks:
-        if bad:
-            raise UserError(message)
-
-
+    """UserError for the first value that cannot run: every number finite and in its range (one
+    table, checked by cli.check_number), and the combinations. Fields still None (automatic)
+    are skipped unless `complete`."""
+    check(not (cfg.steps is not None and cfg.minutes is not None and not resuming),
+          "--steps fixes the run's length and --minutes sizes it to a time; give one of them")
+    check(cfg.steps is not None or cfg.minutes is not None or not complete,
+          "--steps or --minutes must be given")
+    inf = None
+    ranges = [  # (field, low, high, open at the low end, open at the high end)
+        ("steps", 1, MAX_COUNT), ("minutes", 0, MAX_MINUTES, True), ("batch_size", 1, MAX_COUNT),
+        ("lr", 0, inf, True), ("warmup", 0, MAX_COUNT), ("grad_clip", 0, inf, True),
+        ("ema_decay", 0, 1, False, True), ("ema_warmup", 1, inf), ("timesteps", 1, 100_000),
+        ("snr_gamma", 0, inf, True), ("p2_k", 0, inf, True), ("p2_gamma", 0, inf),
+        ("seed", 0, MAX_COUNT), ("log_every", 1, MAX_COUNT), ("sample_every", 1, MAX_COUNT),
+        ("ckpt_every", 1, MAX_COUNT), ("num_samples", 1, 100_000), ("eval_every", 0, MAX_COUNT),
+        ("eval_samples", 4, 1_000_000), ("sample_eta", 0, inf),
+        ("sample_steps", 1, cfg.timesteps if isinstance(cfg.timesteps, int) else inf),
+        ("dropout", 0, 1, False, True), ("norm_groups", 0, 4096), ("base_channels", 1, 65536),
+        ("num_res_blocks", 1, 64)]
+    for name, low, high, *open_ends in ranges:
+        value = getattr(cfg, name)
+        if value is not None:
+            check_number("--" + name.replace("_", "-"), value, low, high, *open_ends)
+    for name in ("channel_mult", "attn_resolutions"):
+        for value in getattr(cfg, name) or ():
+            check_number("--" + name.replace("_", "-"), value, 1, 65536)

@@ -691,9 +691,11 @@ def parse_args(argv=None):
     p.add_argument("--grid", metavar="PNG", help="also save the first --count images here")
     p.add_argument("--count", type=int, default=64, help="images in the --grid")
     args = p.parse_args(argv)
-    cli.check(args.count >= 1, f"--count must be >= 1, got {args.count}")
+    cli.check_number("--count", args.count, 1, 1_000_000)
     check_name(args.name)
     if args.grid:
+        cli.check(args.grid.endswith(".png"), f"--grid must end in .png (a PNG file is "
+                  f"written), got {args.grid}")
         files.check_writable(args.grid, "--grid")
     return args
 

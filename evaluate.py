@@ -88,14 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--json", help="where to write the results (default: eval.json beside the "
                    "checkpoint)")
     args = p.parse_args(argv)
-    for name in ("n", "samples"):
-        value = getattr(args, name)
-        cli.check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
-    for name in ("nll_batch_size", "batch_size"):
-        cli.check(getattr(args, name) >= 1,
-                      f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for flag, value, low, high in (("--n", args.n, 0, 10_000_000),
+                                   ("--samples", args.samples, 0, 10_000_000),
+                                   ("--nll-batch-size", args.nll_batch_size, 1, 1_000_000),
+                                   ("--batch-size", args.batch_size, 1, 1_000_000),
+                                   ("--seed", args.seed, 0, 2 ** 31 - 1)):
+        if value is not None:
+            cli.check_number(flag, value, low, high)
     cli.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
-                  f"use 3 neighbours), got {args.samples}")
+              f"use 3 neighbours), got {args.samples}")
     sampling.check_arguments(args)
     if args.dataset:
         data.check_name(args.dataset)

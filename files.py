@@ -114,22 +114,27 @@ class DirectoryLock:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
             return self
-        os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, self.NAME)
-        self.file = open(path, "a+")
+        with writing(path):  # a full disk or a read-only place: one line
+            os.makedirs(self.directory, exist_ok=True)
+            self.file = open(path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
-            self.file.close()
-            self.file = None
+            self.__exit__()
             raise UserError(f"the {self.what} {self.directory} is in use by {holder}; wait for it "
                             "to finish or choose another --out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"process {os.getpid()}")
-        self.file.flush()
+        try:
+            with writing(path):  # who holds the lock, for the message of a second holder
+                self.file.seek(0)
+                self.file.truncate()
+                self.file.write(f"process {os.getpid()}")
+                self.file.flush()
+        except UserError:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):

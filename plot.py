@@ -7,7 +7,6 @@ against the step and against wall time. Where a resumed run logged a step twice,
 record counts. Needs matplotlib (`pip install matplotlib`), imported only here; a few hundred
 samples give biased FD and precision/recall: the plot shows their trend, evaluate.py their value.
 """
-import json
 import os
 import sys
 
@@ -19,23 +18,24 @@ MATPLOTLIB_HINT = "pip install matplotlib"
 
 
 def read_log(path):
-    """(training records, score records) of a log.jsonl, each sorted by step, the last record of
-    a step winning; torn or foreign lines are skipped."""
-    found = {"train": {}, "eval": {}}
+    """(training records, score records, lines skipped) of a log.jsonl, each sorted by step, the
+    last record of a step winning; lines that are not records of a run (torn, damaged, foreign,
+    or with a plotted field that is not a number) are skipped."""
     try:
-        with open(path) as f:
-            lines = f.readlines()
+        records, skipped = rundir.read_log(path)
     except OSError as e:
         raise cli.UserError(f"cannot read {path} ({os.strerror(e.errno)}); give a run "
-                                "directory or its log.jsonl") from None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            found["eval" if record.get("kind") == "eval" else "train"][record["step"]] = record
-    return [[found[k][s] for s in sorted(found[k])] for k in ("train", "eval")]
+                            "directory or its log.jsonl") from None
+    found = {"train": {}, "eval": {}}
+    for record, _ in records:
+        kind = "eval" if record.get("kind") == "eval" else "train"
+        plotted = [key for p in PANELS if p[0] == kind for key in (*p[1], "time_s") if key in record]
+        if all(record[key] is None or rundir.is_number(record[key]) for key in plotted):
+            found[kind][record["step"]] = record
+        else:
+            skipped += 1
+    train, scores = ([found[k][s] for s in sorted(found[k])] for k in ("train", "eval"))
+    return train, scores, skipped
 
 
 def series(records, key):
@@ -54,8 +54,12 @@ PANELS = [("train", {"loss": "all t", **QUARTERS}, "training loss", True),
 
 
 def plot(path, out):
-    train, scores = read_log(path)
-    cli.check(train or scores, f"{path} holds no log records yet")
+    train, scores, skipped = read_log(path)
+    cli.check(train or scores, f"{path} holds no records of a run"
+              + (f" ({skipped} line(s) are damaged or not a run's)" if skipped else " yet"))
+    if skipped:
+        print(f"{path}: skipped {skipped} line(s) that are damaged or not a run's records",
+              file=sys.stderr)
     try:
         import matplotlib
         matplotlib.use("Agg")

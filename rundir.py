@@ -58,20 +58,40 @@ def take(directory, resumed_step, overwrite):
         truncate_log(os.path.join(directory, LOG), resumed_step)
 
 
+def read_log(path):
+    """([(record, its line)], lines skipped) of a log.jsonl: a record is a JSON object with an
+    integer "step". Lines that are not UTF-8, not JSON, torn by a kill, or of another kind are
+    skipped and counted."""
+    kept, skipped = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line)
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+                skipped += 1
+                continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                kept.append((record, line if line.endswith("\n") else line + "\n"))
+            else:
+                skipped += 1
+    return kept, skipped
+
+
+def is_number(value):
+    """An int or float that JSON gave (not a bool, which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def truncate_log(path, step):
     """Keep the records of log.jsonl up to `step` (the resumed checkpoint's), rewritten atomically;
-    a torn last line (a kill during a write) is dropped too."""
+    a torn last line (a kill during a write), and any line that is not a record, is dropped."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", step + 1) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    with files.writing(path):  # unreadable: one line
+        records, _ = read_log(path)
+    kept = [line for record, line in records if record["step"] <= step]
     files.write_file(path, lambda f: f.write("".join(kept).encode()))
 
 

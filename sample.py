@@ -39,10 +39,11 @@ def parse_args(argv=None):
                    help="torch.compile the network (CUDA graphs on a GPU); pays off for long runs")
     hardware.add_arguments(p)
     args = p.parse_args(argv)
-    cli.check(args.n >= 1, f"--n must be >= 1, got {args.n}")
-    cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.check_number("--n", args.n, 1, 10_000_000)
+    cli.check_number("--batch-size", args.batch_size, 1, 1_000_000)
+    cli.check_number("--seed", args.seed, 0, 2 ** 31 - 1)
     sampling.check_arguments(args)
-    cli.check(args.trajectory >= 0, f"--trajectory must be >= 0, got {args.trajectory}")
+    cli.check_number("--trajectory", args.trajectory, 0, 100_000)
     cli.check(args.out.endswith((".png", ".npz")),
                   f"--out must end in .png or .npz, got {args.out}")
     files.check_writable(args.out)
@@ -68,6 +69,9 @@ def main(argv=None):
                                   compile=args.compile)
     args.steps = sampling.steps_for(args.sampler, args.steps, model.diffusion)
     name = sampling.describe(args.sampler, args.steps, args.eta, model.diffusion)
+    calls = sampling.network_calls(args.sampler, args.steps, model.diffusion)
+    cli.check(args.trajectory <= calls, f"--trajectory {args.trajectory} asks for more snapshots "
+              f"than the {calls} steps of {name}; give at most {calls}")
     print(f"sampling {args.n} images from {path} with {name} ({model.precision})", file=sys.stderr)
     shape = (model.module.in_channels, model.module.image_size, model.module.image_size)
     x, traj = sampling.generate(model.network, model.diffusion, shape, args.n, args.batch_size,

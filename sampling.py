@@ -5,7 +5,7 @@ sampler's flags and its defaults, written here once.
 import torch
 from tqdm import tqdm
 
-from cli import check
+from cli import check, check_number
 
 SAMPLERS = ("ddpm", "ddim")
 # The default sampler everywhere (sample.py, evaluate.py, the training grids and scores): DDIM-50
@@ -30,8 +30,9 @@ def add_arguments(p):
 
 def check_arguments(args):
     """What add_arguments' flags must be, before any checkpoint is read."""
-    check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    check(0 <= args.eta < float("inf"), f"--eta must be a finite number >= 0, got {args.eta}")
+    if args.steps is not None:
+        check_number("--steps", args.steps, 1, 100_000)
+    check_number("--eta", args.eta, 0)
 
 
 def steps_for(sampler, steps, diffusion):
@@ -42,6 +43,12 @@ def steps_for(sampler, steps, diffusion):
                   f"--steps {steps} must be in [1, the model's T = {diffusion.num_timesteps}] "
                   "for DDIM")
     return steps
+
+
+def network_calls(sampler, steps, diffusion):
+    """The steps of a sampling loop, one network call each: T for Algorithm 2, the respaced
+    chain's length for DDIM."""
+    return diffusion.num_timesteps if sampler == "ddpm" else len(diffusion.ddim_timesteps(steps))
 
 
 def describe(sampler, steps, eta, diffusion):
@@ -61,7 +68,7 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
     the same images. clip_denoised: x̂_0 clipped to [-1, 1] at each step (Ho et al.'s sampler)."""
     g = torch.Generator(device).manual_seed(seed)
     starts = range(0, n, batch_size)
-    calls = diffusion.num_timesteps if sampler == "ddpm" else len(diffusion.ddim_timesteps(steps))
+    calls = network_calls(sampler, steps, diffusion)
     # One bar over every network call, so the time estimate is there from the first seconds.
     bar = tqdm(total=len(starts) * calls, desc=f"sampling {n} images", unit="step",
                disable=not progress, leave=False)

@@ -60,6 +60,15 @@ def world(tmp_path_factory):
                bad / "other_arch.pt")
     torch.save({"format_version": 1, "model": {}, "test_accuracy": 0.5}, bad / "classifier.pt")
     (bad / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (bad / "resume_unknown_unet").mkdir()
+    torch.save({**state, "config": {**state["config"],
+                                    "unet": {**state["config"]["unet"], "future_field": 1}}},
+               bad / "resume_unknown_unet" / "ckpt.pt")
+    logs = root / "logs"
+    logs.mkdir()
+    (logs / "binary.jsonl").write_bytes(b"\xff\xfe not text\n\x80\x81\n")
+    (logs / "strings.jsonl").write_text('{"step": 2, "loss": "0.5"}\n{"step": "4", "loss": 0.4}\n'
+                                        '{"step": 6, "loss": 0.3, "time_s": "late"}\n[1, 2]\n')
     (root / "a_file").write_text("")
     (root / "empty_run").mkdir()
     return {"root": root, "npz": npz, "cache": cache, "run": run, "bad": bad}
@@ -85,42 +94,58 @@ def train_cases(w):
         ([*new, "--var-type", "fixed-large"], "invalid choice: 'fixed-large'"),
         ([*new, "--schedule", "bogus"], "invalid choice: 'bogus'"),
         ([*new, "--mean-type", "epsilon"], "invalid choice: 'epsilon'"),
-        ([*new, "--timesteps", "0"], "--timesteps must be >= 1"),
+        ([*new, "--timesteps", "0"], "--timesteps must be an integer in [1, 100000], got 0"),
         ([*new, "--timesteps", "10"], "beta"),
         ([*new, "--loss-type", "hybrid", "--var-type", "fixed_large"], "hybrid"),
         ([*new, "--loss-type", "simple", "--var-type", "learned_range"], "learned_range"),
         ([*new, "--channel-mult", "1", "2", "2", "2", "2"], "image_size 8 must be divisible"),
         ([*new, "--attn-resolutions", "3"], "attn_resolutions [3] never reached"),
         ([*new, "--base-channels", "3"], "base_channels must be even"),
-        ([*new, "--channel-mult", "0", "2"], "--channel-mult must be integers >= 1"),
-        ([*new, "--num-res-blocks", "0"], "--num-res-blocks must be >= 1"),
-        ([*new, "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        ([*new, "--channel-mult", "0", "2"], "--channel-mult must be an integer in [1, 65536], got 0"),
+        ([*new, "--num-res-blocks", "0"], "--num-res-blocks must be an integer in [1, 64], got 0"),
+        ([*new, "--dropout", "1.5"], "--dropout must be a finite number in [0, 1), got 1.5"),
         ([*new, "--preset", "huge"], "invalid choice: 'huge'"),
         ([*new, "--precision", "fp8"], "invalid choice: 'fp8'"),
         # numbers out of range, silently wrong before
-        ([*new, "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([*new, "--batch-size", "0"], "--batch-size must be an integer in [1, 2147483647], got 0"),
         ([*new, "--lr", "0"], "--lr must be a finite number > 0"),
         ([*new, "--lr", "nan"], "--lr must be a finite number > 0"),
         ([*new, "--lr", "inf"], "--lr must be a finite number > 0"),
-        ([*new, "--steps", "-5"], "--steps must be >= 1"),
+        ([*new, "--steps", "-5"], "--steps must be an integer in [1, 2147483647], got -5"),
         ([*new, "--steps", "ten"], "invalid int value: 'ten'"),
-        ([*new, "--warmup", "-1"], "--warmup must be >= 0"),
-        ([*new, "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
-        ([*new, "--ema-warmup", "0"], "--ema-warmup must be >= 1"),
-        ([*new, "--minutes", "0"], "--minutes must be a number > 0"),
-        ([*new, "--sample-eta", "-0.5"], "--sample-eta must be >= 0"),
+        ([*new, "--warmup", "-1"], "--warmup must be an integer in [0, 2147483647], got -1"),
+        ([*new, "--ema-decay", "1"], "--ema-decay must be a finite number in [0, 1), got 1.0"),
+        ([*new, "--ema-warmup", "0"], "--ema-warmup must be a finite number >= 1, got 0.0"),
+        ([*new, "--minutes", "0"], "--minutes must be a finite number in (0, 1000000], got 0.0"),
+        ([*new, "--sample-eta", "-0.5"], "--sample-eta must be a finite number >= 0, got -0.5"),
         ([*new, "--minutes", "5", "--steps", "10"], "give one of them"),
+        # numbers that are not finite or past what the code can hold
+        ([*new, "--sample-eta", "nan"], "--sample-eta must be a finite number >= 0, got nan"),
+        ([*new, "--minutes", "1e308"], "--minutes must be a finite number in (0, 1000000], got 1e+308"),
+        ([*new, "--minutes", "nan"], "--minutes must be a finite number in (0, 1000000], got nan"),
+        ([*new, "--grad-clip", "inf"], "--grad-clip must be a finite number > 0, got inf"),
+        ([*new, "--ema-warmup", "nan"], "--ema-warmup must be a finite number >= 1, got nan"),
+        ([*new, "--ema-decay=-inf"], "--ema-decay must be a finite number in [0, 1), got -inf"),
+        ([*new, "--p2-gamma=-1"], "--p2-gamma must be a finite number >= 0, got -1.0"),
+        ([*new, "--p2-k", "nan"], "--p2-k must be a finite number > 0, got nan"),
+        ([*new, "--dropout", "nan"], "--dropout must be a finite number in [0, 1), got nan"),
+        ([*new, "--lr", "1e400"], "--lr must be a finite number > 0, got inf"),
+        ([*new, "--seed", "-1"], "--seed must be an integer in [0, 2147483647], got -1"),
+        ([*new, "--seed", "99999999999999999999"], "--seed must be an integer in [0, 2147483647]"),
+        ([*new, "--steps", "99999999999999999999"], "--steps must be an integer in [1, 2147483647]"),
+        ([*new, "--timesteps", "1000000000"], "--timesteps must be an integer in [1, 100000]"),
+        ([*new, "--log-every", "99999999999999999999"], "--log-every must be an integer"),
         ([*new, "--lr-schedule", "step"], "invalid choice: 'step'"),
         ([*new, "--loss-weighting", "snr"], "invalid choice: 'snr'"),
-        ([*new, "--loss-weighting", "min_snr", "--snr-gamma", "0"], "snr_gamma > 0"),
-        ([*new, "--eval-every", "-1"], "--eval-every must be >= 0"),
+        ([*new, "--loss-weighting", "min_snr", "--snr-gamma", "0"], "--snr-gamma must be a finite number > 0, got 0.0"),
+        ([*new, "--eval-every", "-1"], "--eval-every must be an integer in [0, 2147483647], got -1"),
         ([*new, "--eval-every", "5"], "--eval-every scores 28x28 datasets with labels"),
         ([*new, "--resume", "--overwrite"], "give one of them"),
         ([*new, "--norm-groups", "3"], "norm_groups 3 does not divide"),
         ([*new, "--grad-clip", "0"], "--grad-clip must be a finite number > 0"),
         ([*new, "--log-every", "0"], "--log-every"),
-        ([*new, "--num-samples", "0"], "--num-samples must be >= 1"),
-        ([*new, "--sample-steps", "500"], "--sample-steps must be in [1, --timesteps = 100]"),
+        ([*new, "--num-samples", "0"], "--num-samples must be an integer in [1, 100000], got 0"),
+        ([*new, "--sample-steps", "500"], "--sample-steps must be an integer in [1, 100], got 500"),
         ([*new, "--unknown-flag"], "unrecognized arguments"),
         # devices
         ([*new, "--device", "tpu"], "unknown --device 'tpu'"),
@@ -138,6 +163,8 @@ def train_cases(w):
         (["--dataset", npz, "--out", run, "--resume", "--base-channels", "16"],
          "cannot change base_channels"),
         (["--dataset", npz, "--out", str(bad / "resume_version_only"), "--resume"], "lacks"),
+        (["--dataset", npz, "--out", str(bad / "resume_unknown_unet"), "--resume"],
+         "has future_field, which this version's unet.py does not know"),
     ]
 
 
@@ -147,16 +174,22 @@ def sample_cases(w):
     return [
         (["--ckpt", str(root / "missing.pt"), *out], "no checkpoint"),
         (["--ckpt", str(root / "empty_run"), *out], "no checkpoint"),
-        (["--ckpt", run, "--n", "0", *out], "--n must be >= 1"),
-        (["--ckpt", run, "--batch-size", "0", *out], "--batch-size must be >= 1"),
+        (["--ckpt", run, "--n", "0", *out], "--n must be an integer in [1, 10000000], got 0"),
+        (["--ckpt", run, "--batch-size", "0", *out], "--batch-size must be an integer in [1, 1000000], got 0"),
         (["--ckpt", run, "--out", "x.jpg"], ".png or .npz"),
         (["--ckpt", run, "--out", "/proc/nope.png"], "cannot write in /proc"),
         (["--ckpt", run, "--out", "/proc/nope.npz"], "cannot write in /proc"),
         (["--ckpt", run, "--out", str(root / "a_file" / "x.png")], "is not a directory"),
         (["--ckpt", run, "--eta", "-1", *out], "--eta must be a finite number >= 0"),
-        (["--ckpt", run, "--trajectory", "-1", *out], "--trajectory must be >= 0"),
+        (["--ckpt", run, "--trajectory", "-1", *out], "--trajectory must be an integer in [0, 100000], got -1"),
+        (["--ckpt", run, "--steps", "5", "--trajectory", "10", *out],
+         "--trajectory 10 asks for more snapshots than the 5 steps of DDIM-5 eta=1"),
+        (["--ckpt", run, "--sampler", "ddpm", "--trajectory", "101", *out],
+         "than the 100 steps of DDPM-100"),
+        (["--ckpt", run, "--eta", "nan", *out], "--eta must be a finite number >= 0, got nan"),
+        (["--ckpt", run, "--seed", "-1", *out], "--seed must be an integer in [0, 2147483647]"),
         (["--ckpt", run, "--sampler", "ddim", "--steps", "5000", *out], "--steps 5000 must be in"),
-        (["--ckpt", run, "--steps", "0", *out], "--steps must be >= 1"),
+        (["--ckpt", run, "--steps", "0", *out], "--steps must be an integer in [1, 100000], got 0"),
         (["--ckpt", run, "--device", "tpu", *out], "unknown --device 'tpu'"),
         (["--ckpt", run, "--device", "cuda:7", *out], "--device"),
         (["--ckpt", run, "--precision", "fp8", *out], "invalid choice: 'fp8'"),
@@ -176,10 +209,13 @@ def evaluate_cases(w):
     run, bad, root = str(w["run"]), w["bad"], w["root"]
     return [
         (["--ckpt", run, "--samples", "2"], "--samples must be 0 or at least 4"),
-        (["--ckpt", run, "--n", "-1"], "--n must be >= 0"),
+        (["--ckpt", run, "--n", "-1"], "--n must be an integer in [0, 10000000], got -1"),
         (["--ckpt", run, "--n", "0", "--samples", "0"], "nothing to evaluate"),
         (["--ckpt", run, "--eta", "-1"], "--eta must be a finite number >= 0"),
-        (["--ckpt", run, "--nll-batch-size", "0"], "--nll-batch-size must be >= 1"),
+        (["--ckpt", run, "--eta", "inf"], "--eta must be a finite number >= 0, got inf"),
+        (["--ckpt", run, "--seed", "99999999999"], "--seed must be an integer in [0, 2147483647]"),
+        (["--ckpt", run, "--batch-size", "0"], "--batch-size must be an integer in [1, 1000000]"),
+        (["--ckpt", run, "--nll-batch-size", "0"], "--nll-batch-size must be an integer in [1, 1000000], got 0"),
         (["--ckpt", run, "--device", "tpu"], "unknown --device"),
         (["--ckpt", run, "--sampler", "ddim", "--steps", "5000"], "--steps 5000 must be in"),
         (["--ckpt", run, "--json", "/proc/nope.json"], "cannot write in /proc"),
@@ -193,10 +229,10 @@ def evaluate_cases(w):
 
 def bench_cases(w):
     return [
-        (["--iters", "0"], "--iters must be >= 1"),
+        (["--iters", "0"], "--iters must be an integer in [1, 100000], got 0"),
         (["--presets", "huge"], "invalid choice: 'huge'"),
         (["--device", "tpu"], "unknown --device"),
-        (["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
+        (["--batch-sizes", "0"], "--batch-sizes must be an integer in [1, 1000000], got 0"),
         (["--json", "/proc/nope.json"], "cannot write in /proc"),
     ]
 
@@ -205,9 +241,11 @@ def data_cases(w):
     return [
         (["imagenet"], "unknown dataset 'imagenet'"),
         (["mnist", "--split", "val"], "invalid choice: 'val'"),
-        (["mnist", "--count", "0"], "--count must be >= 1"),
+        (["mnist", "--count", "0"], "--count must be an integer in [1, 1000000], got 0"),
         (["mnist", "--grid", "/proc/x.png"], "cannot write in /proc"),
         (["npz:/no/such.npz"], "does not exist"),
+        (["mnist", "--grid", "x.jpg"], "--grid must end in .png"),
+        (["mnist", "--count", "nan"], "invalid int value"),
     ]
 
 
@@ -236,7 +274,11 @@ def plot_cases(w):
     run, root = str(w["run"]), w["root"]
     return [([str(root / "nowhere")], "no log at"), ([run, "--out", "x.jpg"], "must end in .png"),
             ([run, "--out", "/proc/x.png"], "cannot write in /proc"),
-            ([str(root / "empty_run")], "no log at")]
+            ([str(root / "empty_run")], "no log at"),
+            ([str(root / "logs" / "binary.jsonl"), "--out", str(root / "p.png")],
+             "holds no records of a run (2 line(s) are damaged"),
+            ([str(root / "logs" / "strings.jsonl"), "--out", str(root / "p.png")],
+             "holds no records of a run (4 line(s) are damaged")]
 
 
 SCRIPTS = {"train": (train.main, train_cases), "convert": (convert.main, convert_cases),

@@ -4,6 +4,7 @@ non-finite checkpoint and says truly what is kept; an existing run directory is 
 full disk while saving is one line with the previous checkpoint intact and no temporary file;
 Ctrl-C while sampling changes nothing; stale temporary files go; a resumed log has each step once.
 Each test checks that no file the user had changed or vanished."""
+import contextlib
 import errno
 import hashlib
 import json
@@ -23,6 +24,7 @@ import files
 import rundir
 import sample
 import train
+import unet
 
 TINY = {"base_channels": 8, "norm_groups": 4, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
         "dropout": 0.0, "timesteps": 50, "batch_size": 8, "lr": 2e-3, "warmup": 2,
@@ -218,3 +220,121 @@ def test_a_resumed_log_has_each_step_once(npz, tmp_path):
     run_train(npz, tmp_path, steps=8, resume=True)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
     assert steps == [2, 4, 6, 8]
+
+
+def test_the_command_a_stopped_run_prints_works(npz, tmp_path, capsys, monkeypatch):
+    """A run started with --overwrite and stopped by a signal says `continue with --resume --out
+    DIR`; that command, as printed, continues it (the invocation's flags are not stored in the
+    run's config, so --resume is not refused as a change of --overwrite)."""
+    (tmp_path / "log.jsonl").write_text("")  # an old run's file: --overwrite is needed
+    stop = {"signal": signal.SIGTERM}
+    monkeypatch.setattr(train, "stop_on_signals", lambda: contextlib.nullcontext(stop))
+    argv = ["--dataset", npz, "--out", str(tmp_path), "--steps", "6", "--overwrite", *TINY_FLAGS]
+    code, lines = run_main(train.main, argv, capsys)
+    assert code == 128 + signal.SIGTERM
+    command = lines[-1].split("continue with ")[1].split()
+    assert command == ["--resume", "--out", str(tmp_path)]
+    assert "overwrite" not in checkpoint.load(tmp_path)["config"]
+    monkeypatch.undo()
+    cli.run_script(train.main, command)  # no SystemExit: done
+    assert checkpoint.load(tmp_path)["step"] == 6
+
+
+TINY_FLAGS = ["--base-channels", "8", "--norm-groups", "4", "--channel-mult", "1", "2",
+              "--num-res-blocks", "1", "--attn-resolutions", "4", "--timesteps", "50",
+              "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--log-every", "2",
+              "--num-samples", "2", "--sample-steps", "2"]
+
+
+def test_resume_keeps_going_over_a_damaged_log(npz, tmp_path):
+    """A log.jsonl with lines that are not UTF-8, not JSON, or records whose step is not an
+    integer: --resume drops those lines with the steps past the checkpoint, and goes on."""
+    run_train(npz, tmp_path, steps=4)
+    with open(tmp_path / "log.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\x00 not text\n" + b'{"step": "3", "loss": 1}\n' + b'[1, 2]\n'
+                + b'{"step": true, "loss": 1}\n' + json.dumps({"step": 6, "loss": 1.0}).encode() + b"\n")
+    run_train(npz, tmp_path, steps=8, resume=True)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl", encoding="utf-8")]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_a_full_disk_while_the_lock_records_its_holder_is_one_line(npz, tmp_path, capsys,
+                                                                  monkeypatch):
+    """ENOSPC when the run directory's lock file records the process id: one line naming it, the
+    lock released (the next run takes it), no traceback."""
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith(files.DirectoryLock.NAME):
+            def write(text):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.write = write
+        return f
+
+    monkeypatch.setattr(files, "open", full, raising=False)
+    argv = ["--dataset", npz, "--out", str(tmp_path / "run"), "--steps", "2", *TINY_FLAGS]
+    code, lines = run_main(train.main, argv, capsys)
+    assert code == 2 and len(lines) == 1 and ".lock" in lines[0] \
+        and "No space left on device" in lines[0], lines
+    monkeypatch.undo()
+    run_train(npz, tmp_path / "run", steps=2)
+    assert checkpoint.load(tmp_path / "run")["step"] == 2
+
+
+def test_config_fields_of_a_newer_version_survive_a_resume(npz, tmp_path):
+    """A checkpoint whose config holds a field this version does not know (written by a newer
+    one) resumes, and every checkpoint the run then writes keeps the field as it was."""
+    run_train(npz, tmp_path, steps=4)
+    state = checkpoint.load(tmp_path, required=checkpoint.RUN_KEYS)
+    state["config"]["a_newer_field"] = {"kept": [1, 2]}
+    torch.save(state, tmp_path / "ckpt.pt")
+    run_train(npz, tmp_path, steps=8, resume=True)
+    after = checkpoint.load(tmp_path)
+    assert after["step"] == 8 and after["config"]["a_newer_field"] == {"kept": [1, 2]}
+
+
+def test_plot_skips_damaged_lines_and_says_so(npz, tmp_path, capsys):
+    """plot.py over a log with a line that is not UTF-8 and a record whose loss is a string:
+    the picture is drawn from the good records, and one line says how many were skipped."""
+    pytest.importorskip("matplotlib")
+    import plot
+    run_train(npz, tmp_path, steps=4)
+    with open(tmp_path / "log.jsonl", "ab") as f:
+        f.write(b"\x80\x81\n" + json.dumps({"step": 6, "loss": "0.5"}).encode() + b"\n")
+    train_records, _, skipped = plot.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in train_records] == [2, 4] and skipped == 2
+    capsys.readouterr()
+    plot.main([str(tmp_path)])
+    assert "skipped 2 line(s)" in capsys.readouterr().err
+    assert (tmp_path / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_infinite_weights_are_never_saved(npz, tmp_path, bad, monkeypatch):
+    """Not only NaN: an infinity in the EMA weights stops the run before a checkpoint holds it,
+    and the message names the step really kept."""
+    run_train(npz, tmp_path, steps=4)
+    real = train.optim.ema_update
+    calls = {"n": 0}
+
+    def poisoned(ema, model, decay):
+        real(ema, model, decay)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(ema.parameters()).view(-1)[0] = bad
+
+    monkeypatch.setattr(train.optim, "ema_update", poisoned)
+    with pytest.raises(train.TrainError, match="non-finite weights at step 8.*step 4"):
+        run_train(npz, tmp_path, steps=8, resume=True)
+    assert finite(checkpoint.load(tmp_path)) and checkpoint.load(tmp_path)["step"] == 4
+
+
+def test_an_infinite_loss_stops_the_run(npz, tmp_path, monkeypatch):
+    run_train(npz, tmp_path, steps=4)
+    forward = unet.UNet.forward
+    monkeypatch.setattr(unet.UNet, "forward", lambda self, x, t, *a: forward(self, x, t) + float("inf"))
+    with pytest.raises(train.TrainError, match="non-finite loss by step 5;.*step 4"):
+        run_train(npz, tmp_path, steps=8, resume=True, log_every=1)  # +inf, not yet NaN, at 5
+    assert checkpoint.load(tmp_path)["step"] == 4

@@ -337,7 +337,8 @@ def test_plot_reads_the_last_record_of_each_step_and_draws(tmp_path, monkeypatch
         {"step": 4, "loss": 0.4, "time_s": 3},        # a resumed run's replay: the last counts
         {"step": 4, "kind": "eval", "fd": 9.0, "confident_fraction": 0.5, "class_entropy": 2.0,
          "time_s": 4}]) + '\n{"step": 6, "lo')
-    train_records, scores = plot.read_log(log)
+    train_records, scores, skipped = plot.read_log(log)
+    assert skipped == 1  # the torn last line
     assert [(r["step"], r["loss"]) for r in train_records] == [(2, 1.0), (4, 0.4)]
     assert [r["fd"] for r in scores] == [9.0]
     real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__

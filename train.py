@@ -97,6 +97,7 @@ class Run:
     """Everything the loop needs, made once by prepare()."""
     cfg: config.Config
     unet_kwargs: dict
+    carried: dict                # config fields of a newer version, kept in every checkpoint
     device: torch.device
     rank: int
     world: int
@@ -151,8 +152,10 @@ def prepare(given, held, started):
         cfg.steps = plan.steps
     model, ema, optimizer, scaler = parts
     trainee = optim.Trainee(model, wrap(model, cfg, device, s.world), ema, optimizer, scaler)
-    return Run(cfg=cfg, unet_kwargs=s.unet_kwargs, device=device, rank=s.rank, world=s.world,
-               writes=writes, images=torch.from_numpy(s.train_set.images).to(device),
+    return Run(cfg=cfg, unet_kwargs=s.unet_kwargs,
+               carried=config.carried(s.state["config"] if s.state else None), device=device,
+               rank=s.rank, world=s.world, writes=writes,
+               images=torch.from_numpy(s.train_set.images).to(device),
                batches=optim.Batches(len(s.train_set.images), cfg.batch_size, cfg.seed, device),
                trainee=trainee, diffusion=diffusion,
                ema_network=hardware.as_called(ema, cfg.precision, device, cfg.channels_last),
@@ -367,7 +370,8 @@ def save_checkpoint(run, step):
         raise diverged(run, f"non-finite weights at step {step}")
     if run.writes:
         checkpoint.save(run.ckpt_path, {
-            "step": step, "config": {**dataclasses.asdict(run.cfg), "unet": run.unet_kwargs},
+            "step": step,
+            "config": {**run.carried, **dataclasses.asdict(run.cfg), "unet": run.unet_kwargs},
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run)})
