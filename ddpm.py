@@ -284,6 +284,9 @@ class GaussianDiffusion:
     def _set_timestep_sampling(self, name, t_mean, t_std, t_floor):
         self.timestep_sampling = _choice(name, tuple(TIMESTEP_SAMPLINGS), "timestep_sampling")
         if name == "uniform":
+            if t_mean is not None or t_std is not None:
+                raise ValueError("t_mean and t_std shape a non-uniform timestep_sampling; "
+                                 "choose 'lognormal' or 'logitnormal' to use them")
             self.sampling_args = {}
             return
         if self.loss_type != "simple":
@@ -629,13 +632,13 @@ class GaussianDiffusion:
             (the clipped end of the cosine schedule, or steps near T) neighbours are taken, so the
             indices stay distinct. On the linear schedule, time-uniform steps leave h ≈ 2 for the
             step into index 0 even at 25 steps, and sample far worse.
-        "time": round(linspace(0, T-1, steps)).
+        "time": round(linspace(T-1, 0, steps)), ascending.
         """
         T = self.num_timesteps
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
             raise ValueError(f"DPM-Solver steps must be an integer in [1, {T}], got {steps!r}")
         if spacing == "time":
-            return sorted(set(np.round(np.linspace(0, T - 1, steps)).astype(int).tolist()))
+            return np.round(np.linspace(T - 1, 0, steps)).astype(int)[::-1].tolist()
         if spacing != "logsnr":
             raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; use 'logsnr' or 'time'")
         lam = self._half_logsnr(torch.arange(T), "cpu").numpy()
@@ -647,7 +650,8 @@ class GaussianDiffusion:
     def _half_logsnr(self, t, device):
         """λ_t = log(√ᾱ_t/√(1-ᾱ_t)) in float64 for indices t >= -1 (-1: ᾱ = 1, λ = +∞)."""
         log_ac = self._table("log_alphas_cumprod_ext", device)[t + 1]
-        return 0.5 * (log_ac - torch.log(self._table("one_minus_alphas_cumprod_ext", device)[t + 1]))
+        one_minus = self._table("one_minus_alphas_cumprod_ext", device)[t + 1]
+        return 0.5 * (log_ac - torch.log(one_minus))
 
     def dpm_solver_step(self, x_t, t, t_prev, pred_x0, older=None):
         """One step of DPM-Solver++(2M) ([Lu] Algorithm 2) from index t to t_prev < t (t_prev = -1:
@@ -663,6 +667,9 @@ class GaussianDiffusion:
         """
         t = self._check_t(t, x_t)
         t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
+        if t_prev.device.type == "cpu" and ((t_prev < -1) | (t_prev >= t)).any():
+            raise ValueError("DPM-Solver needs -1 <= t_prev < t (t_prev = -1 is the final step "
+                             "to x_0)")
         lam_t, lam_prev = self._half_logsnr(t, x_t.device), self._half_logsnr(t_prev, x_t.device)
         cast = lambda c: c.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         D = pred_x0

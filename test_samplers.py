@@ -1,8 +1,9 @@
 """Classifier-free guidance, DPM-Solver++(2M) and importance-sampled training timesteps, checked
 against independent references: SciPy (scipy.stats densities and CDFs, chi-square and KS tests),
 closed forms written here (the probability-flow ODE of Gaussian data, Lu et al.'s update in
-NumPy), and the exact ε* of Gaussian-mixture data from test_math.py. All in float64; statistical
-tests use a fixed seed and test_math's significance level ALPHA; sample sizes are stated.
+NumPy), and the exact ε* of Gaussian-mixture data from test_math.py. In float64 (one device test
+also runs float32); statistical tests use a fixed seed and test_math's significance level ALPHA;
+sample sizes are stated.
 
   [CFG]    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance".
   [Lu]     Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
@@ -150,7 +151,7 @@ def test_guidance_scale_0_samples_each_class(sampler):
     """w = 0 is the conditional model: the guided model of the class-wise TWO_MODES network
     samples p(x|c). Half the batch asks for class 0 and half for class 1; each half passes the
     one-sample KS test against its component N(m_c, s_c²) (scipy.stats.norm) at level ALPHA, and
-    fails against the other class. n = 4,000 (DDPM, DPM-Solver++) or 1,000 (DDIM-50, whose
+    fails against the other class. n = 4,000 in all (DDPM, DPM-Solver++) or 1,000 (DDIM-50, whose
     discretisation bias KS resolves at larger n; see test_math's section 11), seed 0."""
     d = ddpm.GaussianDiffusion(LINEAR)
     n = 1000 if sampler.startswith("ddim") else 4000
@@ -188,7 +189,8 @@ def lu_algorithm_2(x, seq, x0_of, ac):
     """[Lu] Algorithm 2 written out in NumPy, over the descending indices of `seq` (ascending
     list), α = √ᾱ, σ = √(1-ᾱ), λ = log(α/σ), h_i = λ_{t_i} - λ_{t_{i-1}}:
       x_{t_1} = (σ_{t_1}/σ_{t_0}) x_{t_0} - α_{t_1}(e^{-h_1} - 1) x_θ(x_{t_0}, t_0);
-      for i >= 2: r_i = h_{i-1}/h_i, D_i = (1 + 1/(2r_i)) x_θ(x_{t_{i-1}}) - 1/(2r_i) x_θ(x_{t_{i-2}}),
+      for i >= 2: r_i = h_{i-1}/h_i,
+                  D_i = (1 + 1/(2r_i)) x_θ(x_{t_{i-1}}) - 1/(2r_i) x_θ(x_{t_{i-2}}),
                   x_{t_i} = (σ_{t_i}/σ_{t_{i-1}}) x_{t_{i-1}} - α_{t_i}(e^{-h_i} - 1) D_i;
     then the final step to ᾱ = 1 (λ = ∞, e^{-h} = 0, σ = 0), first order: x_0 = x_θ of the last
     index. Returns (x at the smallest index, x_0)."""
@@ -223,9 +225,35 @@ def test_dpm_solver_is_lu_algorithm_2(schedule, steps, spacing):
     x0, traj = d.dpm_solver_sample_loop(model, xT.shape, steps, noise=xT, clip_denoised=False,
                                         spacing=spacing, trajectory=len(seq))
     want_last, want_x0 = lu_algorithm_2(xT[:, 0].numpy(), seq, gaussian_x0(m, s), ac)
-    assert len(seq) == len(calls) == steps and seq[-1] == 999 and seq[0] == (0 if steps > 1 else 999)
+    assert len(seq) == len(calls) == steps and seq[-1] == 999
+    assert seq[0] == (0 if steps > 1 else 999)
     np.testing.assert_allclose(traj["x_t"][-1][:, 0], want_last, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(x0[:, 0], want_x0, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("mean_type,prediction_type", [("eps", "epsilon"), ("v", "v_prediction")])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpm_solver_matches_diffusers(mean_type, prediction_type, steps):
+    """A second implementation: diffusers' DPMSolverMultistepScheduler (algorithm_type
+    "dpmsolver++", solver_order 2, midpoint, final_sigmas_type "zero": first order into σ = 0;
+    lower_order_final off, which would otherwise also lower the second-to-last step below 15
+    steps) over our timesteps, driven by the same exact model of Gaussian data, gives our samples
+    to float32 precision (diffusers keeps its tables in float32)."""
+    diffusers = pytest.importorskip("diffusers", reason="pip install -r requirements-test.txt")
+    d, ac = ddpm.GaussianDiffusion(LINEAR, mean_type), reference(LINEAR.numpy())["ac"]
+    eps_model = Mixture([1.0], [0.2], [0.3]).eps_model(ac)
+    model = lambda x, t: _output_for(d, mean_type, x, t, _x0_from_eps(x, t, eps_model(x, t), ac))
+    xT = torch.linspace(-3, 3, 25, dtype=F64)[:, None]
+    ours = d.dpm_solver_sample_loop(model, xT.shape, steps, noise=xT, clip_denoised=False)
+    theirs = diffusers.DPMSolverMultistepScheduler(
+        trained_betas=LINEAR.numpy(), prediction_type=prediction_type, solver_order=2,
+        algorithm_type="dpmsolver++", lower_order_final=False, final_sigmas_type="zero")
+    theirs.set_timesteps(timesteps=list(reversed(d.dpm_solver_timesteps(steps))))
+    x = xT
+    for t in theirs.timesteps:
+        x = theirs.step(model(x, at(t, 25)), t, x).prev_sample
+    np.testing.assert_allclose(x, ours, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
@@ -325,7 +353,8 @@ def test_dpm_solver_reproduces_the_data(schedule, steps, n):
     if (schedule, steps) == ("linear", 20):
         x = sample_1d(lambda **kw: d.dpm_solver_sample_loop(model, steps=20, **kw), 20000)
         y = sample_1d(lambda **kw: d.ddim_sample_loop(model, steps=20, eta=0.0, **kw), 20000)
-        assert 2 * stats.kstest(x, TWO_MODES.cdf).statistic < stats.kstest(y, TWO_MODES.cdf).statistic
+        distance = lambda sample: stats.kstest(sample, TWO_MODES.cdf).statistic
+        assert 2 * distance(x) < distance(y)
 
 
 @pytest.mark.parametrize("steps", [1, 7, 20])
@@ -372,7 +401,8 @@ def test_dpm_solver_timesteps():
     """logsnr: `steps` distinct ascending indices from 0 to T-1; on the linear schedule (up to 25
     steps) each is the index whose λ is nearest to evenly spaced values, checked by brute force;
     where values share a nearest index (the clipped end of the cosine schedule, or steps = T)
-    neighbours are taken. time: round(linspace(0, T-1, steps)). Bad counts and spacings raise."""
+    neighbours are taken. time: round(linspace(T-1, 0, steps)), ascending. Bad counts and
+    spacings raise."""
     for betas in (LINEAR, COSINE):
         d, ac = ddpm.GaussianDiffusion(betas), reference(betas.numpy())["ac"]
         lam = 0.5 * np.log(ac / (1 - ac))
@@ -382,13 +412,15 @@ def test_dpm_solver_timesteps():
             if betas is LINEAR and steps <= 25:
                 target = np.linspace(lam[-1], lam[0], steps)[::-1]
                 assert seq == [int(np.argmin(np.abs(lam - v))) for v in target]
-    assert d.dpm_solver_timesteps(1) == [999]
+    assert d.dpm_solver_timesteps(1) == d.dpm_solver_timesteps(1, "time") == [999]
     assert d.dpm_solver_timesteps(5, "time") == [0, 250, 500, 749, 999]
     for bad, match in ((0, "steps"), (1001, "steps"), (2.5, "steps")):
         with pytest.raises(ValueError, match=match):
             d.dpm_solver_timesteps(bad)
     with pytest.raises(ValueError, match="spacing"):
         d.dpm_solver_timesteps(10, "quad")
+    with pytest.raises(ValueError, match="t_prev < t"):
+        d.dpm_solver_step(torch.zeros(2, 1), at(5, 2), 5, torch.zeros(2, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +445,8 @@ def reference_probs(betas, kind, floor=0.1):
 
 
 def esser_density(tau, m=0.0, s=1.0):
-    """[Esser] §3.1's logit-normal density π_ln(τ; m, s) = 1/(s√(2π)) 1/(τ(1-τ)) e^{-(logit τ - m)²/(2s²)}."""
+    """[Esser] §3.1's logit-normal density,
+    π_ln(τ; m, s) = 1/(s√(2π)) 1/(τ(1-τ)) exp(-(logit τ - m)²/(2s²))."""
     return math.exp(-(math.log(tau / (1 - tau)) - m) ** 2 / (2 * s * s)) / (
         s * math.sqrt(2 * math.pi) * tau * (1 - tau))
 
@@ -521,7 +554,27 @@ def test_timestep_sampling_options_and_errors():
                           ({"timestep_sampling": "lognormal", "t_std": 0.0}, "t_std"),
                           ({"timestep_sampling": "lognormal", "t_floor": 0.0}, "t_floor"),
                           ({"timestep_sampling": "lognormal", "t_floor": 1.5}, "t_floor"),
+                          ({"t_mean": 0.0}, "non-uniform"),
                           ({"timestep_sampling": "lognormal", "var_type": "learned_range",
                             "loss_type": "hybrid"}, "biased")):
         with pytest.raises(ValueError, match=match):
             ddpm.GaussianDiffusion(LINEAR, **kwargs)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_new_paths_follow_the_input_device_and_dtype(device, dtype):
+    """DPM-Solver++ with a guided model and the non-uniform timestep draw run where their inputs
+    are, in their dtype, and agree with the float64 CPU run (float32 within 1e-4)."""
+    d = ddpm.GaussianDiffusion(LINEAR, timestep_sampling="logitnormal")
+    network = lambda x, t, y: 0.3 * x + 0.1 * y.to(x).view(-1, 1, 1) - t.to(x).view(-1, 1, 1) / 5000
+    labels = torch.tensor([0, 1, 2])
+    noise = torch.randn(3, 2, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    run = lambda dev, dt: d.dpm_solver_sample_loop(
+        ddpm.guided_model(network, labels, 3, w=1.5), noise.shape, 12,
+        noise=noise.to(dev, dt), clip_denoised=False)
+    got, want = run(device, dtype), run("cpu", F64)
+    assert got.device.type == device and got.dtype == dtype
+    np.testing.assert_allclose(got.cpu().double(), want, rtol=1e-4, atol=1e-4)
+    t = d.sample_timesteps(8, torch.Generator(device).manual_seed(0))
+    assert t.device.type == device and t.dtype == torch.long and 0 <= t.min() <= t.max() < 1000
