@@ -1,5 +1,6 @@
 """Gaussian diffusion: the forward process, its posterior, the reverse model, the variational
-bound, the training losses, and the DDPM and DDIM samplers.
+bound, the training losses (with importance-sampled timesteps), the DDPM, DDIM and
+DPM-Solver++(2M) samplers, and classifier-free guidance.
 
 References, cited by equation number in the docstrings below:
   [Ho]      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
@@ -8,6 +9,13 @@ References, cited by equation number in the docstrings below:
   [Salimans] Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models".
   [Hang]    Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy".
   [Choi]    Choi et al. 2022, "Perception Prioritized Training of Diffusion Models".
+  [CFG]     Ho, Salimans 2022, "Classifier-Free Diffusion Guidance".
+  [Lu]      Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+            Probabilistic Models".
+  [Karras]  Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
+            Generative Models".
+  [Esser]   Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
+            Synthesis".
 
 Timestep convention (stated once, used everywhere): a timestep `t` is a LongTensor of 0-based
 indices into the schedule tables. Index 0 is the paper's t = 1 (the least noisy step, whose reverse
@@ -15,7 +23,9 @@ step is the decoder p(x_0 | x_1)); index T-1 is the paper's t = T. "t - 1" in an
 previous index, and the table `alphas_cumprod_prev[i]` holds ᾱ of the paper's step i, i.e. 1 at
 index 0.
 
-Notation (Ho): α_t = 1 - β_t, ᾱ_t = ∏_{s<=t} α_s. DDIM [Song] writes α_t for what is ᾱ_t here.
+Notation (Ho): α_t = 1 - β_t, ᾱ_t = ∏_{s<=t} α_s. DDIM [Song] writes α_t for what is ᾱ_t here;
+[Lu] writes α_t for √ᾱ_t and σ_t for √(1-ᾱ_t), and λ_t = log(α_t/σ_t) for half the log-SNR.
+[Karras]'s noise level is σ = √((1-ᾱ)/ᾱ) (x_t/√ᾱ = x_0 + σ ε), so log-SNR = log(ᾱ/(1-ᾱ)) = -2 ln σ.
 
 The network enters only as a callable `model(x_t, t) -> output`, so every formula can be driven by
 an analytic model. Tables are computed once in float64; each call casts the entries it needs to the
@@ -147,6 +157,11 @@ VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("simple", "vlb", "hybrid")
 HYBRID_LAMBDA = 0.001  # [Nichol] Eq. 16
 LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
+# Training draws of t: (mean, std) of the normal law of ln σ each option gives, see timestep_probs.
+TIMESTEP_SAMPLINGS = {"uniform": None,
+                      "lognormal": (-1.2, 1.2),    # [Karras] §5: P_mean, P_std
+                      "logitnormal": (0.0, 1.0)}   # [Esser] §3.1, §5.1: m, s
+TIMESTEP_FLOOR = 0.1  # the share of draws kept uniform over all T steps
 
 
 def _choice(value, options, what):
@@ -181,10 +196,16 @@ class GaussianDiffusion:
     loss_weighting: a weight w_t on the squared error of L_simple (and of hybrid's L_simple part),
         see loss_weights(): "none" (w = 1), "min_snr" ([Hang] §3.4, γ = snr_gamma) or "p2"
         ([Choi] §3.3, 1/(p2_k + SNR)^p2_gamma).
+    timestep_sampling: the law P[t] training draws t from (sample_timesteps, timestep_probs):
+        "uniform" (Algorithm 1), "lognormal" or "logitnormal" (ln σ normal with mean t_mean and
+        std t_std, None for the option's paper values, mixed with a uniform share t_floor). The
+        squared error is then weighted by (1/T)/P[t] as well, so the expected loss is the one of
+        uniform t (importance sampling); loss_type "simple" only.
     """
 
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple",
-                 loss_weighting="none", snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0):
+                 loss_weighting="none", snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0,
+                 timestep_sampling="uniform", t_mean=None, t_std=None, t_floor=TIMESTEP_FLOOR):
         self.mean_type = _choice(mean_type, MEAN_TYPES, "mean_type")
         self.var_type = _choice(var_type, VAR_TYPES, "var_type")
         self.loss_type = _choice(loss_type, LOSS_TYPES, "loss_type")
@@ -202,6 +223,7 @@ class GaussianDiffusion:
             raise ValueError(f"need snr_gamma > 0, p2_k > 0 and p2_gamma >= 0, got {snr_gamma}, "
                              f"{p2_k} and {p2_gamma}")
         self.weighting_args = {"snr_gamma": snr_gamma, "p2_k": p2_k, "p2_gamma": p2_gamma}
+        self._set_timestep_sampling(timestep_sampling, t_mean, t_std, t_floor)
         betas = _check_betas(betas)
         T = self.num_timesteps = betas.numel()
         self.timestep_map = torch.arange(T)  # index -> the timestep the model is told (respace)
@@ -248,12 +270,34 @@ class GaussianDiffusion:
             "fixed_large_log_variance": torch.log(torch.cat([first.reshape(1), betas[1:]])),
         }
         self._tables["loss_weight"] = self.loss_weights()
+        probs = self.timestep_probs()
+        if self.timestep_sampling != "uniform":  # importance weight (1/T)/P[t]
+            self._tables["loss_weight"] = self._tables["loss_weight"] / (T * probs)
+        self._tables["timestep_cdf"] = torch.cumsum(probs, 0)
         bad = [k for k, v in self._tables.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"betas give non-finite {', '.join(bad)}; betas this close to 0 or 1 "
                              "cannot be represented in float64")
         self._tables["timestep_map"] = self.timestep_map
         self._device_tables = {}
+
+    def _set_timestep_sampling(self, name, t_mean, t_std, t_floor):
+        self.timestep_sampling = _choice(name, tuple(TIMESTEP_SAMPLINGS), "timestep_sampling")
+        if name == "uniform":
+            if t_mean is not None or t_std is not None:
+                raise ValueError("t_mean and t_std shape a non-uniform timestep_sampling; "
+                                 "choose 'lognormal' or 'logitnormal' to use them")
+            self.sampling_args = {}
+            return
+        if self.loss_type != "simple":
+            raise ValueError(f"timestep_sampling={name!r} reweights L_simple's squared error; "
+                             f"loss_type {self.loss_type!r} would be biased (use 'simple')")
+        mean, std = TIMESTEP_SAMPLINGS[name]
+        mean, std = (mean if t_mean is None else t_mean), (std if t_std is None else t_std)
+        if not (math.isfinite(mean) and std > 0 and 0 < t_floor <= 1):
+            raise ValueError(f"need a finite t_mean, t_std > 0 and 0 < t_floor <= 1, got "
+                             f"{mean}, {std} and {t_floor}")
+        self.sampling_args = {"t_mean": mean, "t_std": std, "t_floor": t_floor}
 
     def __repr__(self):
         return (f"GaussianDiffusion(T={self.num_timesteps}, mean_type={self.mean_type!r}, "
@@ -302,7 +346,8 @@ class GaussianDiffusion:
         log_ac_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_ac[:-1]])
         betas = -torch.expm1(log_ac - log_ac_prev)
         new = GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type,
-                                self.loss_weighting, **self.weighting_args)
+                                self.loss_weighting, **self.weighting_args,
+                                timestep_sampling=self.timestep_sampling, **self.sampling_args)
         new.timestep_map = self.timestep_map[keep]
         new._tables["timestep_map"] = new.timestep_map
         return new
@@ -575,6 +620,93 @@ class GaussianDiffusion:
 
         return self._loop(step, pairs, x, progress, trajectory, f"DDIM-{len(seq)} sampling")
 
+    # ---- DPM-Solver++(2M) ----------------------------------------------------------------------
+
+    def dpm_solver_timesteps(self, steps, spacing="logsnr"):
+        """The `steps` ascending 0-based timesteps a DPM-Solver++ run visits, T-1 and 0 included
+        (one index, T-1, for steps = 1).
+
+        "logsnr": the indices nearest to `steps` values of λ = ½ log-SNR evenly spaced from
+            λ_{T-1} to λ_0 ([Lu]'s choice for low-resolution pixel models, and the one its error
+            analysis suggests: the step size is h = Δλ). Where several values round to one index
+            (the clipped end of the cosine schedule, or steps near T) neighbours are taken, so the
+            indices stay distinct. On the linear schedule, time-uniform steps leave h ≈ 2 for the
+            step into index 0 even at 25 steps, and sample far worse.
+        "time": round(linspace(T-1, 0, steps)), ascending.
+        """
+        T = self.num_timesteps
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+            raise ValueError(f"DPM-Solver steps must be an integer in [1, {T}], got {steps!r}")
+        if spacing == "time":
+            return np.round(np.linspace(T - 1, 0, steps)).astype(int)[::-1].tolist()
+        if spacing != "logsnr":
+            raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; use 'logsnr' or 'time'")
+        lam = self._half_logsnr(torch.arange(T), "cpu").numpy()
+        target = np.linspace(lam[-1], lam[0], steps)
+        nearest, k = np.sort(np.abs(lam[None, :] - target[:, None]).argmin(1)), np.arange(steps)
+        # idx_k = max(nearest_k, idx_{k-1} + 1), then kept <= T-1 - (steps-1-k): distinct, in range
+        return (np.minimum(np.maximum.accumulate(nearest - k), T - steps) + k).tolist()
+
+    def _half_logsnr(self, t, device):
+        """λ_t = log(√ᾱ_t/√(1-ᾱ_t)) in float64 for indices t >= -1 (-1: ᾱ = 1, λ = +∞)."""
+        log_ac = self._table("log_alphas_cumprod_ext", device)[t + 1]
+        one_minus = self._table("one_minus_alphas_cumprod_ext", device)[t + 1]
+        return 0.5 * (log_ac - torch.log(one_minus))
+
+    def dpm_solver_step(self, x_t, t, t_prev, pred_x0, older=None):
+        """One step of DPM-Solver++(2M) ([Lu] Algorithm 2) from index t to t_prev < t (t_prev = -1:
+        ᾱ = 1, x_0), given x̂_0 = x_θ(x_t, t) and `older` = (s [B], x_θ(x_s, s)) of the step
+        before (s > t), or None for the first step. With α = √ᾱ, σ = √(1-ᾱ), h = λ_prev - λ_t:
+
+        x_prev = (σ_prev/σ_t) x_t - α_prev (e^{-h} - 1) D,
+        D = (1 + 1/(2r)) x̂_0 - 1/(2r) x_θ(x_s, s),  r = (λ_t - λ_s)/h;   D = x̂_0 without `older`
+        (the first-order DPM-Solver++ step, which is DDIM eta = 0). The last step, to λ = +∞, has
+        h = ∞ and r = 0, where the second-order term has no limit; it is taken first-order, which
+        there gives x_0 = x̂_0 (as in [Lu]'s code, and as DDIM's last step). x_t: [B, ...];
+        t: [B]; t_prev: an int or [B]. Returns x_prev, [B, ...].
+        """
+        t = self._check_t(t, x_t)
+        t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
+        if t_prev.device.type == "cpu" and ((t_prev < -1) | (t_prev >= t)).any():
+            raise ValueError("DPM-Solver needs -1 <= t_prev < t (t_prev = -1 is the final step "
+                             "to x_0)")
+        lam_t, lam_prev = self._half_logsnr(t, x_t.device), self._half_logsnr(t_prev, x_t.device)
+        cast = lambda c: c.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        D = pred_x0
+        if older is not None:
+            s, x0_s = older
+            half_inv_r = (lam_prev - lam_t) / (2 * (lam_t - self._half_logsnr(s, x_t.device)))
+            half_inv_r = torch.where(t_prev >= 0, half_inv_r, torch.zeros_like(half_inv_r))
+            D = pred_x0 + cast(half_inv_r) * (pred_x0 - x0_s)
+        one_minus = self._table("one_minus_alphas_cumprod_ext", x_t.device)
+        sigma_ratio = torch.sqrt(one_minus[t_prev + 1] / one_minus[t + 1])
+        alpha_prev = torch.exp(0.5 * self._table("log_alphas_cumprod_ext", x_t.device)[t_prev + 1])
+        return cast(sigma_ratio) * x_t - cast(alpha_prev * torch.expm1(lam_t - lam_prev)) * D
+
+    @torch.no_grad()
+    def dpm_solver_sample_loop(self, model, shape, steps, noise=None, clip_denoised=True,
+                               generator=None, progress=False, device=None, dtype=None,
+                               spacing="logsnr", trajectory=0):
+        """DPM-Solver++(2M) ([Lu] Algorithm 2) on the probability-flow ODE over
+        dpm_solver_timesteps(steps, spacing), descending, with one network call per visited index:
+        e.g. T=1000, 4 steps: 999 -> 603 -> 73 -> 0 -> x_0. The first step is first order (no older
+        x̂_0 yet), the last (index 0 to ᾱ = 1) gives x̂_0, the rest are second order. x̂_0 comes
+        from the model in any mean_type (p_mean_variance), clipped to [-1, 1] with clip_denoised.
+        Deterministic given x_T; noise, generator and trajectory as in p_sample_loop.
+        """
+        x = self._initial_noise(shape, noise, generator, device, dtype)
+        seq = self.dpm_solver_timesteps(steps, spacing)
+        pairs = list(zip(reversed(seq), reversed([-1] + seq[:-1])))
+        older = []
+
+        def step(x, t, t_prev):
+            pred_x0 = self.p_mean_variance(model, x, t, clip_denoised)["pred_x0"]
+            sample = self.dpm_solver_step(x, t, t_prev, pred_x0, older[0] if older else None)
+            older[:] = [(t, pred_x0)]
+            return {"sample": sample, "pred_x0": pred_x0}
+
+        return self._loop(step, pairs, x, progress, trajectory, f"DPM-Solver++-{len(seq)} sampling")
+
     # ---- the variational bound and the losses -------------------------------------------------
 
     def _vb_terms_bpd(self, output, x0, x_t, t, clip_denoised):
@@ -602,7 +734,8 @@ class GaussianDiffusion:
         terms = {}
         if self.loss_type != "vlb":
             terms["mse"] = mean_flat((self._target(x0, t, noise) - mean_out) ** 2)
-            weighted = terms["mse"] if self.loss_weighting == "none" else \
+            unweighted = self.loss_weighting == "none" and self.timestep_sampling == "uniform"
+            weighted = terms["mse"] if unweighted else \
                 self._table("loss_weight", x0.device)[t].to(terms["mse"].dtype) * terms["mse"]
         if self.loss_type != "simple":
             if self.loss_type == "hybrid":  # L_vlb trains the variance only ([Nichol] §3.1)
@@ -627,6 +760,7 @@ class GaussianDiffusion:
               ε: min(SNR, γ)/SNR,  x_0: min(SNR, γ),  v: min(SNR, γ)/(SNR + 1).
           "p2" ([Choi] §3.3, λ'_t = λ_t/(k + SNR)^γ with [Ho]'s λ_t = 1): in ε's terms, so
               ε: 1/(k + SNR)^γ,  x_0: SNR/(k + SNR)^γ,  v: SNR/((SNR + 1)(k + SNR)^γ).
+        training_losses multiplies this by (1/T)/P[t] when timestep_sampling is not uniform.
         """
         ac = self.alphas_cumprod
         snr = ac / -torch.expm1(torch.log(ac))                        # ᾱ / (1 - ᾱ)
@@ -638,6 +772,47 @@ class GaussianDiffusion:
             return {"eps": in_x0 / snr, "x0": in_x0, "v": in_x0 / (snr + 1)}[self.mean_type]
         in_eps = (a["p2_k"] + snr) ** -a["p2_gamma"]
         return {"eps": in_eps, "x0": in_eps * snr, "v": in_eps * snr / (snr + 1)}[self.mean_type]
+
+    def timestep_probs(self):
+        """P[t], float64 [T] summing to 1: the law of the index t that training draws.
+
+        "uniform": 1/T ([Ho] Algorithm 1). Otherwise ln σ_t, σ_t = √((1-ᾱ_t)/ᾱ_t), is drawn from
+        N(t_mean, t_std²):
+          "lognormal" ([Karras] §5, Table 1: ln σ ~ N(P_mean, P_std²), P_mean = -1.2, P_std = 1.2);
+          "logitnormal" ([Esser] §3.1: logit(τ) ~ N(m, s²), m = 0 and s = 1 as §5.1 recommends,
+              for the rectified-flow time τ of z_τ = (1-τ) x_0 + τ ε. The τ with the SNR of index
+              t, ((1-τ)/τ)² = ᾱ_t/(1-ᾱ_t), is τ = σ_t/(1+σ_t), so logit(τ) = ln σ_t.)
+        Either way log-SNR = -2 ln σ ~ N(-2 t_mean, 4 t_std²). Index t gets that normal's mass over
+        its bin of ln σ, between the midpoints to its neighbours (the end bins open to ±∞), and a
+        share t_floor is spread uniformly: P = (1 - t_floor) mass + t_floor/T, so every P[t] >=
+        t_floor/T and the importance weight (1/T)/P[t] stays <= 1/t_floor.
+        """
+        T = self.num_timesteps
+        if self.timestep_sampling == "uniform":
+            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        a = self.sampling_args
+        log_ac = torch.log(self.alphas_cumprod)
+        log_sigma = 0.5 * (torch.log(-torch.expm1(log_ac)) - log_ac)   # increasing in t
+        edges = (log_sigma[1:] + log_sigma[:-1]) / 2
+        cdf = torch.special.ndtr((edges - a["t_mean"]) / a["t_std"])
+        mass = torch.diff(cdf, prepend=torch.zeros(1, dtype=torch.float64),
+                          append=torch.ones(1, dtype=torch.float64))
+        return (1 - a["t_floor"]) * mass + a["t_floor"] / T
+
+    def sample_timesteps(self, batch, generator=None, device=None):
+        """t ~ P (timestep_probs), a LongTensor [batch] on `device` (default: the generator's,
+        else the CPU), drawn from `generator`. "uniform" is torch.randint(0, T), the same draw
+        (and random numbers) as [Ho] Algorithm 1 in the training loop; the others invert the CDF:
+        one u ~ U[0, 1) in float64 per example, t = the first index whose cumulative P exceeds u.
+        """
+        device = torch.device(device if device is not None else
+                              generator.device if generator is not None else "cpu")
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator,
+                                 device=device)
+        u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
+        cdf = self._table("timestep_cdf", device)
+        return torch.searchsorted(cdf, u, right=True).clamp(max=self.num_timesteps - 1)
 
     def prior_bpd(self, x0):
         """L_T = D_KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, [B] ([Ho] Eq. 5)."""
@@ -665,3 +840,40 @@ class GaussianDiffusion:
             mse[:, i] = mean_flat((self._eps_from_output(p["model_output"], x_t, t) - noise) ** 2)
         prior = self.prior_bpd(x0)
         return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "mse": mse}
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ---------------------------------------------------------------------------------------------
+
+def guided_output(out_cond, out_null, w, learned_variance=False):
+    """The classifier-free guided network output ([CFG] Eq. 6): (1 + w) out_cond - w out_null.
+
+    [CFG] combines the ε predictions, ε̃ = (1 + w) ε(x_t, c) - w ε(x_t, ∅). Every parameterisation
+    is, for fixed (x_t, t), affine in the output with the same coefficients for both calls
+    (ε = o; ε = (x_t - √ᾱ o)/√(1-ᾱ) for x_0; ε = √(1-ᾱ) x_t + √ᾱ o for v), and the weights
+    (1 + w) and -w sum to 1, so combining the outputs gives exactly the combination of the implied
+    ε's, whatever the mean_type. With learned_variance (var_type "learned_range", outputs of 2C
+    channels) the guidance applies to the mean half only; the variance half is out_cond's.
+    out_cond, out_null: [B, C, ...] (or [B, 2C, ...]). Returns the same shape.
+    """
+    if not learned_variance:
+        return (1 + w) * out_cond - w * out_null
+    mean_c, var_c = out_cond.chunk(2, dim=1)
+    mean_u, _ = out_null.chunk(2, dim=1)
+    return torch.cat([(1 + w) * mean_c - w * mean_u, var_c], dim=1)
+
+
+def guided_model(network, labels, null_label, w, learned_variance=False):
+    """model(x_t, t) for the samplers: a class-conditional `network(x, t, y)` guided towards
+    `labels` ([CFG] Eq. 6 via guided_output) with ONE network call per step, on the batch doubled
+    as [x_t, x_t], [t, t], [labels, null_label]. labels: LongTensor [B] of class indices;
+    null_label: the index reserved for "no class" (∅); learned_variance as in guided_output.
+    """
+    def model(x_t, t):
+        y = labels.to(x_t.device)
+        out = network(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                      torch.cat([y, torch.full_like(y, null_label)]))
+        out_cond, out_null = out.chunk(2)
+        return guided_output(out_cond, out_null, w, learned_variance)
+    return model
