@@ -2,10 +2,12 @@
 cached) is the feature extractor; on its features, the Fréchet distance (Dowson & Landau 1982),
 improved precision and recall (Kynkäänniemi et al. 2019), the share of confidently classified
 samples and the entropy of the predicted classes. Used by evaluate.py, and by training for its
-in-training scores."""
+in-training scores. And the copy check: how many samples lie closer to a training image than
+almost all new real images do (nearest, copy_fraction, copy_check, save_nearest_pairs)."""
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -189,3 +191,105 @@ def sample_quality(classifier, samples, real_train, test_images, seed=0, num_cla
     return {**scorer.score(samples), "fd_real_floor": floor["fd"],
             "precision_real": floor["precision"], "recall_real": floor["recall"],
             "class_entropy_max": math.log(num_classes)}
+
+
+# ---- the copy check: does the model return its training images? ----------------------------
+
+COPY_PERCENTILE = 5  # held-out images closer than this percentile count as "close"
+
+
+def nearest(queries, references, chunk=256, reference_chunk=8192, device="cpu"):
+    """Each query's nearest reference by Euclidean distance over the flattened values.
+
+    queries [N, ...], references [M, ...] with the same trailing shape: uint8 pixels (taken as
+    0..255) or float feature vectors. Returns (distances float32 [N], indices int64 [N]) in the
+    inputs' units; ties go to the lower index.
+
+    Searched as ‖q - r‖² = ‖q‖² - 2 q·r + ‖r‖² in float32 blocks of chunk x reference_chunk
+    pairs (memory stays bounded: 10,000 x 60,000 MNIST images need the references once in
+    float32, 190 MB, and 8 MB per block), after subtracting the references' mean to keep the
+    terms small; the distance to the neighbour found is then recomputed directly in float64, so
+    an exact copy scores 0.
+    """
+    q_all, r_all = _flat(queries), _flat(references)
+    if q_all.shape[1] != r_all.shape[1] or not len(q_all) or not len(r_all):
+        raise ValueError(f"nearest needs non-empty queries and references of one shape, got "
+                         f"{np.shape(queries)} and {np.shape(references)}")
+    mean = r_all.mean(0, dtype=np.float64)
+    refs = np.empty(r_all.shape, np.float32)
+    for j in range(0, len(refs), reference_chunk):  # no float64 copy of them all
+        refs[j:j + reference_chunk] = r_all[j:j + reference_chunk] - mean
+    refs = torch.as_tensor(refs, device=device)
+    ref_sq = (refs * refs).sum(1)
+    indices = np.empty(len(q_all), np.int64)
+    for i in range(0, len(q_all), chunk):
+        q = torch.as_tensor((q_all[i:i + chunk] - mean).astype(np.float32), device=device)
+        indices[i:i + chunk] = _nearest_block(q, refs, ref_sq, reference_chunk).cpu().numpy()
+    exact = q_all.astype(np.float64) - r_all[indices].astype(np.float64)
+    return np.sqrt((exact * exact).sum(1)).astype(np.float32), indices
+
+
+def _flat(x):
+    """An array [N, ...] as [N, D] (a view where possible)."""
+    x = np.asarray(x)
+    return x.reshape(len(x), -1)
+
+
+def _nearest_block(q, refs, ref_sq, reference_chunk):
+    """Index of each row of q's nearest row of refs (squared distances up to ‖q‖², which does
+    not change the order), references visited reference_chunk at a time."""
+    best = torch.full((len(q),), float("inf"), device=q.device)
+    best_index = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    for j in range(0, len(refs), reference_chunk):
+        d = ref_sq[None, j:j + reference_chunk] - 2 * q @ refs[j:j + reference_chunk].T
+        value, index = d.min(1)
+        better = value < best
+        best = torch.where(better, value, best)
+        best_index = torch.where(better, index + j, best_index)
+    return best_index
+
+
+def copy_fraction(sample_dist, heldout_dist, percentile=COPY_PERCENTILE):
+    """The share of samples closer to their nearest training image than the `percentile`-th
+    percentile (NumPy's linear interpolation) of held-out real images' distances to their
+    nearest training image. About percentile / 100 (0.05) when samples lie as far from the
+    training set as new real images do; 1.0 for a model that returns its training images.
+    (A training set holding duplicates of held-out images puts the threshold at 0, and then
+    nothing counts as close.)"""
+    threshold = np.percentile(np.asarray(heldout_dist, np.float64), percentile)
+    return float((np.asarray(sample_dist, np.float64) < threshold).mean())
+
+
+class CopyCheck(NamedTuple):
+    """fraction: copy_fraction of the samples; threshold: the held-out percentile it uses;
+    distances, indices: each sample's nearest training image [N]; heldout_distances [M']."""
+
+    fraction: float
+    threshold: float
+    distances: np.ndarray
+    indices: np.ndarray
+    heldout_distances: np.ndarray
+
+
+def copy_check(samples, train, heldout, percentile=COPY_PERCENTILE, chunk=256, device="cpu"):
+    """Does the model copy its training images? samples [N, ...], train [M, ...] and heldout
+    [M', ...] real images the model never saw (pixels or features, one shape) -> CopyCheck."""
+    distances, indices = nearest(samples, train, chunk, device=device)
+    heldout_distances, _ = nearest(heldout, train, chunk, device=device)
+    threshold = float(np.percentile(heldout_distances.astype(np.float64), percentile))
+    return CopyCheck(copy_fraction(distances, heldout_distances, percentile), threshold,
+                     distances, indices, heldout_distances)
+
+
+def save_nearest_pairs(path, samples, references, distances, indices, count=32, pairs_per_row=4):
+    """A PNG of the `count` samples closest to a training image, closest first: rows of
+    pairs_per_row pairs, each a sample (uint8 [C, H, W]) then its nearest reference,
+    references[indices[i]]. Returns the sample indices shown, in order."""
+    samples, references = np.asarray(samples), np.asarray(references)
+    if samples.shape[1:] != references.shape[1:]:
+        raise ValueError(f"samples {samples.shape} and references {references.shape} differ in "
+                         "image shape")
+    order = np.argsort(np.asarray(distances), kind="stable")[:count]
+    tiles = np.stack([tile for i in order for tile in (samples[i], references[indices[i]])])
+    imaging.save_png(path, imaging.make_grid(tiles, nrow=2 * pairs_per_row))
+    return order
