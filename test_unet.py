@@ -1,5 +1,6 @@
 """Tests for unet.py: shapes, parameter counts against a closed-form count, initialisation,
-timestep embedding against NumPy, per-sample independence, memory format and autocast."""
+timestep embedding against NumPy, per-sample independence, memory format and autocast; the
+class-conditional network against diffusers and the space-to-depth stem against its definition."""
 
 import math
 
@@ -65,11 +66,16 @@ def attn_block(c):
 
 def expected_params(in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
                     num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28,
+                    num_classes=None, space_to_depth=1,
                     **norm_and_padding):  # group counts and padding change no parameter count
-    ch, emb = base_channels, 4 * base_channels
-    out_channels = out_channels or in_channels
-    n = linear(ch, emb) + linear(emb, emb) + conv(in_channels, ch, 3)
-    skips, cur, res = [ch], ch, image_size
+    """A class embedding is one row of emb numbers per label and the null label; the stem s
+    multiplies conv_in's input and conv_out's output channels by s² and starts the levels at
+    image_size / s."""
+    ch, emb, s2 = base_channels, 4 * base_channels, space_to_depth ** 2
+    out_channels = (out_channels or in_channels) * s2
+    n = linear(ch, emb) + linear(emb, emb) + conv(in_channels * s2, ch, 3)
+    n += (num_classes + 1) * emb if num_classes else 0
+    skips, cur, res = [ch], ch, image_size // space_to_depth
     for i, m in enumerate(channel_mult):
         for _ in range(num_res_blocks):
             n += res_block(cur, ch * m, emb) + (attn_block(ch * m) if res in attn_resolutions else 0)
@@ -107,6 +113,10 @@ def test_cifar10_parameter_count(cifar10):
     PRESETS["mnist"],
     PRESETS["mnist-small"],
     dict(PRESETS["mnist-small"], base_channels=48, attn_resolutions=(28, 14, 7)),
+    dict(PRESETS["mnist-tiny"], num_classes=10),
+    dict(PRESETS["mnist-tiny"], space_to_depth=2, channel_mult=(1, 2), attn_resolutions=(14, 7)),
+    dict(TINY, space_to_depth=4, channel_mult=(1,), attn_resolutions=(4,), out_channels=2,
+         num_classes=3),
 ])
 def test_parameter_count_matches_formula(config):
     model = UNet(**config)
@@ -420,18 +430,47 @@ SKIPS = dict(in_channels=2, out_channels=3, base_channels=8, channel_mult=(1, 2)
              attn_resolutions=(8, 4), dropout=0.0, image_size=8)
 
 
-def unet_ref(model, x, t, drop_skip=None):
-    """Ho et al.'s U-Net written out from the model's layers: sinusoidal embedding -> Linear, SiLU,
-    Linear; conv_in; down levels push conv_in's output, every (res block -> attention) output and
-    every downsample's output as skips; mid res/attn/res; each up res block takes
-    cat([h, last skip pushed]) on channels; GroupNorm, SiLU, conv_out. drop_skip=k zeroes the
-    k-th skip consumed on the way up."""
+def space_to_depth_ref(x, s):
+    """[B, C, H, W] -> [B, s²C, H/s, W/s]: channel c s² + i s + j holds x[:, c, i::s, j::s], the
+    pixels at offset (i, j) of every s x s block (PyTorch's documented pixel_unshuffle)."""
+    C = x.shape[1]
+    return torch.stack([x[:, c, i::s, j::s] for c in range(C) for i in range(s) for j in range(s)], 1)
+
+
+def depth_to_space_ref(h, s):
+    """The inverse: [B, s²C, H, W] -> [B, C, sH, sW], written by assignment."""
+    B, C, H, W = h.shape[0], h.shape[1] // s ** 2, h.shape[2], h.shape[3]
+    out = h.new_zeros(B, C, s * H, s * W)
+    for c in range(C):
+        for i in range(s):
+            for j in range(s):
+                out[:, c, i::s, j::s] = h[:, c * s * s + i * s + j]
+    return out
+
+
+def time_emb_ref(model, t):
+    """Linear(SiLU(Linear([sin(t f_i) | cos(t f_i)]))) with f_i = 10000^(-i/(half-1))."""
     half = model.base_channels // 2
     freqs = torch.tensor([10000.0 ** (-i / (half - 1)) for i in range(half)], dtype=torch.float64)
     args = t.double()[:, None] * freqs
     emb = torch.cat([torch.sin(args), torch.cos(args)], 1)
     lin1, lin2 = model.emb[0], model.emb[2]
-    emb = silu(emb @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias
+    return silu(emb @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias
+
+
+def unet_ref(model, x, t, drop_skip=None, y=None):
+    """Ho et al.'s U-Net written out from the model's layers: sinusoidal embedding -> Linear, SiLU,
+    Linear, plus the class embedding's row y (the null row for y None) when the model has one;
+    space-to-depth of x when the model has the stem; conv_in; down levels push conv_in's output,
+    every (res block -> attention) output and every downsample's output as skips; mid
+    res/attn/res; each up res block takes cat([h, last skip pushed]) on channels; GroupNorm, SiLU,
+    conv_out, depth-to-space back. drop_skip=k zeroes the k-th skip consumed on the way up."""
+    emb = time_emb_ref(model, t)
+    if model.class_emb is not None:  # row y of the table; its last row, the null label, for None
+        table = model.class_emb.weight
+        emb = emb + (table[y] if y is not None else table[-1])
+    stem = model.space_to_depth
+    x = space_to_depth_ref(x, stem) if stem > 1 else x
 
     def attn(a, h):
         return h if isinstance(a, torch.nn.Identity) else attn_ref(a, h)
@@ -458,7 +497,8 @@ def unet_ref(model, x, t, drop_skip=None):
             up = h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
             h = conv_ref(up, level.resample.conv, 1)
     assert not skips and used == sum(len(level.blocks) for level in model.up)
-    return conv_ref(silu(gn_ref(h, model.norm_out)), model.conv_out, 1)
+    out = conv_ref(silu(gn_ref(h, model.norm_out)), model.conv_out, 1)
+    return depth_to_space_ref(out, stem) if stem > 1 else out
 
 
 def test_unet_forward_matches_reference_with_every_skip():
@@ -544,3 +584,242 @@ def test_the_options_default_to_the_old_network():
     assert downs and all(not d.tf_same and d.conv.padding == (1, 1) for d in downs)
     for name in PRESETS:
         assert PRESETS[name]["downsample_padding"] == "tf_same" and PRESETS[name]["norm_groups"]
+
+
+# ---------------------------------------------------------------------------
+# class conditioning for classifier-free guidance (Ho & Salimans 2022)
+
+
+def emb_seen_by_blocks(model, x, t, y=None):
+    """The embedding the res blocks are given (captured where mid1 is called)."""
+    seen = []
+    handle = model.mid1.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    try:
+        with torch.no_grad():
+            model(x, t, y)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_class_embedding_is_added_to_the_time_embedding():
+    """emb = MLP(sinusoid(t)) + E[y], E of K + 1 rows; y=None picks row K, the null label; float64,
+    random weights, the MLP written out here."""
+    model = randomise(UNet(**TINY, num_classes=3), std=0.3, seed=11).double().eval()
+    E = model.class_emb.weight
+    assert model.null_label == 3 and E.shape == (4, 4 * TINY["base_channels"])
+    x, _ = inputs(model, batch=4, dtype=torch.float64)
+    t, y = torch.tensor([0, 5, 5, 999]), torch.tensor([0, 1, 3, 2])
+    time_part = time_emb_ref(model, t)
+    torch.testing.assert_close(emb_seen_by_blocks(model, x, t, y), time_part + E[y], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(emb_seen_by_blocks(model, x, t), time_part + E[3], rtol=1e-12, atol=1e-12)
+    assert (E[1] - E[3]).abs().max() > 0.1  # so the two comparisons above tell labels apart
+
+
+def test_conditional_forward_matches_reference_and_labels_matter():
+    """The conditional network (with the stem too) equals the U-Net written out here, in float64;
+    y=None is y = null_label everywhere, bit for bit; another label moves the output."""
+    for stem, size in ((1, 8), (2, 16)):
+        model = UNet(**{**SKIPS, "image_size": size, "space_to_depth": stem, "num_classes": 5})
+        model = randomise(model, std=0.05, seed=13).double().eval()
+        g = torch.Generator().manual_seed(14)
+        x = torch.randn(2, 2, size, size, generator=g, dtype=torch.float64)
+        t, y = torch.tensor([3, 871]), torch.tensor([4, 0])
+        with torch.no_grad():
+            got = model(x, t, y)
+            torch.testing.assert_close(got, unet_ref(model, x, t, y=y), rtol=1e-10, atol=1e-12)
+            assert torch.equal(model(x, t), model(x, t, torch.full((2,), model.null_label)))
+            moved = model(x, t, torch.tensor([1, 2]))
+        assert (moved - got).abs().max() > 0.01 * got.abs().max()
+
+
+def test_a_fresh_conditional_network_is_the_unconditional_one():
+    """From one seed, the conditional network's other parameters equal the unconditional one's bit
+    for bit and the global generator ends in the same state (the class embedding draws nothing
+    and comes last in the state dict); its zero rows make every label compute the unconditional
+    output."""
+    torch.manual_seed(5)
+    plain = UNet(**TINY)
+    plain_rng = torch.get_rng_state()
+    torch.manual_seed(5)
+    cond = UNet(**TINY, num_classes=10)
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    a, b = plain.state_dict(), cond.state_dict()
+    assert list(b) == list(a) + ["class_emb.weight"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert b["class_emb.weight"].shape == (11, 64) and not b["class_emb.weight"].any()
+    perturb_zero_params(plain).eval()
+    cond.load_state_dict(plain.state_dict(), strict=False)  # class_emb stays zero
+    x, t = inputs(plain, batch=3)
+    with torch.no_grad():
+        want = plain(x, t)
+        assert want.abs().max() > 0
+        for y in (None, torch.tensor([0, 9, 10])):
+            assert torch.equal(cond.eval()(x, t, y), want)
+
+
+def test_every_label_row_gets_a_gradient():
+    """A batch holding every label, the null one included, moves every row of the embedding."""
+    model = perturb_zero_params(tiny(num_classes=3))
+    x, t = inputs(model, batch=4)
+    y = torch.tensor([0, 1, 2, 3])
+    (model(x, t, y) - torch.randn_like(x)).pow(2).mean().backward()
+    assert (model.class_emb.weight.grad.abs().amax(1) > 0).all()
+
+
+def test_bad_labels_raise_one_line():
+    model = tiny(num_classes=3)
+    x, t = inputs(model, batch=2)
+    for y in (torch.tensor([0, 4]), torch.tensor([-1, 2])):
+        assert "0..3" in one_line_value_error(lambda: model(x, t, y))
+    for y in (torch.tensor([[0], [1]]), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0]),
+              torch.tensor([0, 1], dtype=torch.int32)):
+        assert "[B] = [2]" in one_line_value_error(lambda: model(x, t, y))
+    assert "unconditional" in one_line_value_error(lambda: tiny()(x, t, torch.tensor([0, 1])))
+    for bad in (0, -2, 2.5):
+        assert "num_classes" in one_line_value_error(lambda: UNet(**TINY, num_classes=bad))
+
+
+def diffusers_sinusoid_in_float64(timesteps, embedding_dim, flip_sin_to_cos=False,
+                                  downscale_freq_shift=1, scale=1, max_period=10000):
+    """diffusers' get_timestep_embedding formula, computed in float64 (diffusers computes it in
+    float32), so that the two networks can be compared at 1e-9."""
+    half = embedding_dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - downscale_freq_shift)
+    emb = timesteps[:, None].double() * torch.exp(exponent)[None, :] * scale
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+
+
+def test_conditional_network_is_diffusers_with_class_embeddings(monkeypatch):
+    """Our conditional network computes what diffusers' UNet2DModel with num_class_embeds = K + 1
+    computes with class_labels (its class embedding added after the time MLP), in float64 to
+    1e-9, with our weights copied in: interop's names for the rest, class_embedding.weight here."""
+    pytest.importorskip("diffusers", reason="pip install -r requirements-test.txt")
+    import diffusers.models.embeddings as diffusers_embeddings
+    from diffusers import UNet2DModel
+    import interop
+
+    kwargs = dict(TINY, image_size=8, attn_resolutions=(4,), norm_groups=4, norm_eps=1e-6,
+                  downsample_padding="tf_same", out_channels=2)
+    ours = randomise(UNet(**kwargs, num_classes=3), std=0.05, seed=15).double().eval()
+    config = {k: v for k, v in interop.diffusers_unet_config(kwargs).items() if not k.startswith("_")}
+    theirs = UNet2DModel(**{**config, "num_class_embeds": 4}).double().eval()
+    state = dict(ours.state_dict())
+    weights = {**interop.weights_to_diffusers({k: v for k, v in state.items() if k != "class_emb.weight"}),
+               "class_embedding.weight": state["class_emb.weight"]}
+    theirs.load_state_dict(weights)  # strict: every parameter placed, none left over
+    monkeypatch.setattr(diffusers_embeddings, "get_timestep_embedding", diffusers_sinusoid_in_float64)
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t, y = torch.tensor([0, 17, 500, 999]), torch.tensor([3, 0, 1, 2])
+    with torch.no_grad():
+        mine, want = ours(x, t, y), theirs(x, t, class_labels=y).sample
+        other = theirs(x, t, class_labels=torch.tensor([0, 1, 2, 3])).sample
+    scale = want.abs().max()
+    assert ((mine - want).abs().max() / scale).item() < 1e-9
+    assert (other - want).abs().max() > 1e-3 * scale  # the labels matter in diffusers' model too
+
+
+# ---------------------------------------------------------------------------
+# the space-to-depth stem (Hoogeboom et al. 2023, "simple diffusion", Sec. 3)
+
+STEM = dict(SKIPS, image_size=16, space_to_depth=2)  # levels at 8 and 4, attention at both
+
+
+def test_pixel_unshuffle_is_space_to_depth():
+    """The references written here are PyTorch's pixel_unshuffle and pixel_shuffle, and invert
+    each other."""
+    x = torch.randn(2, 3, 6, 12, generator=torch.Generator().manual_seed(17))
+    for s in (2, 3):
+        packed = space_to_depth_ref(x, s)
+        assert packed.shape == (2, 3 * s * s, 6 // s, 12 // s)
+        assert torch.equal(F.pixel_unshuffle(x, s), packed)
+        assert torch.equal(F.pixel_shuffle(packed, s), x) and torch.equal(depth_to_space_ref(packed, s), x)
+
+
+def test_stem_network_matches_reference():
+    """With space_to_depth=2, conv_in is given pixel_unshuffle(x) ([B, 4C, H/2, W/2]), attention runs
+    at the levels' resolutions 8 and 4 of a 16x16 input, and the whole network equals the U-Net
+    written out here with depth-to-space after conv_out (out_channels 3 ≠ in_channels 2, so the
+    grouping of output channels is checked too), in float64."""
+    model = randomise(UNet(**STEM), std=0.05, seed=18).double().eval()
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(2, 2, 16, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 871])
+    seen, sizes = [], set()
+    model.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    for m in model.modules():
+        if isinstance(m, AttnBlock):
+            m.register_forward_pre_hook(lambda m, args: sizes.add(args[0].shape[-1]))
+    with torch.no_grad():
+        got = model(x, t)
+    assert got.shape == (2, 3, 16, 16)
+    assert torch.equal(seen[0], space_to_depth_ref(x, 2)) and sizes == {8, 4}
+    with torch.no_grad():
+        torch.testing.assert_close(got, unet_ref(model, x, t), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_channels, out_channels", [(1, None), (1, 2), (3, 6)])
+def test_stem_output_has_the_input_size_and_a_zero_head(in_channels, out_channels):
+    """Output [B, C_out, H, W] for C_out = C and 2C (learned variance); conv_out starts at zero, so
+    a fresh network outputs zeros."""
+    model = UNet(in_channels=in_channels, out_channels=out_channels, base_channels=16,
+                 channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0,
+                 image_size=28, space_to_depth=2)
+    assert model.conv_in.in_channels == 4 * in_channels
+    assert not model.conv_out.weight.any() and not model.conv_out.bias.any()
+    x, t = inputs(model, batch=2)
+    out = model(x, t)
+    assert out.shape == (2, out_channels or in_channels, 28, 28) and not out.any()
+
+
+def test_stem_configuration_errors():
+    """The stem and the levels must halve image_size evenly; s >= 1; attention resolutions are the
+    levels' (28 is not one with the stem)."""
+    msg = one_line_value_error(lambda: UNet(image_size=28, channel_mult=(1, 2, 2), space_to_depth=2))
+    assert "28" in msg and "8" in msg and "space_to_depth" in msg
+    one_line_value_error(lambda: UNet(image_size=28, channel_mult=(1, 2), space_to_depth=3,
+                                      attn_resolutions=()))
+    for bad in (0, -1, 1.5):
+        assert "space_to_depth" in one_line_value_error(lambda: UNet(space_to_depth=bad))
+    msg = one_line_value_error(lambda: UNet(image_size=28, channel_mult=(1, 2), space_to_depth=2,
+                                            attn_resolutions=(28,)))
+    assert "[14, 7]" in msg
+    UNet(**{**PRESETS["mnist-tiny"], "space_to_depth": 2, "channel_mult": (1, 2),
+            "attn_resolutions": (14, 7)})
+
+
+def test_stem_channels_last_and_bf16_autocast_with_labels():
+    model = perturb_zero_params(tiny(space_to_depth=2, attn_resolutions=(4,), num_classes=3)).eval()
+    x, t = inputs(model)
+    y = torch.tensor([1, 3])
+    with torch.no_grad():
+        want = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y)
+        last = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, y)
+    assert low.dtype == torch.bfloat16 and (low.float() - want).norm() / want.norm() < 0.05
+    torch.testing.assert_close(last, want, rtol=1e-4, atol=1e-5)
+
+
+def forward_flops(model):
+    """Matmul and convolution FLOPs of one forward pass at batch 1 (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t = inputs(model, batch=1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def test_stem_costs_under_six_tenths_of_the_flops():
+    """mnist-tiny at 28/14/7 against the same width with the stem and two levels at 14/7: the
+    levels at H/2 cost a quarter per pixel, so the stem network's forward FLOPs are below 0.6x
+    the plain one's; its parameter count stays of the same order (between half and all)."""
+    plain = build_unet("mnist-tiny")
+    for base in (24, 32):
+        stem = build_unet("mnist-tiny", space_to_depth=2, channel_mult=(1, 2), base_channels=base,
+                          norm_groups=base // 4)
+        assert forward_flops(stem) < 0.6 * forward_flops(plain), base
+    assert 0.5 * count_parameters(plain) < count_parameters(build_unet(
+        "mnist-tiny", space_to_depth=2, channel_mult=(1, 2))) < count_parameters(plain)

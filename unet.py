@@ -7,7 +7,11 @@ interpolation vector of Nichol & Dhariwal 2021. It imports nothing from the
 project and decides no device or dtype: it follows its inputs.
 
 Shapes: x is [B, C, H, W]; t is [B] of 0-based timestep indices (the array index
-into the schedule tables, as in Ho et al.'s code); the output is [B, out_channels, H, W].
+into the schedule tables, as in Ho et al.'s code); y, for a class-conditional network, is [B] of
+labels; the output is [B, out_channels, H, W].
+
+Two options, off by default: class conditioning for classifier-free guidance (num_classes) and a
+space-to-depth stem (space_to_depth); see UNet.
 """
 
 import math
@@ -162,22 +166,42 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """Ho et al. 2020's U-Net, e.g. ε_θ(x_t, t). forward: x [B, C, H, W], t [B] int ->
-    [B, out_channels, H, W]."""
+    """Ho et al. 2020's U-Net, e.g. ε_θ(x_t, t), or ε_θ(x_t, t, y) with num_classes.
+    forward: x [B, C, H, W], t [B] int (, y [B] int) -> [B, out_channels, H, W].
+
+    num_classes = K (None: unconditional) adds a learned class embedding of K + 1 rows, row K
+    the "null" label (no class) of classifier-free guidance (Ho & Salimans 2022): emb =
+    MLP(sinusoid(t)) + class_emb(y), where diffusers' UNet2DModel adds its class embedding
+    (num_class_embeds = K + 1). Its rows start at zero (not nn.Embedding's N(0, 1), which would
+    outweigh the time MLP's output at init): a fresh conditional network computes what the
+    unconditional one of the same seed computes, every label starts as the null label, and
+    training moves each row by the gradient of the samples that carry it.
+
+    space_to_depth = s > 1 (Hoogeboom et al. 2023, "simple diffusion", Sec. 3) rearranges the
+    input by pixel_unshuffle into [B, s²C, H/s, W/s] before conv_in and the output back by
+    pixel_shuffle: the levels run at H/s, H/(2s), ... (the resolutions attn_resolutions name),
+    image_size stays the input's. diffusers' UNet2DModel has no such stem: a network with one is
+    not expressible as a UNet2DModel and has no diffusers export."""
 
     def __init__(self, in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
                  num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28,
-                 norm_groups=None, norm_eps=GN_EPS, downsample_padding="symmetric"):
+                 norm_groups=None, norm_eps=GN_EPS, downsample_padding="symmetric",
+                 num_classes=None, space_to_depth=1):
         """norm_groups: GroupNorm groups in every layer, or None (the default of checkpoints
         written before the option existed) for num_groups(channels) layer by layer.
-        downsample_padding: "tf_same" (Ho et al.'s) or "symmetric" (see Downsample)."""
+        downsample_padding: "tf_same" (Ho et al.'s) or "symmetric" (see Downsample).
+        num_classes: K class labels plus the null label K, or None; space_to_depth: the stem's
+        factor s (1: no stem)."""
         super().__init__()
-        _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size)
+        _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size,
+                      num_classes, space_to_depth)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
         self.image_size = image_size
-        ch, emb_dim = base_channels, 4 * base_channels
+        self.space_to_depth = space_to_depth
+        self.null_label = num_classes  # the label trained as "no class"; None: unconditional
+        ch, emb_dim, s2 = base_channels, 4 * base_channels, space_to_depth ** 2
 
         def norm(channels):
             return group_norm(channels, norm_groups, norm_eps)
@@ -186,13 +210,13 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_dim, dropout, norm)
 
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(s2 * in_channels, ch, 3, padding=1)
 
         def attn(c, res):
             return AttnBlock(c, norm) if res in attn_resolutions else nn.Identity()
 
         # down path: remember the channel count of every activation pushed as a skip
-        skips, cur, res = [ch], ch, image_size
+        skips, cur, res = [ch], ch, image_size // space_to_depth
         self.down = nn.ModuleList()
         for i, mult in enumerate(channel_mult):
             blocks, attns = [], []
@@ -225,8 +249,11 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = norm(cur)
-        self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(cur, s2 * self.out_channels, 3, padding=1)
         self._init_weights()
+        # zeros, drawn from no generator: the other layers' initialisation is the same with it
+        self.class_emb = None if num_classes is None else nn.Embedding.from_pretrained(
+            torch.zeros(num_classes + 1, emb_dim), freeze=False)
 
     def _init_weights(self):
         """Ho et al.'s init: fan-avg uniform (Xavier) weights, zero biases; residual-branch
@@ -242,14 +269,19 @@ class UNet(nn.Module):
                 zero_(m.proj)
         zero_(self.conv_out)
 
-    def forward(self, x, t):
-        """x: [B, in_channels, image_size, image_size] float, t: [B] 0-based timestep indices
-        -> [B, out_channels, image_size, image_size]."""
-        self._check_inputs(x, t)
+    def forward(self, x, t, y=None):
+        """x: [B, in_channels, image_size, image_size] float, t: [B] 0-based timestep indices,
+        y: [B] class labels in 0..K (K = null_label: no class), or None: all null (an
+        unconditional network takes no y) -> [B, out_channels, image_size, image_size]."""
+        self._check_inputs(x, t, y)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         emb = self.emb(timestep_embedding(t, self.base_channels, dtype).to(x.dtype))  # [B, 4ch]
+        if self.class_emb is not None:
+            y = torch.full_like(t, self.null_label, dtype=torch.long) if y is None else y
+            emb = emb + self.class_emb(y).to(emb.dtype)  # emb's dtype: bf16 under autocast
 
-        h = self.conv_in(x)
+        s = self.space_to_depth
+        h = self.conv_in(F.pixel_unshuffle(x, s) if s > 1 else x)
         hs = [h]
         for level in self.down:
             for block, attn in zip(level.blocks, level.attns):
@@ -267,29 +299,52 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, s) if s > 1 else out
 
-    def _check_inputs(self, x, t):
-        """Shape checks only (no host-device sync)."""
+    def _check_inputs(self, x, t, y):
+        """Shape checks (no host-device sync); y's range only where y is on the CPU, since
+        reading it from an accelerator would sync every call (labels from a dataset or a
+        command line are checked where they enter)."""
         want = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x must be [B, {want[0]}, {want[1]}, {want[2]}], got {list(x.shape)}")
         if tuple(t.shape) != (x.shape[0],):
             raise ValueError(f"t must be [B] = [{x.shape[0]}], got {list(t.shape)}")
+        if y is not None:
+            self._check_labels(y, x.shape[0])
+
+    def _check_labels(self, y, batch):
+        """y: a LongTensor [batch] of labels in 0..K, given to a conditional network only."""
+        K = self.null_label
+        if K is None:
+            raise ValueError("y given to an unconditional network (num_classes=None); "
+                             "build it with num_classes to condition on a class")
+        if tuple(y.shape) != (batch,) or y.dtype != torch.long:
+            raise ValueError(f"y must be a LongTensor [B] = [{batch}], got {y.dtype} {list(y.shape)}")
+        if y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) <= K:
+            raise ValueError(f"y must hold labels in 0..{K} ({K}: no class), "
+                             f"got {int(y.min())}..{int(y.max())}")
 
 
-def _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size):
+def _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size,
+                  num_classes=None, space_to_depth=1):
     """Raise ValueError (one line) on a configuration the U-Net cannot build."""
     if len(channel_mult) == 0 or num_res_blocks < 1:
         raise ValueError(f"need at least one level and one res block, got channel_mult={channel_mult}, "
                          f"num_res_blocks={num_res_blocks}")
     if base_channels < 4 or base_channels % 2:
         raise ValueError(f"base_channels must be even and >= 4 (timestep embedding), got {base_channels}")
-    factor = 2 ** (len(channel_mult) - 1)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    if not isinstance(space_to_depth, int) or space_to_depth < 1:
+        raise ValueError(f"space_to_depth must be an int >= 1 (1: no stem), got {space_to_depth!r}")
+    factor = space_to_depth * 2 ** (len(channel_mult) - 1)
     if image_size % factor:
-        raise ValueError(f"image_size {image_size} must be divisible by 2**(len(channel_mult)-1) = {factor}; "
-                         f"use a multiple of {factor} or fewer channel_mult levels")
-    resolutions = [image_size // 2 ** i for i in range(len(channel_mult))]
+        raise ValueError(f"image_size {image_size} must be divisible by space_to_depth * "
+                         f"2**(len(channel_mult)-1) = {factor}; use a multiple of {factor}, "
+                         "fewer channel_mult levels or a smaller space_to_depth")
+    resolutions = [image_size // space_to_depth // 2 ** i for i in range(len(channel_mult))]
     unused = [r for r in attn_resolutions if r not in resolutions]
     if unused:
         raise ValueError(f"attn_resolutions {unused} never reached; resolutions are {resolutions}")
