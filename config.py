@@ -6,6 +6,7 @@ model work.
 import argparse
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import ddpm
 import hardware
 import sampling
 import unet
+import userdata
 from cli import ArgumentParser, UserError, check, check_number
 
 CPU_MINUTES = 17.0  # no --steps or --preset on a CPU: a run sized to this wall time
@@ -30,12 +32,25 @@ def _flag(default, help, choices=None, auto=None):
 @dataclass
 class Config:
     """Training configuration; defaults follow Ho et al. 2020 (App. B) where it gives one."""
-    dataset: str = _flag("mnist", "mnist, fashion-mnist, cifar10, or npz:PATH (a uint8 array "
-                         "N x H x W or N x H x W x C of your own)")
+    dataset: str = _flag("mnist", "mnist, fashion-mnist, cifar10, npz:PATH (a uint8 array N x H x "
+                         "W or N x H x W x C of your own, with its labels in an array named "
+                         "labels, if any) or folder:DIR (every image under DIR)")
     data_dir: str = _flag(None, "local copies of the dataset files", auto="$DDPM_DATA, then the "
                           "cache $DDPM_CACHE or ~/.cache/ddpm, then the network")
-    preset: str = _flag(None, "network size", choices=tuple(unet.PRESETS),
-                        auto="mnist-tiny on a CPU, mnist on a GPU (cifar10 for 32x32 RGB)")
+    image_size: int = _flag(None, userdata.HELP["image_size"][0], auto=userdata.HELP["image_size"][1])
+    channels: int = _flag(None, userdata.HELP["channels"][0], choices=(1, 3),
+                          auto=userdata.HELP["channels"][1])
+    labels: str = _flag(None, userdata.HELP["labels"][0], choices=userdata.LABEL_MODES,
+                        auto=userdata.HELP["labels"][1])
+    val_fraction: float = _flag(None, userdata.HELP["val_fraction"][0],
+                                auto=userdata.HELP["val_fraction"][1])
+    hflip: bool = _flag(None, "flip each training image left-right with probability 1/2 (Ho et "
+                        "al. App. B), a function of the seed, the step and its place in the batch",
+                        auto="on for cifar10 and folder: datasets, off for the others")
+    preset: str = _flag(None, "the network (a preset's size fitted to the images' side: levels "
+                        "down to 4-8 pixels)", choices=tuple(unet.PRESETS),
+                        auto="mnist-tiny on a CPU; on a GPU mnist at 28x28, else the network of "
+                        "Ho et al. (or improved-diffusion) for the nearest of 32, 64, 256")
     base_channels: int = _flag(None, "channels at the first level", auto="the preset's")
     channel_mult: tuple = _flag(None, "channel multiplier of each level (space-separated)",
                                 auto="the preset's")
@@ -138,7 +153,7 @@ ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resoluti
 # What --resume may not change: the model, the diffusion and the data it was trained on.
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "mean_type",
                    "var_type", "loss_weighting", "snr_gamma", "p2_k", "p2_gamma", "seed",
-                   "batch_size") + ARCH_FIELDS
+                   "batch_size", "hflip") + userdata.FolderOptions._fields + ARCH_FIELDS
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -171,8 +186,9 @@ def split_invocation(given):
 
 
 def default_out(dataset):
-    """runs/<dataset>, with the ':' and '/' of an npz:PATH dataset made safe for a directory name."""
-    return os.path.join("runs", dataset.replace(":", "_").replace("/", "_"))
+    """runs/<dataset>, with the ':' and '/' of npz:PATH and folder:DIR made safe for a directory
+    name."""
+    return os.path.join("runs", dataset.replace(":", "_").replace("/", "_").strip("_"))
 
 
 def resolve(given, device, image_shape, saved=None):
@@ -188,6 +204,8 @@ def resolve(given, device, image_shape, saved=None):
         for key, value in RECIPES["ho"].items():  # what runs saved before these fields meant
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
+        if cfg.hflip is None:  # runs saved before flips existed resume without them
+            cfg.hflip = False
         kwargs = saved_network(saved)
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
@@ -216,7 +234,7 @@ def saved_network(saved):
 def carried(saved):
     """The fields of a resumed run's config that this version does not know (a newer version's):
     kept as they are in every checkpoint the run writes, so that nothing of it is lost."""
-    known = {f.name for f in dataclasses.fields(Config)} | set(INVOCATION) | {"unet"}
+    known = {f.name for f in dataclasses.fields(Config)} | set(INVOCATION) | {"unet", "class_names"}
     return {k: v for k, v in (saved or {}).items() if k not in known}
 
 
@@ -225,7 +243,7 @@ def _fill_automatic(cfg, given, device, image_shape):
     cpu = device.type == "cpu"
     C, H, W = image_shape
     if cfg.preset is None:
-        cfg.preset = "cifar10" if (H == 32 and C == 3 and not cpu) else ("mnist-tiny" if cpu else "mnist")
+        cfg.preset = default_preset(H, cpu)
     cfg.recipe = cfg.recipe if cfg.recipe != "auto" else ("cpu" if cpu else "ho")
     for key, value in RECIPES[cfg.recipe].items():
         if getattr(cfg, key) is None:
@@ -239,14 +257,21 @@ def _fill_automatic(cfg, given, device, image_shape):
         cfg.channels_last = hardware.channels_last_default(device)
     cfg.precision = hardware.resolve_precision(cfg.precision, device)
     cfg.out = cfg.out or default_out(cfg.dataset)
-    kwargs = {**unet.PRESETS[cfg.preset],
-              **{k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}}
-    if (H, W) != (kwargs["image_size"],) * 2 or C != kwargs["in_channels"]:
-        check(H == W, f"images must be square, got {H}x{W}")
-        levels = len(kwargs["channel_mult"])
-        if "attn_resolutions" not in given:  # attention at the coarsest level
-            kwargs["attn_resolutions"] = (H // 2 ** (levels - 1),)
-        kwargs.update(in_channels=C, image_size=H)
+    folder = cfg.dataset.startswith("folder:")
+    if cfg.hflip is None:
+        cfg.hflip = folder or cfg.dataset == "cifar10"
+    if folder:  # how the folder is read, stored so that --resume and evaluate.py read it so (an
+        cfg.labels = cfg.labels or "none"  # image size or channels left out stay automatic)
+        cfg.val_fraction = userdata.VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
+    check(H == W, f"images must be square, got {H}x{W}")
+    kwargs = dict(unet.PRESETS[cfg.preset])
+    resized = H != kwargs["image_size"]
+    if resized and "channel_mult" not in given:
+        kwargs.update(fit_levels(kwargs, H))
+    kwargs.update({k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None})
+    if resized and "channel_mult" in given and "attn_resolutions" not in given:
+        kwargs["attn_resolutions"] = (H // 2 ** (len(kwargs["channel_mult"]) - 1),)  # coarsest
+    kwargs.update(in_channels=C, image_size=H)
     kwargs["out_channels"] = 2 * C if cfg.var_type == "learned_range" else C
     for k in ARCH_FIELDS:
         setattr(cfg, k, kwargs[k])
@@ -255,6 +280,47 @@ def _fill_automatic(cfg, given, device, image_shape):
 
 MAX_COUNT = 2 ** 31 - 1  # the largest step, batch, interval or seed a flag may give
 MAX_MINUTES = 1_000_000  # about two years
+
+
+# Ho et al.'s networks by the resolution they were given for (App. B), and improved-diffusion's
+# for 64x64: a GPU run on images of another size gets the nearest one, fitted (fit_levels).
+SIZED_PRESETS = ("cifar10", "imagenet64", "celebahq256")
+COARSEST = (4, 8)  # the side, in pixels, of a fitted network's coarsest level
+
+
+def default_preset(size, cpu):
+    """The network a run gets when --preset is left out: on a CPU mnist-tiny (at any size, fitted
+    by fit_levels); on a GPU mnist at 28x28, else Ho et al.'s network for the nearest resolution
+    (on a log scale). The one place that picks a network for the machine and the images."""
+    if cpu:
+        return "mnist-tiny"
+    if size == 28:
+        return "mnist"
+    sizes = {p: unet.PRESETS[p]["image_size"] for p in SIZED_PRESETS}  # a tie: the larger one's
+    return min(SIZED_PRESETS, key=lambda p: (abs(math.log(size / sizes[p])), -sizes[p]))
+
+
+def fit_levels(kwargs, size):
+    """{"channel_mult", "attn_resolutions"} of a network fitted to size x size images: as few
+    levels as bring the coarsest to COARSEST (4-8 pixels), the multipliers cut or their last
+    repeated; attention at the same levels, counted from the top (the coarsest where a level is
+    gone). UserError naming --image-size for a size that no number of halvings brings there."""
+    low, high = COARSEST
+    levels = next((n for n in range(1, 12) if size % 2 ** (n - 1) == 0
+                   and low <= size // 2 ** (n - 1) <= high), None)
+    if levels is None:
+        fits = [s for s in range(max(size - 16, 4), size + 17)
+                if any(s % 2 ** n == 0 and low <= s // 2 ** n <= high for n in range(12))]
+        nearest = sorted(fits, key=lambda s: (abs(s - size), s))[:2]
+        raise UserError(f"{size}x{size} images cannot be halved down to {low}-{high} pixels for "
+                        f"the network's coarsest level; give --image-size "
+                        f"{' or '.join(map(str, sorted(nearest)))} (folder: datasets), resize "
+                        "the images, or give --channel-mult")
+    mult = tuple(kwargs["channel_mult"])
+    mult = mult[:levels] + mult[-1:] * (levels - len(mult))
+    old = [kwargs["image_size"] // 2 ** i for i in range(len(kwargs["channel_mult"]))]
+    attn = {min(old.index(r), levels - 1) for r in kwargs["attn_resolutions"] if r in old}
+    return {"channel_mult": mult, "attn_resolutions": tuple(size // 2 ** i for i in sorted(attn))}
 
 
 def validate(cfg, complete=False, resuming=False):
@@ -276,6 +342,7 @@ def validate(cfg, complete=False, resuming=False):
         ("eval_samples", 4, 1_000_000), ("sample_eta", 0, inf),
         ("sample_steps", 1, cfg.timesteps if isinstance(cfg.timesteps, int) else inf),
         ("dropout", 0, 1, False, True), ("norm_groups", 0, 4096), ("base_channels", 1, 65536),
+        ("image_size", 1, 4096), ("val_fraction", 0, 1, False, True),
         ("num_res_blocks", 1, 64)]
     for name, low, high, *open_ends in ranges:
         value = getattr(cfg, name)

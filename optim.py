@@ -47,6 +47,14 @@ def step_noise(cfg, step, shape, device):
     return t, noise
 
 
+def step_flips(cfg, step, device):
+    """Which images of the global batch of `step` are flipped left-right (--hflip): a bool [B],
+    each True with probability 1/2, from (seed, step) alone, on a stream of its own (the draws of
+    t and ε are the same with or without flips)."""
+    g = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 2 + 1)
+    return torch.rand(cfg.batch_size, generator=g, device=device) < 0.5
+
+
 # ---- model, optimiser and the step ----------------------------------------------------------
 
 def ema_update(ema, model, decay):

@@ -6,6 +6,7 @@ checkpoint).
     runs/mnist/log.jsonl           one JSON record per --log-every steps, and the scores
     runs/mnist/samples_<step>.png  the sample grids, then samples_final.png
     runs/mnist/eval.json           what evaluate.py measured
+    runs/mnist/nearest.png         evaluate.py --nearest: samples beside their nearest training images
 """
 import json
 import os
@@ -17,6 +18,7 @@ from cli import UserError
 CHECKPOINT = "ckpt.pt"
 LOG = "log.jsonl"
 EVAL = "eval.json"
+NEAREST = "nearest.png"  # evaluate.py --nearest: samples beside their nearest training images
 
 
 def grid_name(tag):

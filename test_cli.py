@@ -153,6 +153,14 @@ def train_cases(w):
         # data
         ([*new, "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         ([*new, "--dataset", f"npz:{root}/none.npz"], "none.npz does not exist"),
+        ([*new, "--image-size", "32"], "--image-size reads a folder of images; npz:"),
+        ([*new, "--labels", "subfolders"], "--labels reads a folder of images"),
+        ([*new, "--dataset", f"folder:{root}/nowhere"], "nowhere is not a folder"),
+        ([*new, "--dataset", f"folder:{root}/empty_run"], "no usable image"),
+        ([*new, "--dataset", f"folder:{root}/run", "--val-fraction", "1"],
+         "--val-fraction must be a finite number in [0, 1), got 1.0"),
+        ([*new, "--dataset", f"folder:{root}/run", "--image-size", "0"],
+         "--image-size must be an integer in [1, 4096], got 0"),
         (["--dataset", "mnist", "--data-dir", f"{root}/nowhere", "--out", str(root / "new_run")],
          "does not exist"),
         # outputs
@@ -215,6 +223,9 @@ def evaluate_cases(w):
         (["--ckpt", run, "--eta", "inf"], "--eta must be a finite number >= 0, got inf"),
         (["--ckpt", run, "--seed", "99999999999"], "--seed must be an integer in [0, 2147483647]"),
         (["--ckpt", run, "--batch-size", "0"], "--batch-size must be an integer in [1, 1000000]"),
+        (["--ckpt", run, "--nearest", "4"], "--nearest compares with held-out images, and npz:"),
+        (["--ckpt", run, "--nearest", "-1"], "--nearest must be an integer in [0, 1000000]"),
+        (["--ckpt", run, "--nearest", "4", "--nearest-png", "x.jpg"], "--nearest-png must end in .png"),
         (["--ckpt", run, "--nll-batch-size", "0"], "--nll-batch-size must be an integer in [1, 1000000], got 0"),
         (["--ckpt", run, "--device", "tpu"], "unknown --device"),
         (["--ckpt", run, "--sampler", "ddim", "--steps", "5000"], "--steps 5000 must be in"),
@@ -245,6 +256,8 @@ def data_cases(w):
         (["mnist", "--grid", "/proc/x.png"], "cannot write in /proc"),
         (["npz:/no/such.npz"], "does not exist"),
         (["mnist", "--grid", "x.jpg"], "--grid must end in .png"),
+        (["mnist", "--channels", "3"], "--channels reads a folder of images; mnist is not one"),
+        (["folder:/no/such/folder"], "is not a folder"),
         (["mnist", "--count", "nan"], "invalid int value"),
     ]
 

@@ -658,15 +658,16 @@ def test_cifar_download_route(tmp_path, monkeypatch):
 def test_npz_accepted_layouts(tmp_path, shape, to_nchw, key):
     array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     np.savez(tmp_path / "a.npz", **{key: array})
-    dataset = data.load_dataset(f"npz:{tmp_path / 'a.npz'}", split="ignored")
+    dataset = data.load_dataset(f"npz:{tmp_path / 'a.npz'}", split="test")  # the whole file
     np.testing.assert_array_equal(dataset.images, to_nchw(array))
     assert dataset.labels is None and dataset.images.flags.c_contiguous
 
 
 def test_npz_picks_images_among_several_and_reads_npy(tmp_path):
     images = np.ones((2, 8, 8), np.uint8)
-    np.savez(tmp_path / "a.npz", labels=np.zeros(2), images=images)
-    assert data.load_dataset(f"npz:{tmp_path / 'a.npz'}").images.shape == (2, 1, 8, 8)
+    np.savez(tmp_path / "a.npz", labels=np.arange(2), images=images, other=np.zeros(3))
+    found = data.load_dataset(f"npz:{tmp_path / 'a.npz'}")
+    assert found.images.shape == (2, 1, 8, 8) and found.labels.tolist() == [0, 1]
     np.save(tmp_path / "b.npy", images)
     assert data.load_dataset(f"npz:{tmp_path / 'b.npy'}").images.shape == (2, 1, 8, 8)
 

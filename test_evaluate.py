@@ -105,7 +105,7 @@ def synthetic_digits(n, seed):
 
 def test_classifier_learns_a_separable_dataset():
     train_set, test_set = synthetic_digits(1280, 0), synthetic_digits(300, 1)
-    model = metrics.train_classifier(train_set.images, train_set.labels, torch.device("cpu"),
+    model = metrics.train_classifier(train_set.images, train_set.labels, 10, torch.device("cpu"),
                                       epochs=2, batch_size=64, progress=False)
     feats, probs = metrics.embed(model, test_set.images)
     assert feats.shape == (300, 128) and probs.shape == (300, 10)

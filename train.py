@@ -35,6 +35,7 @@ import metrics
 import optim
 import rundir
 import sampling
+import userdata
 
 
 class TrainError(cli.UserError):
@@ -103,6 +104,8 @@ class Run:
     world: int
     writes: bool                 # rank 0: the process that writes files
     images: torch.Tensor         # the training set, uint8 [N, C, H, W], on the device
+    labels: Optional[torch.Tensor]  # its labels, int64 [N], on the device, or None
+    class_names: Optional[list]  # the classes' names in label order (the data's), or None
     batches: optim.Batches
     trainee: optim.Trainee       # what a step updates
     diffusion: object
@@ -156,6 +159,9 @@ def prepare(given, held, started):
                carried=config.carried(s.state["config"] if s.state else None), device=device,
                rank=s.rank, world=s.world, writes=writes,
                images=torch.from_numpy(s.train_set.images).to(device),
+               labels=None if s.train_set.labels is None else
+               torch.from_numpy(s.train_set.labels).to(device),
+               class_names=class_names_of(s.train_set),
                batches=optim.Batches(len(s.train_set.images), cfg.batch_size, cfg.seed, device),
                trainee=trainee, diffusion=diffusion,
                ema_network=hardware.as_called(ema, cfg.precision, device, cfg.channels_last),
@@ -179,23 +185,51 @@ def settle(given):
     device = hardware.pick_device(asked.device, local_rank)
     out = asked.out or config.default_out(asked.dataset)
     state = load_resumed(out) if invocation["resume"] else None
-    dataset = flags.get("dataset", state["config"]["dataset"] if state else asked.dataset)
+    saved = state["config"] if state else {}
+    dataset = flags.get("dataset", saved.get("dataset", asked.dataset))
+    userdata.check_arguments(flags, dataset)
     shape, train_set = data.image_shape(dataset), None
-    if shape is None:  # a user's npz file: its shape is in the file
-        train_set = data.load_dataset(dataset, "train", asked.data_dir, progress=rank == 0)
+    if shape is None:  # a user's file or folder: its shape is in the data
+        train_set = load_training_set(dataset, {**saved, **flags}, asked.data_dir, rank)
         shape = train_set.images.shape[1:]
     cfg, unet_kwargs = config.resolve({**flags, "out": out}, device, shape,
-                                      state["config"] if state else None)
+                                      saved if state else None)
     cli.check(cfg.batch_size % world == 0,
               f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
-    cli.check(not cfg.eval_every or (data.image_shape(dataset) or ())[1:] == (28, 28),
+    scorable = (train_set.labels is not None and shape[1:] == (28, 28)) if train_set \
+        else shape[1:] == (28, 28)
+    cli.check(not cfg.eval_every or scorable,
               f"--eval-every scores 28x28 datasets with labels; {dataset} is not one")
     if rank == 0:
         files.check_writable_dir(cfg.out)
         rundir.refuse_existing(cfg.out, state is not None, invocation["overwrite"])
     if train_set is None:
-        train_set = data.load_dataset(dataset, "train", cfg.data_dir, progress=rank == 0)
+        train_set = load_training_set(dataset, dataclasses.asdict(cfg), cfg.data_dir, rank)
+    if rank == 0 and train_set.class_names and data.user_data(dataset):
+        print(f"{train_set.num_classes} classes: " + ", ".join(
+            f"{i} {n}" for i, n in enumerate(train_set.class_names)), file=sys.stderr)
+    if rank == 0 and state is None and dataset.startswith("folder:") and len(train_set.images) < SMALL:
+        print(f"{dataset} holds {len(train_set.images)} training images: a network of this size "
+              "will likely learn to copy them; check with `python evaluate.py --nearest 100`",
+              file=sys.stderr)
     return Settled(cfg, unet_kwargs, invocation, state, train_set, device, rank, world)
+
+
+SMALL = 1000  # fewer training images than this: a model will likely copy them (said once)
+
+
+def class_names_of(dataset):
+    """The class names of a labelled dataset, in label order (numbers where the data names none);
+    None without labels."""
+    if dataset.labels is None:
+        return None
+    return list(dataset.class_names or map(str, range(dataset.num_classes)))
+
+
+def load_training_set(dataset, settings, data_dir, rank):
+    """The training split, a folder read with the options in `settings` (flags or a config)."""
+    return data.load_dataset(dataset, "train", data_dir, progress=rank == 0,
+                             folder=userdata.options_of(settings), hint=rank == 0)
 
 
 def load_resumed(out):
@@ -249,7 +283,8 @@ def make_scorer(cfg, train_set, device):
     the test set's features."""
     name = cfg.dataset
     with torch.random.fork_rng():  # the classifier's training leaves the run's generators alone
-        test_set = data.load_dataset(name, "test", cfg.data_dir, progress=False)
+        test_set = data.load_dataset(name, "test", cfg.data_dir, progress=False,
+                                     folder=userdata.options_of(dataclasses.asdict(cfg)))
         classifier, _ = metrics.classifier_for(name, train_set, test_set, device)
     return metrics.Scorer(classifier, test_set.images, cfg.seed)
 
@@ -275,14 +310,19 @@ def elapsed(run):
 # ---- the loop's helpers ---------------------------------------------------------------------
 
 def draw_batch(run, step):
-    """This process's slice of the global batch of `step`: (x_0 in [-1, 1], t, ε), from the seed
-    and the step alone (exact resume, DDP); also seeds dropout for the step."""
+    """This process's slice of the global batch of `step`: (x_0 in [-1, 1], flipped left-right
+    where --hflip draws it, t, ε), from the seed and the step alone (exact resume, DDP); also
+    seeds dropout for the step."""
     cfg, local = run.cfg, run.cfg.batch_size // run.world
     mine = slice(run.rank * local, (run.rank + 1) * local)
     idx = run.batches.indices(step)[mine]
     t, noise = optim.step_noise(cfg, step, run.images.shape[1:], run.device)
     torch.manual_seed(cfg.seed * 1_000_003 + step * run.world + run.rank)  # dropout
-    return imaging.to_model_range(run.images[idx]), t[mine], noise[mine]
+    x0 = imaging.to_model_range(run.images[idx])
+    if cfg.hflip:  # each image of the global batch flipped or not, by (seed, step, position)
+        x0 = torch.where(optim.step_flips(cfg, step, run.device)[mine, None, None, None],
+                         x0.flip(-1), x0)
+    return x0, t[mine], noise[mine]
 
 
 class Meter:
@@ -371,7 +411,8 @@ def save_checkpoint(run, step):
     if run.writes:
         checkpoint.save(run.ckpt_path, {
             "step": step,
-            "config": {**run.carried, **dataclasses.asdict(run.cfg), "unet": run.unet_kwargs},
+            "config": {**run.carried, **dataclasses.asdict(run.cfg), "unet": run.unet_kwargs,
+                       "class_names": run.class_names},
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run)})

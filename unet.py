@@ -373,6 +373,15 @@ PRESETS = {
     "cifar10": dict(in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                     attn_resolutions=(16,), dropout=0.1, image_size=32, norm_groups=32,
                     downsample_padding="tf_same"),
+    # 64x64: improved-diffusion's levels, widths and blocks for ImageNet 64 (Nichol & Dhariwal
+    # 2021), in Ho et al.'s blocks (one attention head, no scale-shift norm)
+    "imagenet64": dict(in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4),
+                       num_res_blocks=3, attn_resolutions=(16, 8), dropout=0.0, image_size=64,
+                       norm_groups=32, downsample_padding="tf_same"),
+    # 256x256: Ho et al.'s LSUN and CelebA-HQ network (google/ddpm-celebahq-256)
+    "celebahq256": dict(in_channels=3, base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4),
+                        num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, image_size=256,
+                        norm_groups=32, downsample_padding="tf_same"),
 }
 
 

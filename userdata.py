@@ -5,7 +5,7 @@
         cache file and read from it while the folder is unchanged; optional class labels from
         the first-level subfolders; a held-out part chosen by a hash of each file's path.
     load_labelled_npz(PATH) -> Labelled(images, labels)
-        a .npz/.npy file's images (as data.py reads them) and its `labels` (or `y`) array.
+        a .npz/.npy file's images and its `labels` (or `y`) array.
 
 Reading a folder, step by step:
   1. List the files: every file under DIR whose name ends in one of IMAGE_EXTENSIONS (any case);
@@ -27,7 +27,7 @@ Reading a folder, step by step:
   6. A file that cannot be used (empty, truncated, not an image, unreadable, larger than Pillow's
      decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS) is named on stderr with the reason and
      skipped; a count follows at the end. Nothing inside DIR is ever written: the cache lives in
-     data.cache_directory() ($DDPM_CACHE or ~/.cache/ddpm), one .npz per folder and options,
+     dataio.cache_directory() ($DDPM_CACHE or ~/.cache/ddpm), one .npz per folder and options,
      written atomically and rewritten when the folder changes.
 """
 import collections
@@ -41,9 +41,10 @@ from typing import NamedTuple, Optional
 import numpy as np
 from tqdm import tqdm
 
-import data
+import cli
+import dataio
 import files
-from data import DataError
+from dataio import DataError
 
 # Pillow's format names tried on each file, and the file names that count as images. Formats
 # whose plugins call outside programs (EPS runs Ghostscript) are deliberately absent.
@@ -92,6 +93,57 @@ class Folder(NamedTuple):
         return None if self.class_names is None else len(self.class_names)
 
 
+class FolderOptions(NamedTuple):
+    """How load_folder reads a folder (its flags: --image-size, --channels, --labels,
+    --val-fraction); see load_folder."""
+
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    labels: str = "none"
+    val_fraction: float = VAL_FRACTION
+
+
+# The flags of the folder options, as train.py (config.py), evaluate.py and data.py take them.
+HELP = {
+    "image_size": ("folder: datasets: centre-crop each image to a square and resize it to this "
+                   "side", "the images' own side, when all are one square size"),
+    "channels": ("folder: datasets: 1 (grey) or 3 (RGB)", "1 when every image is grey, else 3"),
+    "labels": ("folder: datasets: subfolders, each first-level subfolder a class (names "
+               "sorted); none, no labels", "none"),
+    "val_fraction": ("folder: datasets: the share of images held out as the test split, each "
+                     "chosen by a hash of its path (0: none)", str(VAL_FRACTION)),
+}  # {option: (what it does, its default)}
+
+
+def add_arguments(p):
+    """--image-size, --channels, --labels and --val-fraction (data.py's command line)."""
+    def text(name):
+        return f"{HELP[name][0]} (default: {HELP[name][1]})"
+    p.add_argument("--image-size", type=int, help=text("image_size"))
+    p.add_argument("--channels", type=int, choices=(1, 3), help=text("channels"))
+    p.add_argument("--labels", choices=LABEL_MODES, help=text("labels"))
+    p.add_argument("--val-fraction", type=float, help=text("val_fraction"))
+
+
+def check_arguments(given, name):
+    """UserError for a folder option out of range, or given for a dataset that is not a folder.
+    `given`: an argparse namespace or a {flag name: value} dict (None: not given)."""
+    given = vars(given) if not isinstance(given, dict) else given
+    asked = [k for k in FolderOptions._fields if given.get(k) is not None]
+    cli.check(not asked or str(name).startswith("folder:"), f"--{asked[0].replace('_', '-')} "
+              f"reads a folder of images; {name} is not one (give --dataset folder:DIR)"
+              if asked else "")
+    if given.get("image_size") is not None:
+        cli.check_number("--image-size", given["image_size"], 1, 4096)
+    if given.get("val_fraction") is not None:
+        cli.check_number("--val-fraction", given["val_fraction"], 0, 1, open_high=True)
+
+
+def options_of(given):
+    """FolderOptions from a {flag name: value} dict; None (not given) keeps each default."""
+    return FolderOptions(**{k: given[k] for k in FolderOptions._fields if given.get(k) is not None})
+
+
 class Labelled(NamedTuple):
     """images: uint8 [N, C, H, W]; labels: int64 [N] in 0..K-1 with every class present, or None."""
 
@@ -116,7 +168,7 @@ def load_folder(directory, image_size=None, channels=None, labels="none",
     labels: "none", or "subfolders" (each first-level subfolder is a class, names sorted,
         label = index; an image directly in `directory` is then an error naming it).
     val_fraction: the share of images held out, chosen by held_out(path, val_fraction).
-    cache_dir: where the decoded images are kept (default: data.cache_directory()).
+    cache_dir: where the decoded images are kept (default: dataio.cache_directory()).
     Raises DataError (one line) for bad options, a missing folder, images of several sizes
     without image_size, or a folder with no usable image.
     """
@@ -274,7 +326,7 @@ def _cache_path(root, image_size, channels, cache_dir):
     folder rewrites the same file, so old versions do not pile up."""
     name = json.dumps([os.path.realpath(root), image_size, channels])
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return os.path.join(data.cache_directory(cache_dir), f"folder-{digest}.npz")
+    return os.path.join(dataio.cache_directory(cache_dir), f"folder-{digest}.npz")
 
 
 def _read_cache(path, key):
@@ -326,7 +378,8 @@ def _decode_folder(root, listing, image_size, channels, progress):
     arrays, paths, skipped = [], [], list(listing.problems)
     sizes = collections.Counter()
     names = [relpath for relpath, _, _ in listing.files]
-    bar = tqdm(names, desc=f"decoding {root}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(names, desc=f"decoding {root}", unit="img", disable=not (progress and names),
+               leave=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for i, relpath in enumerate(bar):
@@ -369,9 +422,9 @@ def _read_pixels(Image, ImageOps, path):
     except OSError as err:
         if err.errno is not None and err.strerror:  # permission denied, an I/O error
             raise _Unusable(err.strerror) from None
-        raise _Unusable(f"truncated or damaged ({data._one_line(err)})") from None
+        raise _Unusable(f"truncated or damaged ({dataio.one_line(err)})") from None
     except Exception as err:  # damaged files raise many other kinds of errors in Pillow
-        raise _Unusable(f"damaged ({data._one_line(err)})") from None
+        raise _Unusable(f"damaged ({dataio.one_line(err)})") from None
 
 
 def _to_8bit(image):
@@ -504,7 +557,7 @@ def _reason(err):
     denied"), else its one-line text."""
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         return err.strerror
-    return data._one_line(err)
+    return dataio.one_line(err)
 
 
 def _report_skipped(root, skipped, total):
@@ -546,8 +599,7 @@ def _no_image_message(root, listing, skipped):
 def load_labelled_npz(path):
     """Labelled(images uint8 [N, C, H, W], labels int64 [N] or None) from a user's .npz/.npy.
 
-    Images as data.load_dataset("npz:PATH") reads them (the only array, or the one named images,
-    x or arr_0). Labels: the array named `labels` (or else `y`), if any: integers, one per
+    Images: the only array, or the one named images, x or arr_0. Labels: the array named `labels` (or else `y`), if any: integers, one per
     image, each in 0..K-1 with K = max + 1 and every class 0..K-1 present (a missing class is
     usually labels counted from 1). A .npy file holds images only. DataError (one line) else."""
     path = os.path.expanduser(str(path))
@@ -560,14 +612,14 @@ def load_labelled_npz(path):
             images, labels = loaded, None
         else:
             with loaded:
-                images = np.array(data._pick_npz_array(path, loaded))
+                images = np.array(_pick_npz_array(path, loaded))
                 key = next((k for k in ("labels", "y") if k in loaded.files), None)
                 labels = None if key is None else np.array(loaded[key])
     except DataError:
         raise
     except Exception as err:  # a pickled object array, a damaged zip or not numpy at all
-        raise DataError(f"npz: cannot read {path} ({data._one_line(err)}); {hint}")
-    images = data._npz_images(path, images)
+        raise DataError(f"npz: cannot read {path} ({dataio.one_line(err)}); {hint}")
+    images = _npz_images(path, images)
     return Labelled(images, None if labels is None else _check_labels(path, labels, len(images)))
 
 
@@ -587,3 +639,32 @@ def _check_labels(path, labels, count):
         raise DataError(f"npz: {path} labels range 0..{labels.max()} but no image has class "
                         f"{gaps[0]}; number the classes 0..K-1 with every class present")
     return labels.astype(np.int64)
+
+
+def _pick_npz_array(path, npz):
+    """The images array of an NpzFile: its only array, or the one named images, x or arr_0."""
+    candidates = [k for k in npz.files if k not in ("labels", "y")]
+    if len(candidates) == 1:
+        return npz[candidates[0]]
+    for key in ("images", "x", "arr_0"):
+        if key in npz.files:
+            return npz[key]
+    raise DataError(f"npz: {path} holds arrays {npz.files} but none named images, x or arr_0; "
+                    "name the images array 'images'")
+
+
+def _npz_images(path, array):
+    """[N, H, W], [N, H, W, C] or [N, C, H, W] (C in {1, 3}) uint8 -> [N, C, H, W]."""
+    accepted = "accepted: uint8 N x H x W, N x H x W x C or N x C x H x W with C in {1, 3}"
+    if array.dtype != np.uint8:
+        raise DataError(f"npz: {path} holds {array.dtype} images; convert them to uint8 (0-255) "
+                        f"first ({accepted})")
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[3] in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    elif not (array.ndim == 4 and array.shape[1] in (1, 3)):
+        raise DataError(f"npz: {path} holds an array of shape {array.shape}; {accepted}")
+    if 0 in array.shape:
+        raise DataError(f"npz: {path} holds an empty array of shape {array.shape}; {accepted}")
+    return np.ascontiguousarray(array)
