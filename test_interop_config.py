@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import tempfile
 import typing
 
