@@ -35,16 +35,17 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the checkpoint file to write (import) or the "
                    "folder to create (export)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a "
+                   "checkpoint file, or for an export a folder an earlier export wrote)")
     args = p.parse_args(argv)
-    if os.path.exists(args.out):
+    if os.path.lexists(args.out):
         cli.check(args.overwrite, f"--out {args.out} exists; choose another path or add "
-                      "--overwrite to replace it")
-        cli.check(os.path.isdir(args.out) == bool(args.to_diffusers),
-                      f"--out {args.out} is a {'directory' if os.path.isdir(args.out) else 'file'};"
-                      f" the {'export' if args.to_diffusers else 'import'} writes a "
-                      f"{'folder' if args.to_diffusers else 'checkpoint file'}")
-    files.check_writable(args.out)
+                  "--overwrite to replace it")
+    if args.to_diffusers:  # a folder, written beside itself and swapped in
+        interop.check_export_out(args.out)
+        files.check_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out", args.out)
+    else:
+        files.check_writable(args.out)
     return args
 
 
