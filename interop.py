@@ -44,7 +44,7 @@ FIXED_UNET_FIELDS = {"center_input_sample": False, "time_embedding_type": "posit
                      "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_type": "UNetMidBlock2D",
                      "mid_block_scale_factor": 1, "downsample_type": "conv",
                      "upsample_type": "conv", "act_fn": "silu", "resnet_time_scale_shift": "default",
-                     "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+                     "add_attention": True, "class_embed_type": None,
                      "time_embedding_dim": None, "attn_norm_num_groups": None}
 # diffusers' UNet2DModel defaults (0.42.1), for the fields a config leaves out: diffusers builds
 # those, so a missing flip_sin_to_cos is True (which unet.py cannot express), not False.
@@ -163,6 +163,8 @@ UNET_FIELDS = {
     "norm_num_groups": integer(1, MAX_WIDTH),
     "norm_eps": number(0, 1),
     "num_train_timesteps": nullable(integer(1, MAX_TIMESTEPS)),  # read only by learned embeddings
+    # K + 1 class embeddings: K classes and the null label, the last row (classifier-free guidance)
+    "num_class_embeds": nullable(integer(2, MAX_WIDTH)),
 }
 SCHEDULER_FIELDS = {
     "num_train_timesteps": integer(1, MAX_TIMESTEPS),
@@ -274,7 +276,8 @@ def unet_kwargs_from_diffusers(config, where="config.json"):
                                       if t == "AttnDownBlock2D"),
             "dropout": float(c["dropout"]), "image_size": size,
             "norm_groups": c["norm_num_groups"], "norm_eps": float(c["norm_eps"]),
-            "downsample_padding": "tf_same" if c["downsample_padding"] == 0 else "symmetric"}
+            "downsample_padding": "tf_same" if c["downsample_padding"] == 0 else "symmetric",
+            **({"num_classes": c["num_class_embeds"] - 1} if c["num_class_embeds"] else {})}
 
 
 def diffusers_unet_config(kwargs, where="the checkpoint"):
@@ -284,6 +287,10 @@ def diffusers_unet_config(kwargs, where="the checkpoint"):
     full = {**unet_defaults(), **kwargs}
     base, mult, size = full["base_channels"], full["channel_mult"], full["image_size"]
     widths = [base * m for m in mult]
+    if full["space_to_depth"] != 1:
+        raise ConvertError(f"{where} has a space-to-depth stem (space_to_depth = "
+                           f"{full['space_to_depth']}), which diffusers' UNet2DModel cannot "
+                           "express; networks without one export (docs/interop.md lists them)")
     if mult[0] != 1:
         raise ConvertError(f"{where} has channel_mult[0] = {mult[0]}: its input conv and timestep "
                            f"embedding are {base} channels wide and its first level {widths[0]}, "
@@ -314,7 +321,8 @@ def diffusers_unet_config(kwargs, where="the checkpoint"):
             "act_fn": "silu", "attention_head_dim": None, "norm_num_groups": groups,
             "attn_norm_num_groups": None, "norm_eps": full["norm_eps"],
             "resnet_time_scale_shift": "default", "add_attention": True,
-            "class_embed_type": None, "num_class_embeds": None}
+            "class_embed_type": None,
+            "num_class_embeds": full["num_classes"] + 1 if full["num_classes"] else None}
 
 
 def unet_defaults():
@@ -331,7 +339,8 @@ _PATHS = [(r"^emb\.0\.", "time_embedding.linear_1."), (r"^emb\.2\.", "time_embed
           (r"^down\.(\d+)\.resample\.", r"down_blocks.\1.downsamplers.0."),
           (r"^up\.(\d+)\.resample\.", r"up_blocks.\1.upsamplers.0."),
           (r"^mid1\.", "mid_block.resnets.0."), (r"^mid2\.", "mid_block.resnets.1."),
-          (r"^mid_attn\.", "mid_block.attentions.0."), (r"^norm_out\.", "conv_norm_out.")]
+          (r"^mid_attn\.", "mid_block.attentions.0."), (r"^norm_out\.", "conv_norm_out."),
+          (r"^class_emb\.", "class_embedding.")]
 _RESNET = {"emb_proj": "time_emb_proj", "shortcut": "conv_shortcut"}
 _ATTENTION = {"norm": "group_norm", "proj": "to_out.0"}
 # diffusers before 0.15 (and the google/ddpm-* weights on the Hub) named the attention layers so.

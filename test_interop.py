@@ -247,7 +247,7 @@ def import_model_from(folder, tmp_path):
 @pytest.mark.parametrize("change, field", [
     ({"down_block_types": ("CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")},
      "CrossAttnDownBlock2D"),
-    ({"num_class_embeds": 10}, "num_class_embeds"),
+    ({"num_class_embeds": 1}, "num_class_embeds"),
     ({"attention_head_dim": 8}, "attention_head_dim"),
     ({"flip_sin_to_cos": True}, "flip_sin_to_cos"),
     ({"time_embedding_type": "fourier"}, "time_embedding_type"),
@@ -454,7 +454,8 @@ def import_cases(variant):
         (u(downsample_padding=2), "downsample_padding = 2"),
         # config.json: what unet.py cannot express, and fields against each other
         (u(flip_sin_to_cos=ABSENT), "flip_sin_to_cos = true (absent, so diffusers' default)"),
-        (u(num_class_embeds=10), "num_class_embeds = 10"),
+        (u(num_class_embeds=1), "num_class_embeds = 1; it must be"),
+        (u(num_class_embeds=2.5), "num_class_embeds = 2.5"),
         (u(act_fn="gelu"), 'act_fn = "gelu"; it must be "silu"'),
         (u(sample_size=7), "sample_size = 7 is not divisible by 2**(levels - 1) = 2"),
         (u(sample_size=[8, 16]), "sample_size = [8, 16]"),

@@ -99,9 +99,12 @@ def relative_error(ours, theirs, size, channels, seed=0):
     x = torch.randn(4, channels, size, size, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 1, 500, 999])
     theirs = theirs.double().eval()
+    classes = getattr(theirs.config, "num_class_embeds", None)
+    labels = torch.arange(4) % classes if classes else None  # the last is the null label
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         float64_time_embedding(patch)
-        mine, other = ours(x, t), theirs(x, t).sample
+        mine = ours(x, t) if labels is None else ours(x, t, labels)
+        other = theirs(x, t, class_labels=labels).sample
     assert mine.shape == other.shape, (mine.shape, other.shape)
     return ((mine - other).abs().max() / mine.abs().max()).item()
 
@@ -169,7 +172,8 @@ UNET_CHANGES = [
     ("norm_num_groups", 16, "refused"), ("attn_norm_num_groups", 2, "refused"),
     ("norm_eps", 0.1, "same"), ("norm_eps", 1e-3, "same"),
     ("resnet_time_scale_shift", "scale_shift", "refused"), ("add_attention", False, "refused"),
-    ("class_embed_type", "timestep", "refused"), ("num_class_embeds", 10, "refused"),
+    ("class_embed_type", "timestep", "refused"), ("num_class_embeds", 10, "same"),
+    ("num_class_embeds", 1, "refused"),  # one row: the null label and no class
     ("num_train_timesteps", 1000, "same"),  # read by learned embeddings only
 ]
 # Changes that leave the network as it was, in diffusers as in ours.
@@ -229,14 +233,24 @@ OUR_CHANGES = [("in_channels", 3), ("out_channels", 2), ("base_channels", 16),
                ("channel_mult", (1, 1, 2)), ("channel_mult", (1, 2, 4)), ("num_res_blocks", 2),
                ("attn_resolutions", (8,)), ("attn_resolutions", ()), ("attn_resolutions", (8, 4)),
                ("dropout", 0.2), ("image_size", 4), ("image_size", 12), ("norm_groups", 2),
-               ("norm_groups", 8), ("norm_eps", 1e-2), ("downsample_padding", "symmetric")]
+               ("norm_groups", 8), ("norm_eps", 1e-2), ("downsample_padding", "symmetric"),
+               ("num_classes", 3), ("num_classes", 1)]
 OURS = dict(in_channels=1, out_channels=None, base_channels=8, channel_mult=(1, 2),
             num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, image_size=8, norm_groups=4,
             norm_eps=1e-6, downsample_padding="tf_same")
 
 
 def test_every_unet_setting_is_exported():
-    assert {f for f, _ in OUR_CHANGES} == set(inspect.signature(unet.UNet).parameters)
+    """Every setting but the space-to-depth stem, which diffusers cannot express (refused below)."""
+    assert {f for f, _ in OUR_CHANGES} | {"space_to_depth"} == \
+        set(inspect.signature(unet.UNet).parameters)
+
+
+def test_a_space_to_depth_stem_is_refused_on_export():
+    with pytest.raises(interop.ConvertError) as excinfo:
+        interop.diffusers_unet_config({**OURS, "space_to_depth": 2, "image_size": 16})
+    message = str(excinfo.value)
+    assert "space_to_depth = 2" in message and "cannot express" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("setting, value", OUR_CHANGES)
