@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import hardware
 import optim
+import sampling
 from cli import check
 
 
@@ -78,8 +79,9 @@ def plan(cfg, parts, diffusion, shape, device, world, started, speak=True):
     (the writing process)."""
     step_s, call_s = probe(cfg, parts, diffusion, shape, device)
     calls = diffusion.num_timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
-    grid_s = calls * call_s * cfg.num_samples / cfg.batch_size
-    eval_s = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
+    guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1  # doubled network batches
+    grid_s = guided * calls * call_s * cfg.num_samples / cfg.batch_size
+    eval_s = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
     end = started + cfg.minutes * 60
     tail_s = grid_s + 2.0 + (eval_s if cfg.eval_every else 0)   # final grid, save, score
     extra_s = (grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every  # per step, on average

@@ -44,6 +44,13 @@ class Config:
                         auto=userdata.HELP["labels"][1])
     val_fraction: float = _flag(None, userdata.HELP["val_fraction"][0],
                                 auto=userdata.HELP["val_fraction"][1])
+    class_cond: bool = _flag(False, "a class-conditional model (classifier-free guidance, Ho & "
+                             "Salimans 2022): the label is a learned embedding added to the time "
+                             "embedding, replaced by the null label with probability --cond-drop; "
+                             "needs labelled data")
+    cond_drop: float = _flag(0.1, "--class-cond: the probability that a training image's label is "
+                             "replaced by the null label, so that one network learns the "
+                             "conditional and the unconditional model")
     hflip: bool = _flag(None, "flip each training image left-right with probability 1/2 (Ho et "
                         "al. App. B), a function of the seed, the step and its place in the batch",
                         auto="on for cifar10 and folder: datasets, off for the others")
@@ -153,7 +160,8 @@ ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resoluti
 # What --resume may not change: the model, the diffusion and the data it was trained on.
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "mean_type",
                    "var_type", "loss_weighting", "snr_gamma", "p2_k", "p2_gamma", "seed",
-                   "batch_size", "hflip") + userdata.FolderOptions._fields + ARCH_FIELDS
+                   "batch_size", "hflip", "class_cond", "cond_drop") \
+    + userdata.FolderOptions._fields + ARCH_FIELDS
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -191,10 +199,11 @@ def default_out(dataset):
     return os.path.join("runs", dataset.replace(":", "_").replace("/", "_").strip("_"))
 
 
-def resolve(given, device, image_shape, saved=None):
+def resolve(given, device, image_shape, saved=None, num_classes=None):
     """(Config with every automatic choice made, UNet kwargs) for the flags `given` (already
-    checked by validate), the device and the images' (C, H, W). `saved` is the config of the run
-    being resumed. Raises UserError for anything that cannot run, before any model work."""
+    checked by validate), the device, the images' (C, H, W) and their number of classes (None
+    without labels). `saved` is the config of the run being resumed. Raises UserError for
+    anything that cannot run, before any model work."""
     if saved is not None:
         changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
         check(not changed, f"--resume cannot change {', '.join(changed)} (the checkpoint "
@@ -206,9 +215,10 @@ def resolve(given, device, image_shape, saved=None):
                 setattr(cfg, key, value)
         if cfg.hflip is None:  # runs saved before flips existed resume without them
             cfg.hflip = False
+        cfg.class_cond = bool(cfg.class_cond)
         kwargs = saved_network(saved)
     else:
-        cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape)
+        cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape, num_classes)
     validate(cfg, complete=True, resuming=saved is not None)
     try:  # the diffusion and the network, built without memory: their own checks, now
         checkpoint.build_diffusion(dataclasses.asdict(cfg))
@@ -238,7 +248,7 @@ def carried(saved):
     return {k: v for k, v in (saved or {}).items() if k not in known}
 
 
-def _fill_automatic(cfg, given, device, image_shape):
+def _fill_automatic(cfg, given, device, image_shape, num_classes):
     """The choices left to the machine and the dataset (see each field's help)."""
     cpu = device.type == "cpu"
     C, H, W = image_shape
@@ -273,6 +283,11 @@ def _fill_automatic(cfg, given, device, image_shape):
         kwargs["attn_resolutions"] = (H // 2 ** (len(kwargs["channel_mult"]) - 1),)  # coarsest
     kwargs.update(in_channels=C, image_size=H)
     kwargs["out_channels"] = 2 * C if cfg.var_type == "learned_range" else C
+    if cfg.class_cond:
+        check(num_classes, f"--class-cond needs labels, and {cfg.dataset} has none; labels come "
+              "with mnist, fashion-mnist and cifar10, a folder's subfolders (--labels "
+              "subfolders) or an npz file's labels array")
+        kwargs["num_classes"] = num_classes
     for k in ARCH_FIELDS:
         setattr(cfg, k, kwargs[k])
     return cfg, kwargs
@@ -342,7 +357,7 @@ def validate(cfg, complete=False, resuming=False):
         ("eval_samples", 4, 1_000_000), ("sample_eta", 0, inf),
         ("sample_steps", 1, cfg.timesteps if isinstance(cfg.timesteps, int) else inf),
         ("dropout", 0, 1, False, True), ("norm_groups", 0, 4096), ("base_channels", 1, 65536),
-        ("image_size", 1, 4096), ("val_fraction", 0, 1, False, True),
+        ("image_size", 1, 4096), ("val_fraction", 0, 1, False, True), ("cond_drop", 0, 1),
         ("num_res_blocks", 1, 64)]
     for name, low, high, *open_ends in ranges:
         value = getattr(cfg, name)

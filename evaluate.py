@@ -79,6 +79,7 @@ def parse_args(argv=None):
                    help="generated images for sample quality; 0 skips it")
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     sampling.add_arguments(p)
+    sampling.add_class_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
     hardware.add_arguments(p, "network autocast for sampling; auto: bf16 where the device runs "
                            "it fast, else fp32 (the NLL always runs in fp32)")
@@ -108,6 +109,7 @@ def parse_args(argv=None):
     cli.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
               f"use 3 neighbours), got {args.samples}")
     sampling.check_arguments(args)
+    sampling.check_class_arguments(args)
     if args.dataset:
         data.check_name(args.dataset)
     if args.nearest_png:
@@ -129,6 +131,7 @@ def evaluate(args, path, device, progress=True):
               "--dataset NAME for its test set")
     if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
+    asked_classes(args, model.config, 1)  # --class checked against the model, before any work
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
@@ -162,8 +165,10 @@ def evaluate(args, path, device, progress=True):
         print(f"sample quality needs a 28x28 dataset with labels; {name} has none, skipped",
               file=sys.stderr)
     count = max(args.samples if labelled_28 else 0, args.nearest)
+    labels = asked_classes(args, model.config, count)
     if not count:
         return results
+    count = count if labels is None else len(labels)
     train_set = data.load_dataset(name, "train", args.data_dir, progress=progress, folder=folder)
     classifier, accuracy = metrics.classifier_for(name, train_set, test_set, device,
                                                   progress=progress) if labelled_28 else (None, None)
@@ -171,23 +176,40 @@ def evaluate(args, path, device, progress=True):
     x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], count,
                              args.batch_size, args.sampler, args.steps, args.eta, args.seed,
                              device, progress=progress,
-                             clip_denoised=model.config.get("clip_denoised", True))
+                             clip_denoised=model.config.get("clip_denoised", True),
+                             labels=labels, guidance=args.guidance,
+                             null_label=model.module.null_label)
     seconds = time.perf_counter() - start
     fakes = imaging.to_uint8(x).cpu().numpy()
     sampler = sampling.describe(args.sampler, args.steps, args.eta, diffusion)
     if args.samples and labelled_28:
+        n = min(args.samples, count)
         real = train_set.images[np.random.default_rng(args.seed).permutation(
-            len(train_set.images))[:args.samples]]
+            len(train_set.images))[:n]]
+        guided = {} if labels is None else {"guidance": args.guidance,
+                                            "classes": args.classes or "all"}
         results["samples"] = {
-            "count": args.samples, "sampler": sampler, "autocast": model.precision,
-            "seconds": seconds * args.samples / count, "classifier_test_accuracy": accuracy,
-            **metrics.sample_quality(classifier, fakes[:args.samples], real, test_set.images,
-                                     args.seed)}
+            "count": n, "sampler": sampler, **guided, "autocast": model.precision,
+            "seconds": seconds * n / count, "classifier_test_accuracy": accuracy,
+            **metrics.sample_quality(classifier, fakes[:n], real, test_set.images, args.seed,
+                                     None if labels is None else labels[:n].numpy())}
     if args.nearest:
         results["copies"] = copies(fakes[:args.nearest], train_set.images, test_set.images,
                                    classifier, args.nearest_png or os.path.join(
                                        os.path.dirname(path), rundir.NEAREST), sampler)
     return results
+
+
+def asked_classes(args, config, count):
+    """The labels a class-conditional model is asked for (--class; by default every class, each
+    count // K times, K the number of classes) in order; None for an unconditional model."""
+    if config["unet"].get("num_classes") is None:
+        return sampling.class_labels(args.classes, count, config, args.seed)[0]  # refuses --class
+    asked = args.classes or "all"
+    several = asked.strip() == "all" or "," in asked
+    per = max(1, count // (config["unet"]["num_classes"] if asked.strip() == "all"
+                           else len(asked.split(","))) if several else count)
+    return sampling.class_labels(asked, per, config, args.seed)[0]
 
 
 def copies(samples, train, heldout, classifier, png, sampler):
@@ -224,13 +246,18 @@ def print_table(r):
             print(f"  {label:<16} {number(n[key]['mean'])} ± {number(n[key]['se'])}")
     if "samples" in r:
         s = r["samples"]
-        print(f"sample quality: {s['count']} samples, {s['sampler']} ({s['seconds']:.0f} s); "
-              f"features of a classifier with test accuracy {s['classifier_test_accuracy']:.4f}")
+        guided = (f", classes {s['classes']} at guidance w = {s['guidance']:g}"
+                  if "guidance" in s else "")
+        print(f"sample quality: {s['count']} samples, {s['sampler']}{guided} ({s['seconds']:.0f} "
+              f"s); features of a classifier with test accuracy "
+              f"{s['classifier_test_accuracy']:.4f}")
+        if "class_accuracy" in s:
+            print(f"  {'classified as the class asked for':<52} {s['class_accuracy']:.3f}")
         for label, value in (
                 ("FD (this classifier's features, not Inception FID)", f"{s['fd']:.3f}"),
                 (f"FD of {s['count']} real training images (floor)", f"{s['fd_real_floor']:.3f}"),
                 ("classified with confidence > 0.9", f"{s['confident_fraction']:.3f}"),
-                (f"class-histogram entropy (max log 10 = {s['class_entropy_max']:.3f})",
+                (f"class-histogram entropy (max {s['class_entropy_max']:.3f}, balanced)",
                  f"{s['class_entropy']:.3f}"),
                 ("precision / recall (k = 3)", f"{s['precision']:.3f} / {s['recall']:.3f}"),
                 (f"precision / recall of {s['count']} real training images",

@@ -84,6 +84,11 @@ def class_entropy(probs):
     return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
+def class_accuracy(probs, labels):
+    """The share of samples whose most probable class is the one asked for ([N] labels)."""
+    return float((np.asarray(probs).argmax(1) == np.asarray(labels)).mean())
+
+
 def confident_fraction(probs, threshold=0.9):
     return float((np.asarray(probs).max(1) > threshold).mean())
 
@@ -174,14 +179,19 @@ class Scorer:
         self.f_test, _ = embed(classifier, test_images)
         self.test_stats = feature_stats(self.f_test)
 
-    def score(self, samples):
+    def score(self, samples, labels=None):
+        """The scores of uint8 samples; with `labels` (the classes a conditional model was asked
+        for, [N]) also "class_accuracy", the share the classifier assigns to the class asked."""
         f_fake, p_fake = embed(self.classifier, samples)
         subset = np.random.default_rng(self.seed).permutation(len(self.f_test))[:len(f_fake)]
         precision, recall = precision_recall(self.f_test[subset], f_fake)
-        return {"fd": frechet_distance(*feature_stats(f_fake), *self.test_stats),
-                "confident_fraction": confident_fraction(p_fake),
-                "class_entropy": class_entropy(p_fake),
-                "precision": precision, "recall": recall}
+        scores = {"fd": frechet_distance(*feature_stats(f_fake), *self.test_stats),
+                  "confident_fraction": confident_fraction(p_fake),
+                  "class_entropy": class_entropy(p_fake),
+                  "precision": precision, "recall": recall}
+        if labels is not None:
+            scores["class_accuracy"] = class_accuracy(p_fake, labels)
+        return scores
 
     def floor(self, real_images):
         """The same scores for real images (the training set's): what a perfect model gets at
@@ -189,13 +199,14 @@ class Scorer:
         return self.score(real_images)
 
 
-def sample_quality(classifier, samples, real_train, test_images, seed=0):
+def sample_quality(classifier, samples, real_train, test_images, seed=0, labels=None):
     """The sample-quality table for uint8 samples [N, C, 28, 28] (see Scorer), with the FD,
     precision and recall of as many real training images (`real_train`) beside it: the floor of
-    the FD, and the precision and recall a perfect model would get at this N."""
+    the FD, and the precision and recall a perfect model would get at this N; with `labels`
+    (the classes asked of a conditional model) the class accuracy too."""
     scorer = Scorer(classifier, test_images, seed)
     floor = scorer.floor(real_train)
-    return {**scorer.score(samples), "fd_real_floor": floor["fd"],
+    return {**scorer.score(samples, labels), "fd_real_floor": floor["fd"],
             "precision_real": floor["precision"], "recall_real": floor["recall"],
             "class_entropy_max": math.log(classifier.head.out_features)}
 

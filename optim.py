@@ -38,10 +38,16 @@ class Batches:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _generator(cfg, step, device, stream=0):
+    """The generator of one stream of draws of `step`, seeded by (seed, step, stream) alone."""
+    base = cfg.seed * 1_000_003 + step
+    return torch.Generator(device).manual_seed(base if stream == 0 else base * 4 + stream)
+
+
 def step_noise(cfg, step, shape, device):
     """Algorithm 1's t ~ Uniform({1..T}) and ε ~ N(0, I) for the global batch of `step`, from
     (seed, step) alone: the same draws after a resume and in every process."""
-    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    g = _generator(cfg, step, device)
     t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
     noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
     return t, noise
@@ -51,8 +57,16 @@ def step_flips(cfg, step, device):
     """Which images of the global batch of `step` are flipped left-right (--hflip): a bool [B],
     each True with probability 1/2, from (seed, step) alone, on a stream of its own (the draws of
     t and ε are the same with or without flips)."""
-    g = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 2 + 1)
-    return torch.rand(cfg.batch_size, generator=g, device=device) < 0.5
+    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, 1),
+                      device=device) < 0.5
+
+
+def step_label_drops(cfg, step, device):
+    """Which labels of the global batch of `step` become the null label (--class-cond): a bool
+    [B], each True with probability cfg.cond_drop, from (seed, step) alone on a stream of its
+    own, so that one network learns ε(x_t, c) and ε(x_t, ∅) (Ho & Salimans 2022, Algorithm 1)."""
+    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, 2),
+                      device=device) < cfg.cond_drop
 
 
 # ---- model, optimiser and the step ----------------------------------------------------------
@@ -108,15 +122,16 @@ def build(cfg, unet_kwargs, device):
     return model, ema, optimizer, scaler
 
 
-def train_step(trainee, diffusion, cfg, x0, t, noise, step):
+def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None):
     """One step of Ho et al.'s Algorithm 1: the gradient of the loss (L_simple: ‖ε - ε_θ(√ᾱ_t x_0
-    + √(1-ᾱ_t) ε, t)‖², weighted as cfg says) at the learning rate of `step`, clipped, an Adam
-    step, then the EMA update. Returns (per-example losses, gradient norm), both detached, with
-    no host sync."""
+    + √(1-ᾱ_t) ε, t)‖², weighted as cfg says; ε_θ(x_t, t, y) for a class-conditional model, y
+    the labels) at the learning rate of `step`, clipped, an Adam step, then the EMA update.
+    Returns (per-example losses, gradient norm), both detached, with no host sync."""
     model, optimizer, scaler = trainee.model, trainee.optimizer, trainee.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
-    losses = diffusion.training_losses(trainee.forward, x0, t, noise=noise)["loss"]
+    forward = trainee.forward if y is None else lambda x_t, t: trainee.forward(x_t, t, y)
+    losses = diffusion.training_losses(forward, x0, t, noise=noise)["loss"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.mean()).backward()
     scaler.unscale_(optimizer)

@@ -27,9 +27,11 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: the newest "
                    "ckpt.pt under runs/)")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=int, default=64, help="number of images (with --class: of each "
+                   "class asked)")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     sampling.add_arguments(p)
+    sampling.add_class_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--out", default="samples.png", help=".png grid, or .npz of uint8 images")
     p.add_argument("--trajectory", type=int, default=0, metavar="K",
@@ -43,6 +45,7 @@ def parse_args(argv=None):
     cli.check_number("--batch-size", args.batch_size, 1, 1_000_000)
     cli.check_number("--seed", args.seed, 0, 2 ** 31 - 1)
     sampling.check_arguments(args)
+    sampling.check_class_arguments(args)
     cli.check_number("--trajectory", args.trajectory, 0, 100_000)
     cli.check(args.out.endswith((".png", ".npz")),
                   f"--out must end in .png or .npz, got {args.out}")
@@ -50,13 +53,15 @@ def parse_args(argv=None):
     return args
 
 
-def write(path, images, nrow=None):
+def write(path, images, nrow=None, labels=None):
     """uint8 images [N, C, H, W] -> a PNG grid (nrow per row), or an .npz with key "images"
-    ([N, H, W] or [N, H, W, C]), written atomically."""
+    ([N, H, W] or [N, H, W, C]) and, for a class-conditional model, "labels" ([N]), written
+    atomically."""
     if path.endswith(".npz"):
         array = images.transpose(0, 2, 3, 1)
         array = array[..., 0] if array.shape[-1] == 1 else array
-        files.write_file(path, lambda f: np.savez(f, images=array))
+        extra = {} if labels is None else {"labels": labels.cpu().numpy()}
+        files.write_file(path, lambda f: np.savez(f, images=array, **extra))
     else:
         imaging.save_png(path, imaging.make_grid(images, nrow=nrow))
 
@@ -72,16 +77,21 @@ def main(argv=None):
     calls = sampling.network_calls(args.sampler, args.steps, model.diffusion)
     cli.check(args.trajectory <= calls, f"--trajectory {args.trajectory} asks for more snapshots "
               f"than the {calls} steps of {name}; give at most {calls}")
-    print(f"sampling {args.n} images from {path} with {name} ({model.precision})", file=sys.stderr)
+    labels, nrow = sampling.class_labels(args.classes, args.n, model.config, args.seed)
+    n = args.n if labels is None else len(labels)
+    guided = "" if labels is None else f", guidance w = {args.guidance:g}"
+    print(f"sampling {n} images from {path} with {name} ({model.precision}{guided})",
+          file=sys.stderr)
     shape = (model.module.in_channels, model.module.image_size, model.module.image_size)
-    x, traj = sampling.generate(model.network, model.diffusion, shape, args.n, args.batch_size,
+    x, traj = sampling.generate(model.network, model.diffusion, shape, n, args.batch_size,
                                 args.sampler, args.steps, args.eta, args.seed, device,
-                                args.trajectory, clip_denoised=model.config.get("clip_denoised", True))
-    nrow = None
+                                args.trajectory, clip_denoised=model.config.get("clip_denoised", True),
+                                labels=labels, guidance=args.guidance,
+                                null_label=model.module.null_label)
     if traj is not None:  # one row per image: x_t at the K snapshots, then x_0
         rows = torch.cat([traj, x[:, None]], 1)
         x, nrow = rows.reshape(-1, *rows.shape[2:]), rows.shape[1]
-    write(args.out, imaging.to_uint8(x).cpu().numpy(), nrow)
+    write(args.out, imaging.to_uint8(x).cpu().numpy(), nrow, labels)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -1,11 +1,13 @@
 """The sampling driver shared by train.py (its grids and scores), sample.py and evaluate.py: n
-images drawn batch by batch from one seeded generator with Ho et al.'s Algorithm 2 or DDIM; the
-sampler's flags and its defaults, written here once.
+images drawn batch by batch from one seeded generator with Ho et al.'s Algorithm 2 or DDIM,
+guided towards classes for a class-conditional model; the sampler's flags and its defaults,
+written here once.
 """
 import torch
 from tqdm import tqdm
 
-from cli import check, check_number
+import ddpm
+from cli import UserError, check, check_number
 
 SAMPLERS = ("ddpm", "ddim")
 # The default sampler everywhere (sample.py, evaluate.py, the training grids and scores): DDIM-50
@@ -14,6 +16,9 @@ SAMPLERS = ("ddpm", "ddim")
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 50
 DEFAULT_ETA = 1.0
+# The guidance weight w of a class-conditional model (ε̃ = (1 + w) ε(x_t, c) - w ε(x_t, ∅)), chosen
+# by the table in docs/results.md.
+DEFAULT_GUIDANCE = 1.0
 
 
 def add_arguments(p):
@@ -33,6 +38,57 @@ def check_arguments(args):
     if args.steps is not None:
         check_number("--steps", args.steps, 1, 100_000)
     check_number("--eta", args.eta, 0)
+
+
+def add_class_arguments(p):
+    """--class and --guidance, as sample.py and evaluate.py take them."""
+    p.add_argument("--class", dest="classes", metavar="C", help="for a class-conditional model: "
+                   "a class (7), several (0,1,2) or all, by index or by the data's class names, "
+                   "--n images of each (one grid row per class when there are several) (default: "
+                   "classes drawn uniformly from the seed, the grid ordered by class)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, metavar="W",
+                   help="classifier-free guidance weight w (Ho & Salimans 2022): ε = (1 + w) "
+                   "ε(x, class) - w ε(x, no class); 0 is the conditional model alone. Each step "
+                   "then calls the network on twice --batch-size images (the conditional and the "
+                   "unconditional half); diffusers' guidance_scale is 1 + w")
+
+
+def check_class_arguments(args):
+    check_number("--guidance", args.guidance, 0, 1000)
+    check(args.classes is None or args.classes.strip(), "--class is empty; give a class, "
+          "several (0,1,2) or all")
+
+
+def class_labels(asked, n, config, seed):
+    """(labels LongTensor, images per grid row or None) for --class `asked` on a model with
+    config `config`: None draws n classes uniformly from the seed, sorted (the grid ordered by
+    class); "all" or a list gives n of each class asked, in the order asked. UserError for
+    --class on a model without classes, or a class it does not have."""
+    num_classes = config["unet"].get("num_classes")
+    if num_classes is None:
+        check(asked is None, "--class asks for a class, and this model is not class-conditional "
+              "(train one with --class-cond)")
+        return None, None
+    names = list(config.get("class_names") or map(str, range(num_classes)))
+    if asked is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
+    if asked.strip() == "all":
+        chosen = list(range(num_classes))
+    else:
+        chosen = [_class_index(part.strip(), names) for part in asked.split(",")]
+    labels = torch.tensor(chosen).repeat_interleave(n)
+    return labels, (n if len(chosen) > 1 else None)
+
+
+def _class_index(part, names):
+    if part in names:
+        return names.index(part)
+    if part.isdigit() and int(part) < len(names):
+        return int(part)
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    raise UserError(f"--class {part!r} is not one of the model's {len(names)} classes (0-"
+                    f"{len(names) - 1}: {shown})")
 
 
 def steps_for(sampler, steps, diffusion):
@@ -60,12 +116,15 @@ def describe(sampler, steps, eta, diffusion):
 
 def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
              eta=DEFAULT_ETA, seed=0, device="cpu", trajectory=0, progress=True,
-             clip_denoised=True):
+             clip_denoised=True, labels=None, guidance=DEFAULT_GUIDANCE, null_label=None):
     """n images in [-1, 1] ([n, *shape]); with trajectory=K also [n, K, *shape] snapshots of x_t.
 
-    network(x_t, t) is the model as the diffusion calls it (float32 out). Images are drawn batch by
-    batch from one generator on `device` seeded with `seed`, so the same seed and batch size give
-    the same images. clip_denoised: x̂_0 clipped to [-1, 1] at each step (Ho et al.'s sampler)."""
+    network(x_t, t) is the model as the diffusion calls it (float32 out); for a class-conditional
+    model, network(x_t, t, y), given `labels` (LongTensor [n]) and guided with weight `guidance`
+    towards them (`null_label`: the index it was trained with for "no class"). Images are drawn
+    batch by batch from one generator on `device` seeded with `seed`, so the same seed and batch
+    size give the same images. clip_denoised: x̂_0 clipped to [-1, 1] at each step (Ho et al.'s
+    sampler)."""
     g = torch.Generator(device).manual_seed(seed)
     starts = range(0, n, batch_size)
     calls = network_calls(sampler, steps, diffusion)
@@ -84,10 +143,23 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
             b = min(batch_size, n - start)
             kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking,
                       clip_denoised=clip_denoised)
-            out = (diffusion.p_sample_loop(network, (b, *shape), **kw) if sampler == "ddpm" else
-                   diffusion.ddim_sample_loop(network, (b, *shape), steps=steps, eta=eta, **kw))
+            model = network if labels is None else conditioned(
+                network, labels[start:start + b], null_label, guidance, diffusion)
+            out = (diffusion.p_sample_loop(model, (b, *shape), **kw) if sampler == "ddpm" else
+                   diffusion.ddim_sample_loop(model, (b, *shape), steps=steps, eta=eta, **kw))
             x, traj = out if trajectory else (out, None)
             images.append(x)
             if traj is not None:
                 snaps.append(traj["x_t"].transpose(0, 1))
     return torch.cat(images), (torch.cat(snaps) if snaps else None)
+
+
+def conditioned(network, labels, null_label, guidance, diffusion):
+    """model(x_t, t) of a class-conditional network for the samplers: guided towards `labels`
+    with weight `guidance` (ddpm.guided_model: one network call on the doubled batch, the
+    guidance on the mean only where the variance is learned); w = 0, the conditional model
+    alone (one call on the batch)."""
+    if guidance == 0:
+        return lambda x_t, t: network(x_t, t, labels.to(x_t.device))
+    return ddpm.guided_model(network, labels, null_label, guidance,
+                             diffusion.var_type == "learned_range")

@@ -153,7 +153,8 @@ def test_flips_are_a_function_of_seed_step_and_position():
         run = SimpleNamespace(cfg=config.Config(seed=5, batch_size=64, timesteps=10, hflip=True),
                               world=world, rank=rank, images=images, device="cpu",
                               batches=optim.Batches(64, 64, 5, "cpu"))
-        x0, _, _ = train.draw_batch(run, 3)
+        x0, y, _, _ = train.draw_batch(run, 3)
+        assert y is None
         mine = slice(rank * 64 // world, (rank + 1) * 64 // world)
         idx = run.batches.indices(3)[mine]
         plain = imaging.to_model_range(images[idx])

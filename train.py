@@ -56,9 +56,9 @@ def train(given, progress=True, started=None):
                                             disable=not (progress and run.writes),
                                             dynamic_ncols=True) as bar:
             while step < cfg.steps:
-                x0, t, noise = draw_batch(run, step)    # x_0 ~ q(x_0), t ~ U{1..T}, ε ~ N(0, I)
+                x0, y, t, noise = draw_batch(run, step)  # x_0, y ~ q(x_0, y), t ~ U{1..T}, ε ~ N(0, I)
                 losses, grad_norm = optim.train_step(run.trainee, run.diffusion, cfg, x0, t, noise,
-                                                     step)  # ∇ ‖ε - ε_θ(x_t, t)‖², Adam, EMA
+                                                     step, y)  # ∇ ‖ε - ε_θ(x_t, t[, y])‖², Adam, EMA
                 step += 1
                 meter.add(losses, grad_norm, t)
                 bar.update(1)
@@ -192,8 +192,9 @@ def settle(given):
     if shape is None:  # a user's file or folder: its shape is in the data
         train_set = load_training_set(dataset, {**saved, **flags}, asked.data_dir, rank)
         shape = train_set.images.shape[1:]
+    classes = train_set.num_classes if train_set else data.num_classes(dataset)
     cfg, unet_kwargs = config.resolve({**flags, "out": out}, device, shape,
-                                      saved if state else None)
+                                      saved if state else None, classes)
     cli.check(cfg.batch_size % world == 0,
               f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
     scorable = (train_set.labels is not None and shape[1:] == (28, 28)) if train_set \
@@ -291,15 +292,33 @@ def make_scorer(cfg, train_set, device):
 
 def score(run, step):
     """The log record of one --eval-every score: cfg.eval_samples DDIM samples of the EMA model
-    from a generator of their own (seed + 1), scored; with the seconds it took."""
+    from a generator of their own (seed + 1), scored; with the seconds it took. A conditional
+    model draws every class equally often, at the default guidance, and is scored on its class
+    accuracy too."""
     cfg, start = run.cfg, time.perf_counter()
+    labels = class_rows(run, cfg.eval_samples)[0]
+    n = cfg.eval_samples if labels is None else len(labels)
     x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
-                             cfg.eval_samples, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
-                             cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False)
-    scores = run.scorer.score(imaging.to_uint8(x).cpu().numpy())
-    return {"step": step, "kind": "eval", "samples": cfg.eval_samples,
+                             n, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
+                             cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False,
+                             labels=labels, null_label=run.unet_kwargs.get("num_classes"))
+    scores = run.scorer.score(imaging.to_uint8(x).cpu().numpy(),
+                              None if labels is None else labels.numpy())
+    return {"step": step, "kind": "eval", "samples": n,
             "sampler": sampling.describe("ddim", cfg.sample_steps, cfg.sample_eta, run.diffusion),
+            **({} if labels is None else {"guidance": sampling.DEFAULT_GUIDANCE}),
             **scores, "eval_seconds": time.perf_counter() - start, "time_s": elapsed(run)}
+
+
+def class_rows(run, n):
+    """(labels, per row) of about n samples of a class-conditional run: every class equally
+    often, max(1, n // K) each, in order (one grid row per class); (None, None) for an
+    unconditional run."""
+    classes = run.unet_kwargs.get("num_classes")
+    if not run.cfg.class_cond or not classes:
+        return None, None
+    per = max(1, n // classes)
+    return torch.arange(classes).repeat_interleave(per), per
 
 
 def elapsed(run):
@@ -311,8 +330,9 @@ def elapsed(run):
 
 def draw_batch(run, step):
     """This process's slice of the global batch of `step`: (x_0 in [-1, 1], flipped left-right
-    where --hflip draws it, t, ε), from the seed and the step alone (exact resume, DDP); also
-    seeds dropout for the step."""
+    where --hflip draws it; its labels for a class-conditional run, the null label where
+    --cond-drop draws it, else None; t; ε), from the seed and the step alone (exact resume,
+    DDP); also seeds dropout for the step."""
     cfg, local = run.cfg, run.cfg.batch_size // run.world
     mine = slice(run.rank * local, (run.rank + 1) * local)
     idx = run.batches.indices(step)[mine]
@@ -322,7 +342,11 @@ def draw_batch(run, step):
     if cfg.hflip:  # each image of the global batch flipped or not, by (seed, step, position)
         x0 = torch.where(optim.step_flips(cfg, step, run.device)[mine, None, None, None],
                          x0.flip(-1), x0)
-    return x0, t[mine], noise[mine]
+    y = None
+    if cfg.class_cond:
+        null = run.unet_kwargs["num_classes"]  # the index the network keeps for "no class"
+        y = torch.where(optim.step_label_drops(cfg, step, run.device)[mine], null, run.labels[idx])
+    return x0, y, t[mine], noise[mine]
 
 
 class Meter:
@@ -421,13 +445,17 @@ def save_checkpoint(run, step):
 
 def write_grid(run, tag, progress):
     """samples_<tag>.png: cfg.num_samples images of the EMA model with the grid sampler, drawn from
-    a generator of their own (the training run is the same with or without grids)."""
+    a generator of their own (the training run is the same with or without grids); for a
+    class-conditional run one row per class, at the default guidance."""
     cfg = run.cfg
+    labels, per_row = class_rows(run, cfg.num_samples)
+    n = cfg.num_samples if labels is None else len(labels)
     x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
-                             cfg.num_samples, cfg.num_samples, cfg.sampler, cfg.sample_steps,
-                             cfg.sample_eta, seed=cfg.seed, device=run.device, progress=progress)
+                             n, n, cfg.sampler, cfg.sample_steps,
+                             cfg.sample_eta, seed=cfg.seed, device=run.device, progress=progress,
+                             labels=labels, null_label=run.unet_kwargs.get("num_classes"))
     path = os.path.join(cfg.out, rundir.grid_name(tag))
-    imaging.save_grid(path, x)
+    imaging.save_grid(path, x, nrow=per_row)
     return path
 
 
