@@ -2,14 +2,22 @@
 
     plan = budget.plan(cfg, parts, diffusion, shape, device, world, started)
     cfg.steps = plan.steps            # provisional, from a probe on throwaway copies
-    ...each step: new = plan.measure(step); if new: cfg.steps = new   # fixed from the run's own steps
+    ...after each step: new = plan.measure(step); if new: cfg.steps = new   # the count, fixed
 
 The probe times a few training steps and sampling calls on deep copies of the model (the run
-itself is untouched) and counts in the grids, checkpoints and scores the run will also make. A
-CPU's first seconds run faster than its steady state, so where the learning rate of the first
-steps does not depend on the step count (inside the warmup, or a constant rate) the run then
-times its own steps and fixes the count at step `at`; until then the count is provisional. Every
-process gets rank 0's answer. The count is printed and stored: --steps N repeats the run.
+itself is untouched) and counts in the grids, checkpoints and scores the run will also make.
+A CPU's speed moves in a run's first minutes (faster at first, or slower as it warms), so the
+run then times its own steps and fixes the count only when the count starts to matter:
+
+  wsd (warmup-stable-decay)  the learning rate is constant until the decay, over the last
+      --decay-fraction of the steps, begins; the run re-estimates the count at every step from
+      the rate of its stable phase and fixes it when the decay must begin, so the whole budget
+      is used on any CPU;
+  constant, cosine, linear   the count is fixed at step `at` (60, or the end of a shorter warmup),
+      from the steps timed before it, where the learning rate does not depend on it yet.
+
+Every process gets rank 0's answer. The count is printed and stored: --steps N repeats the run
+bit for bit.
 """
 import copy
 import dataclasses
@@ -43,34 +51,54 @@ _IMPORTED = time.perf_counter()
 
 
 class Plan:
-    """The step count of a --minutes run: `steps` now, and measure(step) for the count fixed from
-    the run's own steps (see the module docstring)."""
+    """The step count of a --minutes run: `steps` now (provisional until measure() fixes it).
 
-    def __init__(self, cfg, steps, end, tail_s, extra_s, world, speak, first=None, at=None):
+    end: the clock's reading when the budget ends; tail_s: the seconds the end of the run takes
+    (final grid, save, score); extra_s: the seconds per step of the periodic grids, checkpoints
+    and scores; first: the step from which the run's own steps are timed; at: the step at which
+    the count is fixed (None: when the wsd decay must begin); clock: perf_counter, or a fake."""
+
+    def __init__(self, cfg, steps, end, tail_s, extra_s, world=1, speak=True, first=None,
+                 at=None, clock=time.perf_counter):
         self.cfg, self.steps, self.world, self.speak = cfg, steps, world, speak
-        self.end, self.tail_s, self.extra_s = end, tail_s, extra_s
-        self.first, self.at, self.t_first = first, at, None
+        self.end, self.tail_s, self.extra_s, self.clock = end, tail_s, extra_s, clock
+        self.first, self.at, self.t_first, self.fixed = first, at, None, first is None
 
     def measure(self, step):
-        """After `step` steps: the count fixed from the time of steps first..at (what is left of
-        the budget over the measured seconds per step), at step `at`; None at every other step."""
-        if self.at is None:
+        """After `step` steps: the count, once it is fixed (at that step only); None else."""
+        if self.fixed or step < self.first:
             return None
+        now = self.clock()
         if step == self.first:
-            self.t_first = time.perf_counter()
-        if step != self.at:
+            self.t_first = now
             return None
-        step_s = (time.perf_counter() - self.t_first) / (self.at - self.first)
-        left = self.end - time.perf_counter() - self.tail_s
-        steps = step + max(0, int(left / (step_s + self.extra_s)))
+        step_s = (now - self.t_first) / (step - self.first)
+        estimate = step + max(0, int((self.end - now - self.tail_s) / (step_s + self.extra_s)))
+        if self.at is not None:  # fixed at `at`
+            if step < self.at:
+                return None
+            steps = estimate
+        else:  # wsd: fixed where the decay must begin
+            if optim.decay_start(self.cfg, estimate) > step:
+                self.steps = estimate
+                return None
+            steps = decay_starting_at(self.cfg, step, estimate)
         if self.world > 1:
             steps = hardware.broadcast_int(steps)
-        self.steps, self.at = steps, None
+        self.steps, self.fixed = steps, True
         if self.speak:  # beside the progress bar
-            tqdm.write(f"sized to {self.cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s "
+            tqdm.write(f"sized to {self.cfg.minutes:g} minutes: {steps} steps ({step_s:.3f} s "
                        f"each, the run's own steps); --steps {steps} repeats this run",
                        file=sys.stderr)
         return steps
+
+
+def decay_starting_at(cfg, step, estimate):
+    """The step count nearest `estimate` whose wsd decay begins exactly at `step` (at or before
+    which the run fixes its count), so that --steps with it repeats the run."""
+    candidates = range(step + 1, 2 * max(estimate, step) + 2)
+    return min((n for n in candidates if optim.decay_start(cfg, n) == step),
+               key=lambda n: abs(n - estimate), default=step + 1)
 
 
 def plan(cfg, parts, diffusion, shape, device, world, started, speak=True):
@@ -78,7 +106,7 @@ def plan(cfg, parts, diffusion, shape, device, world, started, speak=True):
     model parts (model, ema, optimizer, scaler), which are not changed; `speak`: print the count
     (the writing process)."""
     step_s, call_s = probe(cfg, parts, diffusion, shape, device)
-    calls = diffusion.num_timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
+    calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
     guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1  # doubled network batches
     grid_s = guided * calls * call_s * cfg.num_samples / cfg.batch_size
     eval_s = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
@@ -91,14 +119,20 @@ def plan(cfg, parts, diffusion, shape, device, world, started, speak=True):
         steps = hardware.broadcast_int(steps)
     check(steps >= 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
           f"(one takes {step_s:.1f} s here); give more minutes or --steps")
-    at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
-    first = at // 3  # the steps from `first` to `at` are timed
-    busy = [k for k in (cfg.sample_every, cfg.ckpt_every, cfg.eval_every)  # a grid, save or
-            if k and at // k > first // k]                              # score while timed
-    remeasure = at >= 15 and steps > 2 * at and not busy
+    if cfg.lr_schedule == "wsd":
+        first = max(cfg.warmup, 10)
+        remeasure, at = steps > first + 10, None
+        when = "when its decay begins, from the stable phase's own steps"
+    else:
+        at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
+        first = at // 3  # the steps from `first` to `at` are timed
+        busy = [k for k in (cfg.sample_every, cfg.ckpt_every, cfg.eval_every)  # a grid, save or
+                if k and at // k > first // k]                              # score while timed
+        remeasure = at >= 15 and steps > 2 * at and not busy
+        when = f"at step {at} from the steps' own time"
     if speak and remeasure:
         print(f"sized to {cfg.minutes:g} minutes: about {steps} steps ({step_s:.2f} s each on a "
-              f"probe); the count is fixed at step {at} from the steps' own time", file=sys.stderr)
+              f"probe); the count is fixed {when}", file=sys.stderr)
     elif speak:
         print(f"sized to {cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s each, measured); "
               f"--steps {steps} repeats this run", file=sys.stderr)

@@ -68,6 +68,10 @@ class Config:
     norm_groups: int = _flag(None, "GroupNorm groups in every layer (must divide every width); 0: "
                              "per layer, the most groups <= 32 of >= 4 channels (not exportable "
                              "to diffusers)", auto="the preset's")
+    space_to_depth: int = _flag(None, "a space-to-depth stem (Hoogeboom et al. 2023): 2 folds each "
+                                "2x2 block of pixels into channels before the first level and "
+                                "back after the last, so every level runs at half the side (not "
+                                "exportable to diffusers); 1: none", auto="the preset's")
     downsample_padding: str = _flag(None, "tf_same: Ho et al.'s (zeros at the bottom and right); "
                                     "symmetric: zeros on every side", auto="the preset's",
                                     choices=unet.DOWNSAMPLE_PADDINGS)
@@ -87,9 +91,14 @@ class Config:
     lr: float = _flag(None, "peak Adam learning rate", auto="the recipe's")
     warmup: int = _flag(None, "steps of linear learning-rate warmup", auto="the recipe's")
     grad_clip: float = _flag(1.0, "clip the gradient's global norm to this")
-    lr_schedule: str = _flag(None, "after the warmup: constant (Ho et al.), or decay to 0 at "
-                             "the last step along a cosine or a line",
-                             choices=("constant", "cosine", "linear"), auto="the recipe's")
+    lr_schedule: str = _flag(None, "after the warmup: constant (Ho et al.); decay to 0 at the "
+                             "last step along a cosine or a line; or wsd (warmup-stable-decay): "
+                             "constant, then a line to 0 over the last --decay-fraction of the "
+                             "steps (a --minutes run fixes its step count when the decay begins, "
+                             "from its own steps' rate)",
+                             choices=("constant", "cosine", "linear", "wsd"), auto="the recipe's")
+    decay_fraction: float = _flag(0.2, "wsd: the share of the steps, at the end, over which the "
+                                  "learning rate decays to 0")
     ema_decay: float = _flag(None, "EMA decay, warmed up as min(decay, (1 + step) / "
                              "(--ema-warmup + step))", auto="the recipe's")
     ema_warmup: float = _flag(None, "the EMA warmup's constant (larger: the average forgets the "
@@ -106,6 +115,11 @@ class Config:
                                 "(Choi et al. 2022: 1/(--p2-k + SNR)^--p2-gamma in eps's terms)",
                                 choices=ddpm.LOSS_WEIGHTINGS, auto="the recipe's")
     snr_gamma: float = _flag(5.0, "Min-SNR's gamma")
+    t_sampling: str = _flag(None, "how training draws t: uniform (Ho et al.), or lognormal (Karras "
+                            "et al. 2022: ln sigma ~ N(-1.2, 1.2^2)) or logitnormal (Esser et al. "
+                            "2024: ln sigma ~ N(0, 1)), each with 10%% of the draws uniform and "
+                            "the loss weighted by (1/T)/P(t), so the objective stays the same",
+                            choices=tuple(ddpm.TIMESTEP_SAMPLINGS), auto="the recipe's")
     p2_k: float = _flag(1.0, "P2's k")
     p2_gamma: float = _flag(1.0, "P2's gamma (0: no weighting)")
     var_type: str = _flag("fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
@@ -148,18 +162,20 @@ RECIPES = {
     # Ho et al. 2020, App. B: Adam at 2e-4 after 5,000 warmup steps, batch 128, EMA 0.9999, ε, the
     # linear schedule, L_simple unweighted.
     "ho": dict(batch_size=128, lr=2e-4, warmup=5000, lr_schedule="constant", ema_decay=0.9999,
-               ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="none"),
+               ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="none",
+               t_sampling="uniform"),
     # A good model in --minutes on a CPU: docs/results.md says what each difference bought.
     "cpu": dict(batch_size=64, lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.9999,
-                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="min_snr"),
+                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="min_snr",
+                t_sampling="uniform"),
 }
 
 
 ARCH_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
-               "norm_groups", "downsample_padding")
+               "norm_groups", "downsample_padding", "space_to_depth")
 # What --resume may not change: the model, the diffusion and the data it was trained on.
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "loss_type", "mean_type",
-                   "var_type", "loss_weighting", "snr_gamma", "p2_k", "p2_gamma", "seed",
+                   "var_type", "loss_weighting", "snr_gamma", "p2_k", "p2_gamma", "t_sampling", "seed",
                    "batch_size", "hflip", "class_cond", "cond_drop") \
     + userdata.FolderOptions._fields + ARCH_FIELDS
 
@@ -288,8 +304,9 @@ def _fill_automatic(cfg, given, device, image_shape, num_classes):
               "with mnist, fashion-mnist and cifar10, a folder's subfolders (--labels "
               "subfolders) or an npz file's labels array")
         kwargs["num_classes"] = num_classes
+    defaults = inspect.signature(unet.UNet).parameters
     for k in ARCH_FIELDS:
-        setattr(cfg, k, kwargs[k])
+        setattr(cfg, k, kwargs.get(k, defaults[k].default))
     return cfg, kwargs
 
 
@@ -358,7 +375,8 @@ def validate(cfg, complete=False, resuming=False):
         ("sample_steps", 1, cfg.timesteps if isinstance(cfg.timesteps, int) else inf),
         ("dropout", 0, 1, False, True), ("norm_groups", 0, 4096), ("base_channels", 1, 65536),
         ("image_size", 1, 4096), ("val_fraction", 0, 1, False, True), ("cond_drop", 0, 1),
-        ("num_res_blocks", 1, 64)]
+        ("decay_fraction", 0, 1),
+        ("num_res_blocks", 1, 64), ("space_to_depth", 1, 8)]
     for name, low, high, *open_ends in ranges:
         value = getattr(cfg, name)
         if value is not None:

@@ -176,7 +176,7 @@ def evaluate(args, path, device, progress=True):
     x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], count,
                              args.batch_size, args.sampler, args.steps, args.eta, args.seed,
                              device, progress=progress,
-                             clip_denoised=model.config.get("clip_denoised", True),
+                             clip_denoised=sampling.clips(model.config, args),
                              labels=labels, guidance=args.guidance,
                              null_label=model.module.null_label)
     seconds = time.perf_counter() - start

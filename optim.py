@@ -44,11 +44,13 @@ def _generator(cfg, step, device, stream=0):
     return torch.Generator(device).manual_seed(base if stream == 0 else base * 4 + stream)
 
 
-def step_noise(cfg, step, shape, device):
-    """Algorithm 1's t ~ Uniform({1..T}) and ε ~ N(0, I) for the global batch of `step`, from
-    (seed, step) alone: the same draws after a resume and in every process."""
+def step_noise(cfg, step, shape, device, diffusion=None):
+    """Algorithm 1's t ~ Uniform({1..T}) (or the diffusion's importance-sampled law, --t-sampling)
+    and ε ~ N(0, I) for the global batch of `step`, from (seed, step) alone: the same draws after
+    a resume and in every process."""
     g = _generator(cfg, step, device)
-    t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+    t = (torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+         if diffusion is None else diffusion.sample_timesteps(cfg.batch_size, g, device))
     noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
     return t, noise
 
@@ -79,15 +81,23 @@ def ema_update(ema, model, decay):
 
 def lr_at(cfg, step):
     """The learning rate of 0-based `step`: linear warmup over cfg.warmup steps to cfg.lr, then
-    constant (Ho et al.), or decaying to 0 at the last step along a half cosine or a line."""
+    constant (Ho et al.), or decaying to 0 at the last step along a half cosine or a line, or
+    (wsd) constant until decay_start, then a line to 0 at the last step."""
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup + 1:
+    start = decay_start(cfg, cfg.steps) if cfg.lr_schedule == "wsd" else cfg.warmup
+    if cfg.lr_schedule == "constant" or step < start or cfg.steps <= start + 1:
         return cfg.lr
-    progress = (step - cfg.warmup) / (cfg.steps - 1 - cfg.warmup)     # 0 after the warmup, 1 at the end
+    progress = (step - start) / (cfg.steps - 1 - start)     # 0 where the decay starts, 1 at the end
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * (1 - progress)
+
+
+def decay_start(cfg, steps):
+    """The first step of a wsd schedule's decay in a run of `steps` steps: the last
+    round(cfg.decay_fraction * steps) steps decay, never into the warmup."""
+    return max(cfg.warmup, steps - round(cfg.decay_fraction * steps))
 
 
 def ema_decay_at(cfg, step):

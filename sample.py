@@ -85,7 +85,7 @@ def main(argv=None):
     shape = (model.module.in_channels, model.module.image_size, model.module.image_size)
     x, traj = sampling.generate(model.network, model.diffusion, shape, n, args.batch_size,
                                 args.sampler, args.steps, args.eta, args.seed, device,
-                                args.trajectory, clip_denoised=model.config.get("clip_denoised", True),
+                                args.trajectory, clip_denoised=sampling.clips(model.config, args),
                                 labels=labels, guidance=args.guidance,
                                 null_label=model.module.null_label)
     if traj is not None:  # one row per image: x_t at the K snapshots, then x_0

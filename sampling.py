@@ -9,7 +9,7 @@ from tqdm import tqdm
 import ddpm
 from cli import UserError, check, check_number
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm")
 # The default sampler everywhere (sample.py, evaluate.py, the training grids and scores): DDIM-50
 # at eta 1, Algorithm 2 on the 50-step respaced chain, the best quality per second in the sampler
 # table of docs/results.md.
@@ -25,12 +25,16 @@ def add_arguments(p):
     """--sampler, --steps and --eta, as sample.py and evaluate.py take them."""
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                    help="ddim: Song et al. 2021 over --steps respaced steps; ddpm: Ho et al.'s "
-                   "Algorithm 2 over all T steps (T/--steps times the network calls)")
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default: {DEFAULT_STEPS}, or the "
-                   "model's T if smaller)")
+                   "Algorithm 2 over all T steps (T/--steps times the network calls); dpm: "
+                   "DPM-Solver++(2M) (Lu et al. 2022) over --steps steps, deterministic")
+    p.add_argument("--steps", type=int, help=f"DDIM or DPM-Solver steps (default: "
+                   f"{DEFAULT_STEPS}, or the model's T if smaller)")
     p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta: 1 is Algorithm 2 on "
                    "the respaced chain (the best quality per second in the sampler table of "
                    "docs/results.md), 0 the deterministic DDIM")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the network's x_0 "
+                   "estimate to [-1, 1] at each step (clipping, Ho et al.'s sampler, is on "
+                   "unless the checkpoint says otherwise)")
 
 
 def check_arguments(args):
@@ -95,22 +99,32 @@ def steps_for(sampler, steps, diffusion):
     """--steps for this model (None: DEFAULT_STEPS, or T if smaller). DDIM cannot take more steps
     than the model's T: say so before any sampling starts."""
     steps = steps or min(DEFAULT_STEPS, diffusion.num_timesteps)
-    check(sampler != "ddim" or 1 <= steps <= diffusion.num_timesteps,
-                  f"--steps {steps} must be in [1, the model's T = {diffusion.num_timesteps}] "
-                  "for DDIM")
+    check(sampler == "ddpm" or 1 <= steps <= diffusion.num_timesteps,
+          f"--steps {steps} must be in [1, the model's T = {diffusion.num_timesteps}] for "
+          f"{sampler.upper()}")
     return steps
+
+
+def clips(config, args):
+    """Whether to clip x̂_0 to [-1, 1] at each step: the checkpoint's setting (an imported model's
+    scheduler may say no; on otherwise), and never with --no-clip."""
+    return config.get("clip_denoised", True) and not args.no_clip
 
 
 def network_calls(sampler, steps, diffusion):
     """The steps of a sampling loop, one network call each: T for Algorithm 2, the respaced
     chain's length for DDIM."""
+    if sampler == "dpm":
+        return len(diffusion.dpm_solver_timesteps(steps))
     return diffusion.num_timesteps if sampler == "ddpm" else len(diffusion.ddim_timesteps(steps))
 
 
 def describe(sampler, steps, eta, diffusion):
-    """The sampler's name in reports: DDPM-1000, or DDIM-50 eta=0."""
+    """The sampler's name in reports: DDPM-1000, DDIM-50 eta=0, or DPM-Solver++(2M)-20."""
     if sampler == "ddpm":
         return f"DDPM-{diffusion.num_timesteps}"
+    if sampler == "dpm":
+        return f"DPM-Solver++(2M)-{steps}"
     return f"DDIM-{steps} eta={eta:g}"
 
 
@@ -145,8 +159,12 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
                       clip_denoised=clip_denoised)
             model = network if labels is None else conditioned(
                 network, labels[start:start + b], null_label, guidance, diffusion)
-            out = (diffusion.p_sample_loop(model, (b, *shape), **kw) if sampler == "ddpm" else
-                   diffusion.ddim_sample_loop(model, (b, *shape), steps=steps, eta=eta, **kw))
+            if sampler == "ddpm":
+                out = diffusion.p_sample_loop(model, (b, *shape), **kw)
+            elif sampler == "dpm":
+                out = diffusion.dpm_solver_sample_loop(model, (b, *shape), steps=steps, **kw)
+            else:
+                out = diffusion.ddim_sample_loop(model, (b, *shape), steps=steps, eta=eta, **kw)
             x, traj = out if trajectory else (out, None)
             images.append(x)
             if traj is not None:

@@ -152,7 +152,7 @@ def test_flips_are_a_function_of_seed_step_and_position():
     for world, rank in ((1, 0), (2, 1)):
         run = SimpleNamespace(cfg=config.Config(seed=5, batch_size=64, timesteps=10, hflip=True),
                               world=world, rank=rank, images=images, device="cpu",
-                              batches=optim.Batches(64, 64, 5, "cpu"))
+                              batches=optim.Batches(64, 64, 5, "cpu"), diffusion=None)
         x0, y, _, _ = train.draw_batch(run, 3)
         assert y is None
         mine = slice(rank * 64 // world, (rank + 1) * 64 // world)

@@ -104,7 +104,7 @@ def test_the_null_label_of_sampling_is_the_one_trained_as_null(conditional_run, 
                                                  class_cond=True, cond_drop=1.0, hflip=False),
                                world=1, rank=0, images=images, device="cpu",
                                labels=torch.tensor([0, 1, 2, 0]), unet_kwargs={"num_classes": 3},
-                               batches=optim.Batches(4, 4, 0, "cpu")))
+                               batches=optim.Batches(4, 4, 0, "cpu"), diffusion=None))
     _, y, _, _ = train.draw_batch(run, 0)
     assert y.tolist() == [classes] * 4
 

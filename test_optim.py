@@ -93,3 +93,22 @@ def test_the_data_order_differs_from_epoch_to_epoch():
     assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
     other = torch.cat([optim.Batches(n, batch, seed=2, device="cpu").indices(s) for s in range(3)])
     assert not torch.equal(other, epochs[0])
+
+
+@pytest.mark.parametrize("steps, warmup, fraction", [(100, 10, 0.2), (100, 0, 0.1), (50, 10, 0.5),
+                                                     (12, 10, 0.2), (10, 10, 0.2), (7, 0, 0.3)])
+def test_wsd_is_constant_then_a_line_to_zero_over_the_last_fraction(steps, warmup, fraction):
+    """Warmup-stable-decay: the warmup, then lr until the last round(fraction * steps) steps
+    (never into the warmup), which fall along a line from lr to exactly 0 at the last step."""
+    lr = 1e-3
+    cfg = config.Config(lr=lr, warmup=warmup, steps=steps, lr_schedule="wsd",
+                        decay_fraction=fraction)
+    lrs = [optim.lr_at(cfg, s) for s in range(steps)]
+    start = max(warmup, steps - round(fraction * steps))
+    assert optim.decay_start(cfg, steps) == start
+    assert all(lrs[s] == pytest.approx(lr * (s + 1) / warmup) for s in range(warmup))
+    assert all(v == lr for v in lrs[warmup:start + 1])
+    if steps - 1 > start:
+        assert lrs[-1] == 0.0
+        for s in range(start, steps):
+            assert lrs[s] == pytest.approx(lr * (steps - 1 - s) / (steps - 1 - start), abs=1e-15)

@@ -34,3 +34,34 @@ def test_reports_name_the_sampler_one_way():
     assert sampling.describe("ddim", 50, 1.0, d) == "DDIM-50 eta=1"
     assert sampling.describe("ddim", 25, 0.5, d) == "DDIM-25 eta=0.5"
     assert sampling.describe("ddpm", 50, 1.0, d) == "DDPM-1000"
+
+
+def test_dpm_solver_through_the_driver_is_the_loop_itself():
+    """sampling.generate with --sampler dpm draws what ddpm.dpm_solver_sample_loop draws from the
+    same generator, batch by batch, with as many network calls as it reports."""
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    model = lambda x, t: 0.1 * x + 0.01 * t.view(-1, 1, 1, 1).float() / 1000
+    x, _ = sampling.generate(model, d, (1, 2, 2), 5, 5, "dpm", 15, seed=3, progress=False)
+    g = torch.Generator().manual_seed(3)
+    direct = d.dpm_solver_sample_loop(model, (5, 1, 2, 2), steps=15, generator=g)
+    assert torch.equal(x, direct)
+    assert sampling.network_calls("dpm", 15, d) == 15
+    assert sampling.describe("dpm", 15, 1.0, d) == "DPM-Solver++(2M)-15"
+
+
+def test_non_uniform_draws_of_t_in_training_follow_their_law():
+    """The training loop's t (optim.step_noise) with --t-sampling lognormal follows the
+    diffusion's P (chi-square over 300 steps of 64 draws, bins of 50 timesteps)."""
+    import scipy.stats
+    import config
+    import optim
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000), loss_weighting="min_snr",
+                               timestep_sampling="lognormal")
+    cfg = config.Config(seed=0, batch_size=64, timesteps=1000)
+    t = torch.cat([optim.step_noise(cfg, s, (1, 1, 1), "cpu", d)[0] for s in range(300)])
+    counts = torch.bincount(t // 50, minlength=20).numpy()
+    expected = d.timestep_probs().view(20, 50).sum(1).numpy() * len(t)
+    assert scipy.stats.chisquare(counts, expected).pvalue > 1e-3
+    uniform = optim.step_noise(cfg, 5, (1, 1, 1), "cpu")[0]
+    assert torch.equal(uniform, optim.step_noise(cfg, 5, (1, 1, 1), "cpu",
+                                                 ddpm.GaussianDiffusion(d.betas))[0])

@@ -169,7 +169,7 @@ def prepare(given, held, started):
                ckpt_path=os.path.join(cfg.out, rundir.CHECKPOINT),
                log=held.enter_context(rundir.Log(cfg.out)) if writes else None, scorer=scorer,
                clock_start=time.perf_counter() - (s.state.get("elapsed", 0.0) if s.state else 0.0),
-               budget=plan if plan is not None and plan.at is not None else None,
+               budget=plan if plan is not None and not plan.fixed else None,
                saved_step=s.state["step"] if s.state else None)
 
 
@@ -271,11 +271,14 @@ def announce_default(cfg, given, state):
 
 
 def remeasure(run, step, bar):
-    """A --minutes run fixes its step count from its own steps' time (budget.py)."""
-    steps = run.budget.measure(step)
-    if steps is not None:
-        run.cfg.steps = bar.total = steps
+    """A --minutes run measures its own steps: a wsd run re-estimates its count at every step
+    until it fixes it where the decay begins; the others fix it once (budget.py)."""
+    fixed = run.budget.measure(step)
+    run.cfg.steps = run.budget.steps
+    if fixed is not None or abs(bar.total - run.cfg.steps) > 0.005 * bar.total:
+        bar.total = run.cfg.steps
         bar.refresh()
+    if fixed is not None:
         run.budget = None
 
 
@@ -336,7 +339,7 @@ def draw_batch(run, step):
     cfg, local = run.cfg, run.cfg.batch_size // run.world
     mine = slice(run.rank * local, (run.rank + 1) * local)
     idx = run.batches.indices(step)[mine]
-    t, noise = optim.step_noise(cfg, step, run.images.shape[1:], run.device)
+    t, noise = optim.step_noise(cfg, step, run.images.shape[1:], run.device, run.diffusion)
     torch.manual_seed(cfg.seed * 1_000_003 + step * run.world + run.rank)  # dropout
     x0 = imaging.to_model_range(run.images[idx])
     if cfg.hflip:  # each image of the global batch flipped or not, by (seed, step, position)
