@@ -106,7 +106,7 @@ def build_diffusion(config):
     weighting = {k: config[k] for k in ("snr_gamma", "p2_k", "p2_gamma") if config.get(k) is not None}
     return ddpm.GaussianDiffusion(betas, config["mean_type"], config["var_type"],
                                   config["loss_type"], config.get("loss_weighting", "none"),
-                                  timestep_sampling=config.get("t_sampling", "uniform"),
+                                  timestep_sampling=config.get("t_sampling") or "uniform",
                                   **weighting)
 
 
