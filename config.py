@@ -56,7 +56,7 @@ class Config:
                         auto="on for cifar10 and folder: datasets, off for the others")
     preset: str = _flag(None, "the network (a preset's size fitted to the images' side: levels "
                         "down to 4-8 pixels)", choices=tuple(unet.PRESETS),
-                        auto="mnist-tiny on a CPU; on a GPU mnist at 28x28, else the network of "
+                        auto="mnist-stem on a CPU; on a GPU mnist at 28x28, else the network of "
                         "Ho et al. (or improved-diffusion) for the nearest of 32, 64, 256")
     base_channels: int = _flag(None, "channels at the first level", auto="the preset's")
     channel_mult: tuple = _flag(None, "channel multiplier of each level (space-separated)",
@@ -165,9 +165,9 @@ RECIPES = {
                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="none",
                t_sampling="uniform"),
     # A good model in --minutes on a CPU: docs/results.md says what each difference bought.
-    "cpu": dict(batch_size=64, lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.9999,
-                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="min_snr",
-                t_sampling="uniform"),
+    "cpu": dict(batch_size=64, lr=2e-3, warmup=100, lr_schedule="wsd", ema_decay=0.9999,
+                ema_warmup=10.0, schedule="cosine", mean_type="eps", loss_weighting="min_snr",
+                t_sampling="logitnormal"),
 }
 
 
@@ -293,7 +293,8 @@ def _fill_automatic(cfg, given, device, image_shape, num_classes):
     kwargs = dict(unet.PRESETS[cfg.preset])
     resized = H != kwargs["image_size"]
     if resized and "channel_mult" not in given:
-        kwargs.update(fit_levels(kwargs, H))
+        stem = cfg.space_to_depth or kwargs.get("space_to_depth", 1)
+        kwargs.update(fit_levels(kwargs, H, stem))
     kwargs.update({k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None})
     if resized and "channel_mult" in given and "attn_resolutions" not in given:
         kwargs["attn_resolutions"] = (H // 2 ** (len(kwargs["channel_mult"]) - 1),)  # coarsest
@@ -321,28 +322,28 @@ COARSEST = (4, 8)  # the side, in pixels, of a fitted network's coarsest level
 
 
 def default_preset(size, cpu):
-    """The network a run gets when --preset is left out: on a CPU mnist-tiny (at any size, fitted
+    """The network a run gets when --preset is left out: on a CPU mnist-stem (at any size, fitted
     by fit_levels); on a GPU mnist at 28x28, else Ho et al.'s network for the nearest resolution
     (on a log scale). The one place that picks a network for the machine and the images."""
     if cpu:
-        return "mnist-tiny"
+        return "mnist-stem"
     if size == 28:
         return "mnist"
     sizes = {p: unet.PRESETS[p]["image_size"] for p in SIZED_PRESETS}  # a tie: the larger one's
     return min(SIZED_PRESETS, key=lambda p: (abs(math.log(size / sizes[p])), -sizes[p]))
 
 
-def fit_levels(kwargs, size):
-    """{"channel_mult", "attn_resolutions"} of a network fitted to size x size images: as few
-    levels as bring the coarsest to COARSEST (4-8 pixels), the multipliers cut or their last
-    repeated; attention at the same levels, counted from the top (the coarsest where a level is
-    gone). UserError naming --image-size for a size that no number of halvings brings there."""
+def fit_levels(kwargs, size, stem=1):
+    """{"channel_mult", "attn_resolutions"} of a network fitted to size x size images, whose levels
+    start at size / stem (a space-to-depth stem): as few levels as bring the coarsest to COARSEST
+    (4-8 pixels), the multipliers cut or their last repeated; attention at the same levels,
+    counted from the top (the coarsest where a level is gone). UserError naming --image-size for
+    a size that no number of halvings brings there."""
     low, high = COARSEST
-    levels = next((n for n in range(1, 12) if size % 2 ** (n - 1) == 0
-                   and low <= size // 2 ** (n - 1) <= high), None)
+    fits_at = lambda s, n: s % (stem * 2 ** n) == 0 and low <= s // stem // 2 ** n <= high
+    levels = next((n + 1 for n in range(11) if fits_at(size, n)), None)
     if levels is None:
-        fits = [s for s in range(max(size - 16, 4), size + 17)
-                if any(s % 2 ** n == 0 and low <= s // 2 ** n <= high for n in range(12))]
+        fits = [s for s in range(max(size - 16, 4), size + 17) if any(fits_at(s, n) for n in range(11))]
         nearest = sorted(fits, key=lambda s: (abs(s - size), s))[:2]
         raise UserError(f"{size}x{size} images cannot be halved down to {low}-{high} pixels for "
                         f"the network's coarsest level; give --image-size "
@@ -350,9 +351,11 @@ def fit_levels(kwargs, size):
                         "the images, or give --channel-mult")
     mult = tuple(kwargs["channel_mult"])
     mult = mult[:levels] + mult[-1:] * (levels - len(mult))
-    old = [kwargs["image_size"] // 2 ** i for i in range(len(kwargs["channel_mult"]))]
+    top = kwargs["image_size"] // kwargs.get("space_to_depth", 1)
+    old = [top // 2 ** i for i in range(len(kwargs["channel_mult"]))]
     attn = {min(old.index(r), levels - 1) for r in kwargs["attn_resolutions"] if r in old}
-    return {"channel_mult": mult, "attn_resolutions": tuple(size // 2 ** i for i in sorted(attn))}
+    return {"channel_mult": mult,
+            "attn_resolutions": tuple(size // stem // 2 ** i for i in sorted(attn))}
 
 
 def validate(cfg, complete=False, resuming=False):

@@ -61,9 +61,10 @@ def test_a_64x64_rgb_folder_trains_samples_and_evaluates(rgb64, tmp_path, monkey
         (None, None, "subfolders", 0.25, True)  # size and channels as found: 64, 3
     assert (c["unet"]["image_size"], c["unet"]["in_channels"]) == (64, 3)
     assert c["class_names"] == ["cats", "dogs"]
-    # the CPU's network, fitted to 64 pixels: levels 64, 32, 16, 8, attention where mnist-tiny's
-    # third level had it
-    assert c["unet"]["channel_mult"] == (1, 2, 2, 2) and c["unet"]["attn_resolutions"] == (16,)
+    # the CPU's network, fitted to 64 pixels: after its 2x2 stem, levels 32, 16, 8, attention
+    # where mnist-stem's second level had it
+    assert c["unet"]["channel_mult"] == (1, 2, 2) and c["unet"]["attn_resolutions"] == (16,)
+    assert c["unet"]["space_to_depth"] == 2
     cli.run_script(sample.main, ["--ckpt", str(out), "--n", "2", "--steps", "2", "--out",
                                  str(tmp_path / "s.png")])
     with Image.open(tmp_path / "s.png") as grid:
@@ -118,6 +119,18 @@ def test_the_cpu_network_is_fitted_to_the_size(size, mult, attn):
     assert 4 <= coarsest <= 8 and size % 2 ** (len(mult) - 1) == 0
 
 
+@pytest.mark.parametrize("size, mult, attn", [(20, (1, 2), (5,)), (32, (1, 2), (8,)),
+                                              (64, (1, 2, 2), (16,)), (96, (1, 2, 2, 2), (24,))])
+def test_a_stem_network_is_fitted_from_its_first_level(size, mult, attn):
+    """With a 2x2 space-to-depth stem the levels start at size / 2: mnist-stem's 14 and 7
+    become 16 and 8 at 32, and 32, 16, 8 at 64 (attention on the second level, as at 7)."""
+    fitted = config.fit_levels({"channel_mult": (1, 2), "attn_resolutions": (7,),
+                                "image_size": 28, "space_to_depth": 2}, size, 2)
+    assert fitted == {"channel_mult": mult, "attn_resolutions": attn}
+    coarsest = size // 2 // 2 ** (len(mult) - 1)
+    assert 4 <= coarsest <= 8 and size % (2 * 2 ** (len(mult) - 1)) == 0
+
+
 def test_a_size_that_cannot_be_halved_that_far_names_image_size():
     with pytest.raises(cli.UserError) as excinfo:
         config.fit_levels(dict(unet_kwargs()), 36)
@@ -135,7 +148,7 @@ def unet_kwargs():
                                           (128, "celebahq256"), (256, "celebahq256")])
 def test_a_gpu_gets_the_network_of_the_nearest_resolution(size, preset):
     assert config.default_preset(size, cpu=False) == preset
-    assert config.default_preset(size, cpu=True) == "mnist-tiny"
+    assert config.default_preset(size, cpu=True) == "mnist-stem"
 
 
 def test_flips_are_a_function_of_seed_step_and_position():
@@ -199,3 +212,42 @@ def test_a_run_saved_before_these_options_resumes_as_it_was(tmp_path):
     a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
     assert b["config"]["hflip"] is False
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def export_dataset(name, root, count=None, seed=0):
+    """Write a dataset's images as PNG files in class subfolders (root/<class>/<n>.png): both
+    splits, or `count` of them chosen at random, so that a folder run has something real to
+    read (docs/results.md measures such folders)."""
+    sets = [data.load_dataset(name, split) for split in ("train", "test")]
+    images = np.concatenate([s.images for s in sets])
+    labels = np.concatenate([s.labels for s in sets])
+    chosen = np.arange(len(images)) if count is None else \
+        np.random.default_rng(seed).choice(len(images), count, replace=False)
+    names = sets[0].class_names
+    for i in chosen:
+        folder = root / names[labels[i]].replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = images[i].transpose(1, 2, 0)
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+            folder / f"{i:05d}.png")
+    return root
+
+
+def test_a_dataset_exported_as_a_folder_reads_back_as_it_was(tmp_path, monkeypatch):
+    """export_dataset's folder, read as folder:DIR with --labels subfolders, holds the dataset's
+    own pixels and labels (here a small synthetic labelled set in place of a download)."""
+    import test_evaluate
+    sets = {"train": test_evaluate.synthetic_digits(30, 0), "test": test_evaluate.synthetic_digits(10, 1)}
+    sets = {k: v._replace(class_names=tuple("0123456789")) for k, v in sets.items()}
+    monkeypatch.setattr(data, "load_dataset", lambda name, split="train", *a, **k: sets[split])
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    root = export_dataset("mnist", tmp_path / "digits")
+    monkeypatch.undo()
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    import userdata
+    found = userdata.load_folder(root, labels="subfolders", val_fraction=0, progress=False)
+    images = np.concatenate([sets["train"].images, sets["test"].images])
+    labels = np.concatenate([sets["train"].labels, sets["test"].labels])
+    order = [int(os.path.basename(p)[:-4]) for p in found.train.paths]
+    assert np.array_equal(found.train.images, images[order])
+    assert [int(found.class_names[k]) for k in found.train.labels] == labels[order].tolist()

@@ -128,7 +128,7 @@ def test_parameter_count_matches_formula(config):
 
 
 def test_preset_output_shapes(cifar10):
-    for name in ("mnist", "mnist-small", "mnist-tiny"):
+    for name in ("mnist", "mnist-small", "mnist-tiny", "mnist-stem"):
         model = build_unet(name).eval()
         x, t = inputs(model, batch=2)
         with torch.no_grad():
