@@ -18,7 +18,7 @@ DEFAULT_STEPS = 50
 DEFAULT_ETA = 1.0
 # The guidance weight w of a class-conditional model (ε̃ = (1 + w) ε(x_t, c) - w ε(x_t, ∅)), chosen
 # by the table in docs/results.md.
-DEFAULT_GUIDANCE = 1.0
+DEFAULT_GUIDANCE = 0.25
 
 
 def add_arguments(p):

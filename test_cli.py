@@ -95,7 +95,7 @@ def train_cases(w):
         ([*new, "--schedule", "bogus"], "invalid choice: 'bogus'"),
         ([*new, "--mean-type", "epsilon"], "invalid choice: 'epsilon'"),
         ([*new, "--timesteps", "0"], "--timesteps must be an integer in [1, 100000], got 0"),
-        ([*new, "--timesteps", "10"], "beta"),
+        ([*new, "--timesteps", "10", "--schedule", "linear"], "beta"),
         ([*new, "--loss-type", "hybrid", "--var-type", "fixed_large"], "hybrid"),
         ([*new, "--loss-type", "simple", "--var-type", "learned_range"], "learned_range"),
         ([*new, "--channel-mult", "1", "2", "2", "2", "2"], "image_size 8 must be divisible"),
