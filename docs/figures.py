@@ -320,8 +320,8 @@ def class_network(diffusion, mixture=MIXTURE_2D):
 
 def guidance_data(ws=(0.0, 3.0), label=0, n=500, seed=0, mixture=MIXTURE_2D):
     """For each guidance weight w: the guided score -ε̃/√(1-ᾱ_t) (ε̃ = guided_model's (1+w) ε(x_t, t, c)
-    - w ε(x_t, t, ∅)) on a grid at paper t = GUIDANCE_T, and n guided DDIM (η = 0, 50 steps)
-    samples of class `label`."""
+    - w ε(x_t, t, ∅)) on a grid at paper t = GUIDANCE_T, and n guided DPM-Solver++(2M) samples
+    (20 steps) of class `label`."""
     d = linear_diffusion()
     network, K = class_network(d, mixture), len(mixture[0])
     axis = torch.linspace(-1.2, 1.2, 17, dtype=F64)
@@ -333,7 +333,7 @@ def guidance_data(ws=(0.0, 3.0), label=0, n=500, seed=0, mixture=MIXTURE_2D):
         field_model = ddpm.guided_model(network, torch.full((len(grid),), label), K, w)
         out["field"].append((-field_model(grid, t) / root).numpy())
         model = ddpm.guided_model(network, torch.full((n,), label), K, w)
-        out["samples"].append(sample_mixture(d, model, ("ddim", 50, 0.0), n, seed, (2,)).numpy())
+        out["samples"].append(sample_mixture(d, model, ("dpm", 20, None), n, seed, (2,)).numpy())
     out["field"], out["samples"] = np.stack(out["field"]), np.stack(out["samples"])
     axis_fine = torch.linspace(-1.2, 1.2, 121, dtype=F64)
     fine = torch.stack(torch.meshgrid(axis_fine, axis_fine, indexing="xy"), -1).reshape(-1, 2)
@@ -357,7 +357,7 @@ def draw_guidance(plt, d):
         ax.set_xlim(-1.2, 1.2)
         ax.set_ylim(-1.2, 1.2)
     fig.suptitle(f"guidance towards class {d['label']} of a 2-D mixture: the guided score at "
-                 f"t = {GUIDANCE_T} (arrows, one scale)\nand guided DDIM samples (red)", fontsize=9)
+                 f"t = {GUIDANCE_T} (arrows, one scale)\nand guided DPM-Solver++ samples (red)", fontsize=9)
     return _finish(fig)
 
 
