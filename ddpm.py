@@ -57,6 +57,8 @@ def make_beta_schedule(name, num_timesteps):
         (so that ᾱ_T stays about the same), as in [Nichol]'s code.
     "cosine": [Nichol] Eq. 17, ᾱ_t = f(t)/f(0), β_t = 1 - ᾱ_t/ᾱ_{t-1} clipped at 0.999; the
         tables then use ᾱ as the cumulative product of the clipped β.
+
+    Checked by test_math.py section 9 (docs/derivations.md walks each step).
     """
     if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) \
             or num_timesteps < 1:
@@ -103,6 +105,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     """D_KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) in nats, elementwise (broadcasting).
 
     = ½ (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)² e^(-logvar2) - 1).
+
+    Checked by test_math.py sections 4, 5 and 6 (docs/derivations.md walks each step).
     """
     ref = next((a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor)),
                torch.zeros((), dtype=torch.float64))
@@ -137,6 +141,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     Each level owns the bin [x - 1/255, x + 1/255]; the bins of -1 and +1 extend to -∞ and +∞,
     so the 256 probabilities sum to 1. Computed exactly (normal CDF, no approximation) and in log
     space, so far-tail bins stay finite.
+
+    Checked by test_math.py section 8 (docs/derivations.md walks each step).
     """
     centered = x - means
     inv_std = torch.exp(-log_scales)
@@ -201,6 +207,8 @@ class GaussianDiffusion:
         std t_std, None for the option's paper values, mixed with a uniform share t_floor). The
         squared error is then weighted by (1/T)/P[t] as well, so the expected loss is the one of
         uniform t (importance sampling); loss_type "simple" only.
+
+    Checked by test_math.py section 9 (docs/derivations.md walks each step).
     """
 
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple",
@@ -337,6 +345,8 @@ class GaussianDiffusion:
         β is recomputed from the kept ᾱ: β'_i = 1 - ᾱ_{k_i} / ᾱ_{k_{i-1}} (ᾱ before the first
         kept step is 1), so q(x_{k_i} | x_0) is unchanged ([Nichol] §4). Keeping the original β_k
         instead would change ᾱ. The model is still called with the original timestep k_i.
+
+        Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         keep = sorted({int(k) for k in timesteps})
         if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
@@ -358,6 +368,8 @@ class GaussianDiffusion:
         """q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) ([Ho] Eq. 4).
 
         x0: [B, ...]; t: [B]. Returns (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]).
+
+        Checked by test_math.py section 1 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x0)
         return (self._extract("sqrt_alphas_cumprod", t, x0) * x0,
@@ -365,7 +377,10 @@ class GaussianDiffusion:
                 self._extract("log_one_minus_alphas_cumprod", t, x0))
 
     def q_sample(self, x0, t, noise=None):
-        """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε, a draw from q(x_t | x_0) ([Ho] Eq. 4). Shapes as x0."""
+        """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε, a draw from q(x_t | x_0) ([Ho] Eq. 4). Shapes as x0.
+
+        Checked by test_math.py sections 1 and 13 (docs/derivations.md walks each step).
+        """
         t = self._check_t(t, x0)
         noise = torch.randn_like(x0) if noise is None else noise
         if noise.shape != x0.shape:
@@ -380,6 +395,8 @@ class GaussianDiffusion:
 
         Returns (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]); at index 0, where
         β̃ = 0, the log-variance is clipped to log β̃ of index 1.
+
+        Checked by test_math.py sections 2, 3 and 6 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
         mean = (self._extract("posterior_mean_coef1", t, x_t) * x0
@@ -390,7 +407,10 @@ class GaussianDiffusion:
     # ---- the three parameterisations ----------------------------------------------------------
 
     def predict_x0_from_eps(self, x_t, t, eps):
-        """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t ([Ho] Eq. 15), written 1/√ᾱ_t x_t - √(1/ᾱ_t - 1) ε."""
+        """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t ([Ho] Eq. 15), written 1/√ᾱ_t x_t - √(1/ᾱ_t - 1) ε.
+
+        Checked by test_math.py sections 1 and 3 (docs/derivations.md walks each step).
+        """
         t = self._check_t(t, x_t)
         return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
                 - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
@@ -481,6 +501,8 @@ class GaussianDiffusion:
 
         x_t: [B, ...]; t: [B]. Returns a dict of "mean", "pred_x0", "model_output" ([B, ...]) and
         "variance", "log_variance" ([B, 1, ...] for fixed variances, [B, ...] when learned).
+
+        Checked by test_math.py sections 3 and 5 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
         return self._p_from_output(self._call_model(model, x_t, t), x_t, t, clip_denoised)
@@ -489,6 +511,8 @@ class GaussianDiffusion:
         """One step of [Ho] Algorithm 2: x_{t-1} = μ_θ(x_t, t) + σ_t z, with z = 0 at index 0.
 
         Returns {"sample": x_{t-1}, "pred_x0": x̂_0}.
+
+        Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised)
@@ -537,6 +561,8 @@ class GaussianDiffusion:
         `device`. Each step's z is drawn from `generator` too, so a seed fixes the samples.
         trajectory=K > 0 also returns K evenly spaced snapshots {"t", "x_t", "pred_x0"} of the
         loop's steps (fewer when the loop has fewer than K steps); the first is x_T itself.
+
+        Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
 
@@ -556,6 +582,8 @@ class GaussianDiffusion:
         "uniform": 0, k, 2k, ... below T with k = T // steps (e.g. T=1000, 50 steps: 0, 20, ...,
         980; when steps does not divide T this gives a few more than `steps`).
         "quad": ⌊(linspace(0, √(0.8 T), steps))²⌋, duplicates removed.
+
+        Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         T = self.num_timesteps
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
@@ -576,6 +604,8 @@ class GaussianDiffusion:
 
         ε̂ is recomputed from the (possibly clipped) x̂_0, so that η = 1 over consecutive steps is
         exactly [Ho]'s step with σ² = β̃_t. Returns {"sample", "pred_x0"}.
+
+        Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
         t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
@@ -608,6 +638,8 @@ class GaussianDiffusion:
         on the respaced chain (the project's default sampler lives in sampling.py). Noise,
         generator and trajectory as in p_sample_loop; with eta > 0 one z per step is drawn from
         `generator`, none at the last step.
+
+        Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
         seq = self.ddim_timesteps(steps, spacing)
@@ -725,6 +757,8 @@ class GaussianDiffusion:
         Returns a dict of [B] tensors: "loss"; "mse" (the mean squared error of the predicted
         quantity, [Ho] Eq. 14 for ε, before any loss_weighting) unless loss_type is "vlb"; "vb"
         (L_t in bits/dim) for "vlb", "hybrid", or a learned variance.
+
+        Checked by test_math.py section 13 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x0)
         noise = torch.randn_like(x0) if noise is None else noise
@@ -815,7 +849,10 @@ class GaussianDiffusion:
         return torch.searchsorted(cdf, u, right=True).clamp(max=self.num_timesteps - 1)
 
     def prior_bpd(self, x0):
-        """L_T = D_KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, [B] ([Ho] Eq. 5)."""
+        """L_T = D_KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, [B] ([Ho] Eq. 5).
+
+        Checked by test_math.py section 7 (docs/derivations.md walks each step).
+        """
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x0.device)
         mean, _, log_var = self.q_mean_variance(x0, t)
         return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / LOG2
@@ -827,6 +864,8 @@ class GaussianDiffusion:
         x0: [B, ...] on the 256 levels of [-1, 1]. Returns a dict: "total_bpd" [B] = Σ_t vb + prior,
         "prior_bpd" [B] (L_T), "vb" [B, T] (column 0 is L_0, the decoder; column i > 0 is
         L_i = the KL at index i), "mse" [B, T] (the squared error of the network's ε prediction, unclipped, at each t).
+
+        Checked by test_math.py section 12 (docs/derivations.md walks each step).
         """
         B, T = x0.shape[0], self.num_timesteps
         vb = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
