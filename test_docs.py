@@ -1,11 +1,15 @@
 """The docs cannot drift from the code: every command written in README.md and docs/*.md
 (`python SCRIPT.py ...` and `torchrun ... SCRIPT.py ...`, in code blocks and inline code) names a
-script that exists and only flags its --help lists; the README stays a newcomer's page; the
-import graph in docs/layout.md is the code's."""
+script that exists (at the top level, or docs/figures.py) and only flags its --help lists; every
+test the docs name exists, and each `python -m pytest FILE -k NAME` selects exactly the tests its
+paragraph names; the README stays a newcomer's page; the import graph in docs/layout.md is the
+code's."""
 import ast
 import contextlib
+import fnmatch
 import glob
 import importlib
+import importlib.util
 import io
 import os
 import re
@@ -16,6 +20,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = ["README.md", *sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md")))]
 SHELL_BREAKS = {"&&", "||", "|", ";", "#", ">", "2>&1"}
+SCRIPT_DIRS = ("", "docs")  # where scripts live: the top level, and docs/figures.py
 
 
 def code_spans(text):
@@ -65,7 +70,13 @@ def commands(text):
 
 def help_flags(script):
     """The long flags a script's --help lists."""
-    module = importlib.import_module(os.path.basename(script)[:-3])
+    name = os.path.basename(script)[:-3]
+    if os.path.dirname(script):  # docs/figures.py: loaded from its file
+        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(name)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         module.parse_args(["--help"])
@@ -76,7 +87,7 @@ def problems(text):
     """One line for each command of `text` that names a missing script or an unknown flag."""
     found, known = [], {}
     for script, flags in commands(text):
-        if not os.path.isfile(os.path.join(HERE, script)) or os.path.dirname(script):
+        if not os.path.isfile(os.path.join(HERE, script)) or os.path.dirname(script) not in SCRIPT_DIRS:
             found.append(f"{script}: no such script")
             continue
         known.setdefault(script, help_flags(script))
@@ -105,6 +116,74 @@ def test_the_check_catches_a_doc_line_with_an_unknown_flag():
                                       "train.py --no-such-flag: not in its --help",
                                       "train.py --stepz: not in its --help"]
     assert ("train.py", ["--steps"]) in commands(text)
+
+
+def test_the_figures_script_is_among_the_checked_commands():
+    """docs/derivations.md shows the figures script's command, so the check above covers it."""
+    with open(os.path.join(HERE, "docs", "derivations.md"), encoding="utf-8") as f:
+        scripts = {script for script, _ in commands(f.read())}
+    assert "docs/figures.py" in scripts
+    assert problems("Run `python docs/figures.py --checkpoint c.pt --nope 1`.") == [
+        "docs/figures.py --nope: not in its --help"]
+
+
+def defined_tests():
+    """{test file: names of its test functions}, from the source."""
+    found = {}
+    for path in glob.glob(os.path.join(HERE, "test_*.py")):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found[os.path.basename(path)] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)
+                                         and n.name.startswith("test_")}
+    return found
+
+
+def selected(names, expression):
+    """The names `pytest -k EXPRESSION` keeps, for an expression that is one name (a
+    case-insensitive substring match, as pytest does for a bare word)."""
+    assert re.fullmatch(r"\w+", expression), f"-k {expression}: only single names are checked"
+    return {n for n in names if expression.lower() in n.lower()}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_test_the_docs_name_exists(doc):
+    """Each `test_...` in the code spans of a doc is a test function of some test file (a pattern,
+    `test_1_*`, or a -k prefix, `test_1_`, matches at least one)."""
+    with open(os.path.join(HERE, doc), encoding="utf-8") as f:
+        text = f.read()
+    tests = defined_tests()
+    every, files = set().union(*tests.values()), {name[:-3] for name in tests}
+    named = {token for span in code_spans(text) for token in re.findall(r"\btest_[\w*]+", span)
+             if token not in files}
+    missing = sorted(n for n in named if not fnmatch.filter(every, n + "*" if n.endswith("_") else n))
+    assert missing == [], doc
+
+
+def test_each_k_command_selects_the_tests_its_paragraph_names():
+    """In docs/derivations.md, a paragraph with `python -m pytest FILE -k NAME` selects exactly the
+    tests it names (none named: at least one selected); `-k test_1_` must not also run test_11_."""
+    with open(os.path.join(HERE, "docs", "derivations.md"), encoding="utf-8") as f:
+        paragraphs = f.read().split("\n\n")
+    functions, checked = defined_tests(), 0
+    for paragraph in paragraphs:
+        text = " ".join(paragraph.split())
+        for file, expression in re.findall(r"`python -m pytest (test_\w+\.py) -k (\w+)`", text):
+            picked = selected(functions[file], expression)
+            named = set(re.findall(r"`(test_\w+)`", text)) - {expression}
+            assert picked == named if named else picked, (file, expression)
+            checked += 1
+    assert checked >= 14
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_picture_and_page_the_docs_link_exists(doc):
+    """Each relative link or image of a doc ([..](path), ![..](path)) names a file beside it."""
+    with open(os.path.join(HERE, doc), encoding="utf-8") as f:
+        text = f.read()
+    targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text)
+               if not re.match(r"[a-z]+:|#", t)}
+    base = os.path.dirname(os.path.join(HERE, doc))
+    assert sorted(t for t in targets if not os.path.exists(os.path.join(base, t))) == [], doc
 
 
 def test_the_readme_is_a_newcomers_page():

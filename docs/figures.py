@@ -429,7 +429,7 @@ def draw_trajectory(plt, d, source):
             ax = axes[r, c]
             ax.imshow(np.transpose(img, (1, 2, 0)).squeeze(-1) if img.shape[0] == 1
                       else np.transpose((img + 1) / 2, (1, 2, 0)).clip(0, 1),
-                      cmap="gray", vmin=-1, vmax=1)
+                      cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"t={t}", fontsize=7)
