@@ -180,7 +180,8 @@ def posterior_data(x0=0.5, eps=1.0, paper_t=POSTERIOR_T, points=801):
         num = torch.exp(log_num - log_num.max())
         out["x_t"].append(x_t.item())
         out["grid"].append(y.numpy())
-        out["code"].append((torch.exp(-0.5 * (y - mean) ** 2 / sd ** 2) / (sd * math.sqrt(2 * math.pi))).numpy())
+        code = torch.exp(-0.5 * (y - mean) ** 2 / sd ** 2) / (sd * math.sqrt(2 * math.pi))
+        out["code"].append(code.numpy())
         out["bayes"].append((num / torch.trapezoid(num, y)).numpy())
     for k in ("x_t", "grid", "code", "bayes"):
         out[k] = np.array(out[k])
@@ -319,9 +320,9 @@ def class_network(diffusion, mixture=MIXTURE_2D):
 
 
 def guidance_data(ws=(0.0, 3.0), label=0, n=500, seed=0, mixture=MIXTURE_2D):
-    """For each guidance weight w: the guided score -ε̃/√(1-ᾱ_t) (ε̃ = guided_model's (1+w) ε(x_t, t, c)
-    - w ε(x_t, t, ∅)) on a grid at paper t = GUIDANCE_T, and n guided DPM-Solver++(2M) samples
-    (20 steps) of class `label`."""
+    """For each guidance weight w: the guided score -ε̃/√(1-ᾱ_t), with ε̃ = guided_model's
+    (1+w) ε(x_t, t, c) - w ε(x_t, t, ∅), on a grid at paper t = GUIDANCE_T, and n guided
+    DPM-Solver++(2M) samples (20 steps) of class `label`."""
     d = linear_diffusion()
     network, K = class_network(d, mixture), len(mixture[0])
     axis = torch.linspace(-1.2, 1.2, 17, dtype=F64)
@@ -357,7 +358,8 @@ def draw_guidance(plt, d):
         ax.set_xlim(-1.2, 1.2)
         ax.set_ylim(-1.2, 1.2)
     fig.suptitle(f"guidance towards class {d['label']} of a 2-D mixture: the guided score at "
-                 f"t = {GUIDANCE_T} (arrows, one scale)\nand guided DPM-Solver++ samples (red)", fontsize=9)
+                 f"t = {GUIDANCE_T} (arrows, one scale)\nand guided DPM-Solver++ samples (red)",
+                 fontsize=9)
     return _finish(fig)
 
 
@@ -440,7 +442,7 @@ def draw_trajectory(plt, d, source):
     return fig
 
 
-def load_checkpoint(path, images, seed):
+def load_checkpoint(path, images):
     """(diffusion, network, first test images in [-1, 1], the title line naming the model)."""
     import checkpoint
     import data
@@ -469,8 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a trained unconditional model (ckpt.pt) to draw the "
                    "bound and trajectory figures from; without it those two are not drawn")
     p.add_argument("--images", type=int, default=4,
-                   help="test images the bound figure averages over, about 2 s each on a CPU "
-                   "(default: %(default)s)")
+                   help="MNIST test images the bound figure averages over; the bound runs the "
+                   "network T times on them (default: %(default)s)")
     p.add_argument("--dpi", type=int, default=70, help="resolution of the PNGs (default: %(default)s)")
     args = p.parse_args(argv)
     cli.check_number("--images", args.images, low=1)
@@ -499,7 +501,7 @@ def main(argv=None):
     plain = {"schedules": (schedule_data, draw_schedules), "forward": (forward_data, draw_forward),
              "posterior": (posterior_data, draw_posterior), "score": (score_data, draw_score),
              "samplers": (sampler_data, draw_samplers), "guidance": (guidance_data, draw_guidance)}
-    loaded = load_checkpoint(args.checkpoint, args.images, 0) if args.checkpoint else None
+    loaded = load_checkpoint(args.checkpoint, args.images) if args.checkpoint else None
     for name in tqdm(args.wanted, desc="figures"):
         if name in plain:
             compute, draw = plain[name]
