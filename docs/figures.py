@@ -39,8 +39,8 @@ NO_MODEL = ("schedules", "forward", "posterior", "score", "samplers", "guidance"
 WITH_MODEL = ("bound", "trajectory")
 
 
-def _finish(fig):
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+def _finish(fig, top=0.9):
+    fig.tight_layout(rect=(0, 0, 1, top))
     return fig
 
 
@@ -383,7 +383,8 @@ def draw_bound(plt, d, source):
         axes[0].plot(t[1:], row[1:], color="0.7", lw=0.5)
     axes[0].plot(t[1:], vb[:, 1:].mean(0), "C0", lw=1.2, label="L_{t-1}, t = 2..T (KL)")
     axes[0].plot([1] * len(vb), vb[:, 0], "C3o", ms=4, label="L_0 (decoder)")
-    axes[0].plot([T_] * len(vb), d["prior"], "C2s", ms=4, label="L_T (prior)")
+    axes[0].plot([T_] * len(vb), d["prior"], "C2s", ms=4,
+                 label=f"L_T (prior), {d['prior'].mean():.1e}")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("t")
@@ -393,13 +394,12 @@ def draw_bound(plt, d, source):
     axes[1].plot(np.arange(1, T_ + 2), (np.cumsum(terms, 1) / d["total"][:, None]).mean(0), "C0")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("t")
-    axes[1].set_ylabel("share of the bound from steps <= t")
+    axes[1].set_ylabel("share of the total, steps <= t")
     axes[1].grid(alpha=0.3)
     fig.suptitle(f"the bound's terms on {len(vb)} MNIST test images: total "
                  f"{d['total'].mean():.3f} bits/dim (calc_bpd_loop, x̂_0 unclipped)\n{source}",
                  fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, 0.85)
 
 
 def trajectory_data(diffusion, model, x0, shown=8, seed=0, progress=False):
@@ -438,8 +438,7 @@ def draw_trajectory(plt, d, source):
         axes[r, 0].set_ylabel(label, fontsize=7)
     fig.suptitle(f"one digit forward (q_sample) and one reverse trajectory (p_sample_loop)\n"
                  f"{source}", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, 0.88)
 
 
 def load_checkpoint(path, images):
