@@ -5,7 +5,7 @@ number the picture shows by calling ddpm.py, and a drawing function that only pl
 test_figures.py calls the data functions again and checks their numbers against the closed forms
 and SciPy references of test_math.py, so a figure cannot show what the code does not compute.
 
-Without --checkpoint it draws the figures that need no trained model (about a minute on a 2-core
+Without --checkpoint it draws the figures that need no trained model (under a minute on a 2-core
 CPU); with --checkpoint it draws the two that do (the bound's terms, one MNIST digit's trajectories)
 from that model, and each names the checkpoint in its title. Needs matplotlib
 (`pip install matplotlib`), imported only to draw.
