@@ -236,3 +236,7 @@ def test_the_script_draws_a_figure_and_refuses_model_figures_without_a_model(tmp
     assert (tmp_path / "schedules.png").stat().st_size < 200_000
     with pytest.raises(figures.cli.UserError, match="--checkpoint"):
         figures.parse_args(["--only", "bound", "--out", str(tmp_path)])
+    with pytest.raises(figures.cli.UserError, match="no checkpoint at"):
+        figures.parse_args(["--checkpoint", str(tmp_path / "missing.pt")])
+    with pytest.raises(figures.cli.UserError, match="--images"):
+        figures.parse_args(["--images", "0"])
