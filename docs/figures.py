@@ -422,7 +422,7 @@ def trajectory_data(diffusion, model, x0, shown=8, seed=0, progress=False):
 
 def draw_trajectory(plt, d, source):
     k = len(d["t_forward"])
-    fig, axes = plt.subplots(3, k + 1, figsize=(1.2 * (k + 1), 4.2))
+    fig, axes = plt.subplots(3, k + 1, figsize=(1.2 * (k + 1), 4.7))
     rows = [("forward x_t", [d["x0"], *d["forward"]], [0, *(d["t_forward"] + 1)]),
             ("reverse x_t", [*d["x_t"], d["sample"]], [*(d["t_reverse"] + 1), 0]),
             ("x̂_0 at that x_t", [*d["pred_x0"], d["sample"]], [*(d["t_reverse"] + 1), 0])]
