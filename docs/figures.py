@@ -438,7 +438,8 @@ def draw_trajectory(plt, d, source):
         axes[r, 0].set_ylabel(label, fontsize=7)
     fig.suptitle(f"one digit forward (q_sample) and one reverse trajectory (p_sample_loop)\n"
                  f"{source}", fontsize=8)
-    return _finish(fig, 0.88)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.01, top=0.84, wspace=0.08, hspace=0.3)
+    return fig
 
 
 def load_checkpoint(path, images):
