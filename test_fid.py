@@ -1,0 +1,289 @@
+"""fid.py against pytorch-fid's own code: the same seeded random weights loaded into both networks
+(the real file cannot be fetched here), the same images (theirs read from PNG files as
+pytorch-fid reads them), the same features and FID; the resize and normalisation on odd sizes and
+one channel; the weights found, downloaded (loopback HTTP and file://) and refused by hash."""
+import contextlib
+import functools
+import hashlib
+import http.server
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import fid
+
+pytest.importorskip("pytorch_fid", reason="pip install -r requirements-test.txt")
+
+
+@contextlib.contextmanager
+def torchvision_without_its_extension():
+    """torchvision's Python modules, importable beside a torch build its compiled operators do
+    not match (PyPI's torchvision next to the CPU torch: 'operator torchvision::nms does not
+    exist'): the package's __init__, which loads them, is skipped; the model code (all
+    pytorch-fid uses) needs none of them. Real torchvision code all the same."""
+    added = set()
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        package = types.ModuleType("torchvision")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__version__ = importlib.metadata.version("torchvision")
+        sys.modules["torchvision"] = package
+    before = set(sys.modules)
+    try:
+        yield
+    finally:
+        added = set(sys.modules) - before
+        for name in added | {"torchvision"}:
+            if name.startswith(("torchvision", "pytorch_fid")):
+                sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """pytorch-fid's inception and fid_score modules."""
+    with torchvision_without_its_extension():
+        import pytorch_fid.fid_score as fid_score
+        import pytorch_fid.inception as inception
+        yield types.SimpleNamespace(inception=inception, fid_score=fid_score)
+
+
+def random_state_dict(seed=0):
+    """Seeded weights of the FID Inception that keep the signal's scale through its 94 layers
+    (He-normal convolutions, batch-norm statistics and affine terms drawn around 1 and 0), so that
+    its features vary from image to image."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in fid.FIDInception().state_dict().items():
+        if name.endswith("conv.weight") or name == "fc.weight":
+            fan_in = value[0].numel()
+            state[name] = torch.randn(value.shape, generator=g) * (2 / fan_in) ** 0.5
+        elif name.endswith(("bn.weight", "running_var")):
+            state[name] = 0.5 + torch.rand(value.shape, generator=g)
+        elif name.endswith(("bn.bias", "running_mean", "fc.bias")):
+            state[name] = 0.1 * torch.randn(value.shape, generator=g)
+        else:  # num_batches_tracked
+            state[name] = value
+    return state
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
+    state = random_state_dict()
+    torch.save(state, path)
+    return path, state
+
+
+def their_network(reference, state):
+    """pytorch-fid's InceptionV3 (2048-d pool block) built with `state` in place of the download."""
+    loader = reference.inception.load_state_dict_from_url
+    reference.inception.load_state_dict_from_url = lambda *a, **k: state
+    try:
+        return reference.inception.InceptionV3([3]).eval()
+    finally:
+        reference.inception.load_state_dict_from_url = loader
+
+
+def made_images(rng, n, channels, height, width):
+    """uint8 images with structure (smooth ramps of random slope) and noise."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    images = np.empty((n, channels, height, width), np.uint8)
+    for i in range(n):
+        for c in range(channels):
+            a, b, k = rng.uniform(-1, 1, 3)
+            ramp = 128 + 100 * np.sin(3 * a * xx + 3 * b * yy + 6 * k)
+            images[i, c] = np.clip(ramp + rng.normal(0, 20, (height, width)), 0, 255)
+    return images
+
+
+def save_pngs(directory, images):
+    from PIL import Image
+    directory.mkdir()
+    for i, img in enumerate(images):
+        pixels = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        Image.fromarray(pixels).save(directory / f"{i:03d}.png")
+    return sorted(directory.glob("*.png"))
+
+
+@pytest.mark.parametrize("channels,height,width", [(3, 29, 37), (1, 23, 23)])
+def test_features_and_fid_equal_pytorch_fids(reference, weights, tmp_path, channels, height,
+                                             width):
+    """Our features of uint8 arrays equal pytorch-fid's get_activations of the same images saved
+    as PNG (its ToTensor, convert("RGB"), resize and 2x - 1 included) with the same weights; the
+    features vary between images; the FID of two sets equals calculate_frechet_distance of
+    pytorch-fid's statistics."""
+    path, state = weights
+    images = made_images(np.random.default_rng(channels), 8, channels, height, width)
+    theirs = reference.fid_score.get_activations(
+        save_pngs(tmp_path / "png", images), their_network(reference, state), batch_size=4,
+        dims=2048, device="cpu", num_workers=0).astype(np.float64)
+    ours = fid.features(fid.load_network(path), images, batch_size=3, progress=False)
+    assert ours.shape == theirs.shape == (8, 2048)
+    spread = ours.std(0).mean()
+    assert spread > 0.05 * np.abs(ours).mean() and spread > 1e-3  # "equal" says something
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * scale)
+    # FID, on the first 3 dimensions: 4 images per set give covariances of full rank there
+    # (pytorch-fid's sqrtm of the 2048-d product of rank-3 covariances is not well defined).
+    a, b = (slice(0, 4), slice(4, 8))
+    theirs_fid = reference.fid_score.calculate_frechet_distance(
+        theirs[a, :3].mean(0), np.cov(theirs[a, :3], rowvar=False),
+        theirs[b, :3].mean(0), np.cov(theirs[b, :3], rowvar=False))
+    ours_fid = fid.fid(fid.statistics(ours[a, :3]), fid.statistics(ours[b, :3]))
+    assert ours_fid == pytest.approx(theirs_fid, rel=1e-3)
+
+
+def test_fid_formula_equals_pytorch_fids(reference):
+    """The FD of 512-d statistics of full rank equals pytorch-fid's calculate_frechet_distance
+    (its scipy sqrtm of Σ1 Σ2; ours the symmetric form of metrics.frechet_distance)."""
+    rng = np.random.default_rng(0)
+    d = 512  # the formula does not depend on the dimension; 2048 costs a minute of sqrtm
+    f1 = rng.standard_normal((3000, d)) @ (np.eye(d) + 0.02 * rng.standard_normal((d, d)))
+    f2 = rng.standard_normal((3000, d)) * 1.1 + 0.05
+    s1, s2 = fid.statistics(f1), fid.statistics(f2)
+    theirs = reference.fid_score.calculate_frechet_distance(*s1, *s2)
+    assert fid.fid(s1, s2) == pytest.approx(theirs, rel=1e-6)
+
+
+def their_network_input(reference, network, x):
+    """What pytorch-fid's InceptionV3 feeds its first block for input x in [0, 1]."""
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def hook(module, args):
+        seen.append(args[0])
+        raise Seen
+
+    handle = network.blocks[0].register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(Seen):
+            network(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (28, 28), (31, 17), (300, 301)])
+def test_resize_and_normalisation_equal_pytorch_fids(reference, weights, size):
+    """On odd sizes, grey and colour: pytorch-fid's input to its network (ToTensor of PIL's
+    convert("RGB"), bilinear resize to 299, 2x - 1) equals ours."""
+    from PIL import Image
+    _, state = weights
+    network = their_network(reference, state)
+    rng = np.random.default_rng(size[0])
+    for channels in (1, 3):
+        img = rng.integers(0, 256, (1, channels, *size), dtype=np.uint8)
+        pil = Image.fromarray(img[0, 0] if channels == 1 else img[0].transpose(1, 2, 0))
+        import torchvision.transforms as TF  # loaded by the reference fixture
+        x = TF.ToTensor()(pil.convert("RGB"))[None]
+        theirs = their_network_input(reference, network, x)
+        ours = 2 * fid.resize(fid.to_unit(img)) - 1
+        assert ours.shape == theirs.shape == (1, 3, 299, 299)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_weights_are_read_without_running_code(tmp_path):
+    """A pickle that would run code is refused by weights_only loading, in one line."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo ran",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(cli.UserError, match="cannot read the Inception weights"):
+        fid.load_network(path)
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(cli.UserError, match="does not hold FID Inception weights"):
+        fid.load_network(path)
+
+
+# ---- finding and downloading the weights --------------------------------------------------
+
+@pytest.fixture
+def served(tmp_path, monkeypatch, weights):
+    """A directory holding a weights file under the standard name, and the standard hash prefix
+    set to that file's, as for the real file."""
+    source = tmp_path / "served"
+    source.mkdir()
+    data = weights[0].read_bytes()
+    (source / fid.WEIGHTS_FILE).write_bytes(data)
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(data).hexdigest()[:8])
+    return source
+
+
+@contextlib.contextmanager
+def loopback_server(directory):
+    """An HTTP server on 127.0.0.1 (a free port) serving `directory`, stopped on exit."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_over_loopback_http_with_the_right_hash(served, tmp_path, weights):
+    cache = tmp_path / "cache"
+    with loopback_server(served) as root:
+        path = fid.weights_path(cache, url=f"{root}/{fid.WEIGHTS_FILE}", progress=False)
+    assert path == str(cache / fid.WEIGHTS_FILE)
+    net = fid.load_network(path)
+    torch.testing.assert_close(net.state_dict()["Mixed_7c.branch_pool.conv.weight"],
+                               weights[1]["Mixed_7c.branch_pool.conv.weight"])
+    assert fid.weights_path(cache, url="http://127.0.0.1:9/none") == path  # found, not fetched
+
+
+def test_download_with_a_wrong_hash_saves_nothing(served, tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", "00000000")
+    cache = tmp_path / "cache"
+    for url in ((served / fid.WEIGHTS_FILE).as_uri(), None):
+        if url is None:
+            with loopback_server(served) as root:
+                url = f"{root}/{fid.WEIGHTS_FILE}"
+                with pytest.raises(cli.UserError, match="not one starting 00000000"):
+                    fid.weights_path(cache, url=url, progress=False)
+        else:
+            with pytest.raises(cli.UserError, match="not one starting 00000000; nothing was saved"):
+                fid.weights_path(cache, url=url, progress=False)
+        assert not cache.exists() or os.listdir(cache) == []
+
+
+def test_download_from_a_file_url_with_the_right_hash(served, tmp_path):
+    cache = tmp_path / "cache"
+    path = fid.weights_path(cache, url=(served / fid.WEIGHTS_FILE).as_uri(), progress=False)
+    assert open(path, "rb").read() == (served / fid.WEIGHTS_FILE).read_bytes()
+
+
+def test_without_the_file_or_a_network_one_line_names_file_hash_and_place(tmp_path):
+    cache = tmp_path / "cache"
+    with loopback_server(tmp_path) as root:  # serves no weights: 404
+        with pytest.raises(cli.UserError) as err:
+            fid.weights_path(cache, url=f"{root}/{fid.WEIGHTS_FILE}", progress=False)
+    text = str(err.value)
+    assert "\n" not in text and fid.WEIGHTS_FILE in text and fid.WEIGHTS_SHA256_PREFIX in text
+    assert str(cache) in text and fid.WEIGHTS_URL in text
+    assert not cache.exists() or os.listdir(cache) == []
+
+
+def test_a_damaged_file_in_the_cache_is_refused_by_its_hash(served, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = bytearray((served / fid.WEIGHTS_FILE).read_bytes())
+    data[len(data) // 2] ^= 1
+    (cache / fid.WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(cli.UserError, match="is damaged: its SHA-256"):
+        fid.weights_path(cache, url="http://127.0.0.1:9/none", progress=False)
