@@ -7,7 +7,6 @@ import functools
 import hashlib
 import http.server
 import importlib.metadata
-import importlib.util
 import os
 import sys
 import threading
@@ -20,39 +19,51 @@ import torch
 import cli
 import fid
 
-pytest.importorskip("pytorch_fid", reason="pip install -r requirements-test.txt")
+# pytorch-fid and torchvision, installed outside the environment (an installed torchvision that
+# cannot load its operators breaks diffusers' imports): .ci/run puts them here.
+REFERENCE_DIR = os.environ.get("DDPM_FID_REFERENCE",
+                               os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            ".fid-reference"))
+INSTALL = ("python -m pip install --no-deps --target .fid-reference torchvision==0.28.0 "
+           "pytorch-fid==0.3.0")
 
 
 @contextlib.contextmanager
-def torchvision_without_its_extension():
-    """torchvision's Python modules, importable beside a torch build its compiled operators do
-    not match (PyPI's torchvision next to the CPU torch: 'operator torchvision::nms does not
-    exist'): the package's __init__, which loads them, is skipped; the model code (all
-    pytorch-fid uses) needs none of them. Real torchvision code all the same."""
-    added = set()
-    if "torchvision" not in sys.modules:
-        spec = importlib.util.find_spec("torchvision")
-        package = types.ModuleType("torchvision")
-        package.__path__ = list(spec.submodule_search_locations)
-        package.__version__ = importlib.metadata.version("torchvision")
-        sys.modules["torchvision"] = package
-    before = set(sys.modules)
+def pytorch_fid_modules():
+    """pytorch-fid's inception and fid_score modules, imported from REFERENCE_DIR with
+    torchvision's package __init__ skipped: it loads compiled operators that do not match the CPU
+    torch ('operator torchvision::nms does not exist'), and the model code pytorch-fid uses needs
+    none of them. Real torchvision and pytorch-fid code all the same; sys.path and sys.modules are
+    restored afterwards."""
+    found = os.path.isdir(os.path.join(REFERENCE_DIR, "pytorch_fid"))
+    if not found and os.environ.get("CI"):
+        pytest.fail(f"FID's reference is missing from {REFERENCE_DIR}: {INSTALL}")
+    if not found:
+        pytest.skip(f"FID's reference: {INSTALL}")
+    assert "torchvision" not in sys.modules, "torchvision was imported before the reference"
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    package = types.ModuleType("torchvision")
+    package.__path__ = [os.path.join(REFERENCE_DIR, "torchvision")]
+    package.__version__ = next(importlib.metadata.distributions(
+        name="torchvision", path=[REFERENCE_DIR])).version
+    sys.modules["torchvision"] = package
+    sys.path.insert(0, REFERENCE_DIR)
     try:
-        yield
+        import pytorch_fid.fid_score as fid_score
+        import pytorch_fid.inception as inception
+        import torchvision.transforms as transforms
+        yield types.SimpleNamespace(inception=inception, fid_score=fid_score,
+                                    transforms=transforms)
     finally:
-        added = set(sys.modules) - before
-        for name in added | {"torchvision"}:
-            if name.startswith(("torchvision", "pytorch_fid")):
-                sys.modules.pop(name, None)
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - saved_modules:
+            sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """pytorch-fid's inception and fid_score modules."""
-    with torchvision_without_its_extension():
-        import pytorch_fid.fid_score as fid_score
-        import pytorch_fid.inception as inception
-        yield types.SimpleNamespace(inception=inception, fid_score=fid_score)
+    with pytorch_fid_modules() as modules:
+        yield modules
 
 
 def random_state_dict(seed=0):
@@ -184,8 +195,7 @@ def test_resize_and_normalisation_equal_pytorch_fids(reference, weights, size):
     for channels in (1, 3):
         img = rng.integers(0, 256, (1, channels, *size), dtype=np.uint8)
         pil = Image.fromarray(img[0, 0] if channels == 1 else img[0].transpose(1, 2, 0))
-        import torchvision.transforms as TF  # loaded by the reference fixture
-        x = TF.ToTensor()(pil.convert("RGB"))[None]
+        x = reference.transforms.ToTensor()(pil.convert("RGB"))[None]
         theirs = their_network_input(reference, network, x)
         ours = 2 * fid.resize(fid.to_unit(img)) - 1
         assert ours.shape == theirs.shape == (1, 3, 299, 299)
