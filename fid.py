@@ -22,8 +22,8 @@ is close to, not exactly, the TensorFlow implementation's (docs/sampling.md).
 import hashlib
 import os
 import re
-import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -373,12 +373,12 @@ class Scorer:
     the reference statistics, and the floor at a given N (held-out real images against them)."""
 
     def __init__(self, weights, name, train_images, device="cpu", cache_dir=None, progress=True,
-                 batch_size=50):
+                 batch_size=50, reference_max=REFERENCE_MAX):
         self.digest = sha256_of(weights)
         self.net = load_network(weights, device)
         self.name, self.device, self.cache_dir = name, device, cache_dir
         self.progress, self.batch_size = progress, batch_size
-        ref = reference_images(train_images)
+        ref = reference_images(train_images, reference_max)
         self.reference_count = len(ref)
         self.reference = cached_statistics(
             "train", cache_key(name, ref, self.digest), lambda: statistics(self.features(
@@ -386,6 +386,15 @@ class Scorer:
 
     def features(self, images, desc="Inception features"):
         return features(self.net, images, self.batch_size, self.device, self.progress, desc)
+
+    def seconds_per_image(self, count=4):
+        """The seconds the features of one image take here (a batch of `count` timed once, after
+        a warm-up call), for the time sizing of a run scored by FID."""
+        x = np.zeros((count, 3, SIDE, SIDE), np.uint8)
+        features(self.net, x[:1], device=self.device, progress=False)
+        start = time.perf_counter()
+        features(self.net, x, batch_size=count, device=self.device, progress=False)
+        return (time.perf_counter() - start) / count
 
     def score(self, images):
         """FID of uint8 images [N, C, H, W] against the training set."""

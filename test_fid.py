@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import json
 import importlib.metadata
 import os
 import sys
@@ -297,3 +298,114 @@ def test_a_damaged_file_in_the_cache_is_refused_by_its_hash(served, tmp_path):
     (cache / fid.WEIGHTS_FILE).write_bytes(bytes(data))
     with pytest.raises(cli.UserError, match="is damaged: its SHA-256"):
         fid.weights_path(cache, url="http://127.0.0.1:9/none", progress=False)
+
+
+# ---- evaluate.py --fid --------------------------------------------------------------------
+
+def direct_fid(net, a, b):
+    return fid.fid(fid.statistics(fid.features(net, a, progress=False)),
+                   fid.statistics(fid.features(net, b, progress=False)))
+
+
+def test_evaluate_fid_of_a_run_with_its_floor_and_cached_statistics(tmp_path, monkeypatch,
+                                                                    weights):
+    """evaluate.py --ckpt RUN --fid N: the FID of N samples and the floor (the first N held-out
+    images) against the training set; the statistics are cached, keyed by the data and the
+    weights, and a second evaluation computes the samples' features only."""
+    import data
+    import evaluate
+    import train
+    import userdata
+    save_pngs(tmp_path / "photos", made_images(np.random.default_rng(0), 16, 3, 16, 16))
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    given = {"dataset": f"folder:{tmp_path / 'photos'}", "val_fraction": 0.3,
+             "out": str(tmp_path / "run"), "steps": 2, "base_channels": 8,
+             "norm_groups": 4, "channel_mult": (1, 2), "num_res_blocks": 1,
+             "attn_resolutions": (), "dropout": 0.0, "timesteps": 20, "sample_steps": 2,
+             "batch_size": 4, "precision": "fp32", "device": "cpu", "num_samples": 2,
+             "log_every": 1}
+    train.train(given, progress=False)
+    sets = {split: data.load_dataset(given["dataset"], split, folder=userdata.FolderOptions(
+        val_fraction=0.3), progress=False) for split in ("train", "test")}
+    n = min(4, len(sets["test"].images))
+    assert n >= 2
+    argv = ["--ckpt", str(tmp_path / "run"), "--n", "0", "--fid", "4", "--sampler", "ddim",
+            "--steps", "2", "--fid-weights", str(weights[0])]
+    evaluate.main(argv)
+    r = json.loads((tmp_path / "run" / "eval.json").read_text())["fid"]
+    net = fid.load_network(weights[0])
+    assert r["count"] == 4 and r["reference_count"] == len(sets["train"].images) >= 8
+    assert not r["standard_weights"] and r["floor_count"] == n
+    assert r["floor"] == pytest.approx(direct_fid(net, sets["test"].images[:n],
+                                                  sets["train"].images), rel=1e-6)
+    assert r["fid"] > 0 and np.isfinite(r["fid"])
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    assert [f.split("-")[1] for f in cached if f.startswith("fid-")] == ["heldout", "train"]
+    calls = []
+    features = fid.features
+    monkeypatch.setattr(fid, "features", lambda net, images, *a, **k: calls.append(len(images))
+                        or features(net, images, *a, **k))
+    evaluate.main(argv)
+    again = json.loads((tmp_path / "run" / "eval.json").read_text())["fid"]
+    assert calls == [4] and again["fid"] == pytest.approx(r["fid"], rel=1e-9)
+
+
+def test_evaluate_fid_of_saved_samples_against_a_dataset(tmp_path, monkeypatch, weights):
+    """evaluate.py --fid-of SAMPLES.npz --dataset npz:DATA: the FID of the saved samples against
+    the dataset's images; an npz: dataset has no held-out images, so no floor."""
+    import evaluate
+    rng = np.random.default_rng(1)
+    samples, real = made_images(rng, 5, 1, 20, 20), made_images(rng, 9, 3, 20, 20)
+    np.savez(tmp_path / "samples.npz", images=samples)
+    np.savez(tmp_path / "real.npz", images=real)
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    evaluate.main(["--fid-of", str(tmp_path / "samples.npz"), "--dataset",
+                   f"npz:{tmp_path / 'real.npz'}", "--fid-weights", str(weights[0]),
+                   "--json", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())["fid"]
+    assert r["count"] == 5 and "floor" not in r
+    assert r["fid"] == pytest.approx(direct_fid(fid.load_network(weights[0]), samples, real),
+                                     rel=1e-6)
+
+
+def test_evaluate_fid_without_weights_or_network_is_one_line(tmp_path, monkeypatch):
+    import evaluate
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 1, 8, 8), np.uint8))
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/none")
+    monkeypatch.setattr(fid.weights_path, "__defaults__", (None, "http://127.0.0.1:9/none",
+                                                           True, 60))
+    with pytest.raises(cli.UserError, match=f"{fid.WEIGHTS_FILE} .SHA-256 starting"):
+        evaluate.main(["--fid-of", str(tmp_path / "s.npz"), "--dataset",
+                       f"npz:{tmp_path / 's.npz'}"])
+
+
+def test_training_scored_by_fid_on_a_folder(tmp_path, monkeypatch, weights):
+    """train.py --eval-every N --fid on a folder of colour images: FID records in log.jsonl, the
+    weights found in the cache by their hash."""
+    import rundir
+    import train
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = weights[0].read_bytes()
+    (cache / fid.WEIGHTS_FILE).write_bytes(data)
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(data).hexdigest()[:8])
+    monkeypatch.setenv("DDPM_CACHE", str(cache))
+    save_pngs(tmp_path / "photos", made_images(np.random.default_rng(2), 12, 3, 16, 16))
+    given = {"dataset": f"folder:{tmp_path / 'photos'}", "out": str(tmp_path / "run"),
+             "steps": 2, "base_channels": 8, "norm_groups": 4, "channel_mult": (1, 2),
+             "num_res_blocks": 1, "attn_resolutions": (), "dropout": 0.0, "timesteps": 20,
+             "sample_steps": 2, "batch_size": 4, "precision": "fp32", "device": "cpu",
+             "num_samples": 2, "log_every": 1, "eval_every": 2, "eval_samples": 4, "fid": True}
+    train.train(given, progress=False)
+    lines = (tmp_path / "run" / rundir.LOG).read_text().splitlines()
+    scores = [json.loads(s) for s in lines if '"kind": "eval"' in s]
+    assert [r["step"] for r in scores] == [2] and np.isfinite(scores[0]["fid"])
+    assert scores[0]["fid"] > 0 and scores[0]["samples"] == 4
+
+
+def test_fid_in_training_needs_eval_every(tmp_path):
+    import train
+    with pytest.raises(cli.UserError, match="--fid scores the run every --eval-every"):
+        train.train({"dataset": "mnist", "out": str(tmp_path / "r"), "fid": True, "steps": 1},
+                    progress=False)
