@@ -331,9 +331,11 @@ def number(v):
 
 
 def print_table(r):
-    step = "saved samples" if r.get("fid", {}).get("samples_from") else \
-        "imported" if r["step"] is None else f"step {r['step']}"
-    print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
+    if r.get("fid", {}).get("samples_from"):
+        print(f"{r['fid']['samples_from']} (saved samples, {r['dataset']}, {r['device']})")
+    else:
+        step = "imported" if r["step"] is None else f"step {r['step']}"
+        print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
     if "nll" in r:
         n = r["nll"]
         print(f"NLL on {n['images']} {n.get('split', 'test')} images ({n['seconds']:.0f} s), "
@@ -362,8 +364,7 @@ def print_table(r):
             print(f"  {label:<52} {value}")
     if "fid" in r:
         f = r["fid"]
-        where = f" ({f['samples_from']})" if "samples_from" in f else \
-            f", {f['sampler']}" if "sampler" in f else ""
+        where = f", {f['sampler']}" if "sampler" in f else ""
         weights = "" if f["standard_weights"] else "; NOT the standard Inception weights"
         print(f"FID: {f['count']} samples{where} against {f['reference_count']} training images "
               f"({f['seconds']:.0f} s{weights})")
