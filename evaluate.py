@@ -164,7 +164,7 @@ def evaluate(args, path, device, progress=True):
     if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     asked_classes(args, model.config, 1)  # --class checked against the model, before any work
-    weights = fid_weights(args) if args.fid else None  # found or fetched before any long work
+    weights = fid_network(args, device) if args.fid else None  # before any long work
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
@@ -237,24 +237,26 @@ def evaluate(args, path, device, progress=True):
     return results
 
 
-def fid_weights(args):
-    """The Inception weights file: --fid-weights (with a warning unless it is the standard file),
-    else the standard one from the cache or downloaded (fid.weights_path)."""
-    if not args.fid_weights:
-        return fid.weights_path()
-    if not fid.standard(fid.sha256_of(args.fid_weights)):
-        print(f"warning: {args.fid_weights} is not the standard FID weights {fid.WEIGHTS_FILE}; "
-              "its FID is not comparable with papers'", file=sys.stderr)
-    return args.fid_weights
+def fid_network(args, device):
+    """(the Inception weights file, the network loaded from it), before any long work: the file
+    of --fid-weights (with a warning unless it is the standard one), else the standard one from
+    the cache or downloaded (fid.weights_path)."""
+    path = args.fid_weights or fid.weights_path()
+    network = fid.load_network(path, device)
+    if args.fid_weights and not fid.standard(fid.sha256_of(path)):
+        print(f"warning: {path} is not the standard FID weights {fid.WEIGHTS_FILE}; its FID is "
+              "not comparable with papers'", file=sys.stderr)
+    return path, network
 
 
 def fid_of(args, weights, name, samples, train_set, test_set, device, progress=True):
     """{"fid", "count", "floor", "floor_count", "reference_count", "weights_sha256", "seconds"}
-    for uint8 samples against the training set; the floor is min(N, held-out) held-out real
-    images against the same statistics (none for an npz: file, whose splits are one array)."""
+    for uint8 samples against the training set, with weights = (path, network); the floor is
+    min(N, held-out) held-out real images against the same statistics (none for an npz: file,
+    whose splits are one array)."""
     start = time.perf_counter()
-    scorer = fid.Scorer(weights, name, train_set.images, device,
-                        progress=progress, batch_size=args.fid_batch_size)
+    scorer = fid.Scorer(weights[0], name, train_set.images, device, progress=progress,
+                        batch_size=args.fid_batch_size, net=weights[1])
     found = {"count": len(samples), "fid": scorer.score(samples),
              "reference_count": scorer.reference_count, "weights_sha256": scorer.digest,
              "standard_weights": fid.standard(scorer.digest)}
@@ -271,7 +273,7 @@ def evaluate_saved(args, path, device, progress=True):
     config = checkpoint.load(path)["config"] if path else {}
     name = args.dataset or config.get("dataset")
     cli.check(name is not None, f"{path} names no dataset (an imported model); give --dataset NAME")
-    weights = fid_weights(args)
+    weights = fid_network(args, device)
     samples = saved_samples(args.fid_of, progress)
     cli.check(len(samples) >= 2, f"--fid-of: {args.fid_of} holds {len(samples)} image(s); FID "
               "needs at least 2")

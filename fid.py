@@ -373,9 +373,9 @@ class Scorer:
     the reference statistics, and the floor at a given N (held-out real images against them)."""
 
     def __init__(self, weights, name, train_images, device="cpu", cache_dir=None, progress=True,
-                 batch_size=50, reference_max=REFERENCE_MAX):
+                 batch_size=50, reference_max=REFERENCE_MAX, net=None):
         self.digest = sha256_of(weights)
-        self.net = load_network(weights, device)
+        self.net = load_network(weights, device) if net is None else net  # net: loaded from it
         self.name, self.device, self.cache_dir = name, device, cache_dir
         self.progress, self.batch_size = progress, batch_size
         ref = reference_images(train_images, reference_max)
