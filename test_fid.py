@@ -34,8 +34,8 @@ def pytorch_fid_modules():
     """pytorch-fid's inception and fid_score modules, imported from REFERENCE_DIR with
     torchvision's package __init__ skipped: it loads compiled operators that do not match the CPU
     torch ('operator torchvision::nms does not exist'), and the model code pytorch-fid uses needs
-    none of them. Real torchvision and pytorch-fid code all the same; sys.path and sys.modules are
-    restored afterwards."""
+    none of them. Real torchvision and pytorch-fid code all the same; sys.path is restored and
+    their modules are dropped afterwards."""
     found = os.path.isdir(os.path.join(REFERENCE_DIR, "pytorch_fid"))
     if not found and os.environ.get("CI"):
         pytest.fail(f"FID's reference is missing from {REFERENCE_DIR}: {INSTALL}")
@@ -57,8 +57,9 @@ def pytorch_fid_modules():
                                     transforms=transforms)
     finally:
         sys.path[:] = saved_path
-        for name in set(sys.modules) - saved_modules:
-            sys.modules.pop(name, None)
+        for name in set(sys.modules) - saved_modules:  # theirs only: torch's own stay loaded
+            if name.split(".")[0] in ("torchvision", "pytorch_fid"):
+                sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")
