@@ -327,7 +327,7 @@ def statistics(feats):
 
 
 def fid(stats1, stats2):
-    """‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½) (Heusel et al. 2017 Eq. 6), by
+    """‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½), the FID of Heusel et al. 2017, by
     metrics.frechet_distance."""
     return metrics.frechet_distance(*stats1, *stats2)
 
