@@ -313,8 +313,10 @@ def make_scorer(cfg, train_set, device):
     cached) and the test set's features."""
     name = cfg.dataset
     if cfg.fid:  # against as many training images as samples: FID at N, both sides
-        return fid.Scorer(fid.weights_path(), name, train_set.images, device, progress=False,
-                          reference_max=cfg.eval_samples)
+        scorer = fid.Scorer(fid.weights_path(), name, train_set.images, device,
+                            reference_max=cfg.eval_samples)  # a bar while the reference is made
+        scorer.progress = False  # none beside the training's own bar
+        return scorer
     with torch.random.fork_rng():  # the classifier's training leaves the run's generators alone
         test_set = data.load_dataset(name, "test", cfg.data_dir, progress=False,
                                      folder=userdata.options_of(dataclasses.asdict(cfg)))
