@@ -101,15 +101,16 @@ def decay_starting_at(cfg, step, estimate):
                key=lambda n: abs(n - estimate), default=step + 1)
 
 
-def plan(cfg, parts, diffusion, shape, device, world, started, speak=True):
+def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, score_s=0.0):
     """The Plan of a --minutes run (cfg.minutes from `started`, a perf_counter() reading) for the
     model parts (model, ema, optimizer, scaler), which are not changed; `speak`: print the count
-    (the writing process)."""
+    (the writing process); score_s: the seconds a score takes beyond sampling (--fid's Inception
+    features of the samples)."""
     step_s, call_s = probe(cfg, parts, diffusion, shape, device)
     calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
     guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1  # doubled network batches
     grid_s = guided * calls * call_s * cfg.num_samples / cfg.batch_size
-    eval_s = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0
+    eval_s = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0 + score_s
     end = started + cfg.minutes * 60
     tail_s = grid_s + 2.0 + (eval_s if cfg.eval_every else 0)   # final grid, save, score
     extra_s = (grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every  # per step, on average

@@ -138,8 +138,12 @@ class Config:
     num_samples: int = _flag(64, "images in each sample grid")
     eval_every: int = _flag(0, "steps between scores of the EMA model (0: off): --eval-samples "
                             "DDIM samples scored by the evaluation classifier (confident, FD, "
-                            "entropy, precision, recall) into log.jsonl; 28x28 labelled data only")
+                            "entropy, precision, recall) into log.jsonl; 28x28 labelled data, "
+                            "or any dataset with --fid")
     eval_samples: int = _flag(500, "samples per score of --eval-every")
+    fid: bool = _flag(False, "score --eval-every by FID instead, on any dataset: Inception "
+                      "features of the samples against as many training images' (evaluate.py "
+                      "--fid; FID at --eval-samples is higher than at the 50,000 papers use)")
     sampler: str = _flag(sampling.DEFAULT_SAMPLER, "sampler of the grids: ddim (--sample-steps "
                          "steps, --sample-eta) or ddpm (Ho's Algorithm 2, all T steps)",
                          choices=sampling.SAMPLERS)

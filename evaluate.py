@@ -11,6 +11,12 @@ real training images (the floor), the share of samples classified with confidenc
 entropy of the predicted-class histogram (log 10 = 2.303 when balanced), and precision and recall
 on the same features (Kynkäänniemi et al. 2019, k = 3).
 
+FID (--fid, any dataset): the Fréchet distance in the pool features of the FID Inception network
+(fid.py, pytorch-fid's port of the TensorFlow one) between --fid generated images (or the saved
+samples of --fid-of) and the training set (up to 50,000 of its images), with the floor: as many
+held-out real images against the same statistics. Papers report 50,000 samples (Ho et al. 2020,
+Table 1: CIFAR-10 FID 3.17); FID falls as N grows, so compare numbers at the same N only.
+
 Results go to stdout as a table and to eval.json beside the checkpoint (or --json).
 """
 import json
@@ -26,6 +32,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import fid
 import files
 import hardware
 import imaging
@@ -95,14 +102,30 @@ def parse_args(argv=None):
                    "| nearest pairs, closest first (0: off)")
     p.add_argument("--nearest-png", help="where to write --nearest's pairs (default: "
                    f"{rundir.NEAREST} beside the checkpoint)")
+    p.add_argument("--fid", type=int, nargs="?", const=fid.SAMPLES, default=0, metavar="N",
+                   help="FID of N generated images against the training set (up to "
+                   f"{fid.REFERENCE_MAX:,} of its images), and its floor (N held-out real images); "
+                   f"papers report {fid.PAPER_SAMPLES:,} against the training set; the Inception "
+                   f"weights {fid.WEIGHTS_FILE} come from $DDPM_CACHE or are downloaded once "
+                   f"(without N: {fid.SAMPLES:,}; 0: off)")
+    p.add_argument("--fid-of", metavar="PATH",
+                   help="FID of saved samples instead: a folder of images or an .npz of uint8 "
+                   "images (sample.py --out x.npz), against the training set of --dataset (or of "
+                   "--ckpt's dataset, read as the run read it)")
+    p.add_argument("--fid-weights", metavar="FILE",
+                   help="Inception weights to use instead of the standard file (numbers from "
+                   "other weights are not comparable with papers)")
+    p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception batch")
     p.add_argument("--json", help="where to write the results (default: eval.json beside the "
-                   "checkpoint)")
+                   "checkpoint; with --fid-of and no --ckpt, not written unless given)")
     args = p.parse_args(argv)
     for flag, value, low, high in (("--n", args.n, 0, 10_000_000),
                                    ("--nearest", args.nearest, 0, 1_000_000),
                                    ("--samples", args.samples, 0, 10_000_000),
                                    ("--nll-batch-size", args.nll_batch_size, 1, 1_000_000),
                                    ("--batch-size", args.batch_size, 1, 1_000_000),
+                                   ("--fid", args.fid, 0, 10_000_000),
+                                   ("--fid-batch-size", args.fid_batch_size, 1, 100_000),
                                    ("--seed", args.seed, 0, 2 ** 31 - 1)):
         if value is not None:
             cli.check_number(flag, value, low, high)
@@ -116,8 +139,17 @@ def parse_args(argv=None):
         cli.check(args.nearest_png.endswith(".png"), f"--nearest-png must end in .png, got "
                   f"{args.nearest_png}")
         files.check_writable(args.nearest_png, "--nearest-png")
-    cli.check(args.n != 0 or args.samples != 0 or args.nearest, "--n 0 and --samples 0 leave "
-              "nothing to evaluate; drop one of them")
+    cli.check(not 0 < args.fid < 2, f"--fid needs at least 2 images (a covariance), got {args.fid}")
+    if args.fid_of:
+        cli.check(os.path.exists(args.fid_of), f"--fid-of: {args.fid_of} does not exist; give a "
+                  "folder of images or an .npz file of samples")
+        cli.check(args.ckpt or args.dataset, "--fid-of scores samples against a dataset; give "
+                  "--dataset NAME (or --ckpt RUN for the run's dataset)")
+    if args.fid_weights:
+        cli.check(os.path.isfile(args.fid_weights), f"--fid-weights: {args.fid_weights} is not a "
+                  "file")
+    cli.check(args.n != 0 or args.samples != 0 or args.nearest or args.fid or args.fid_of,
+              "--n 0 and --samples 0 leave nothing to evaluate; drop one of them")
     if args.json:
         files.check_writable(args.json, "--json")
     return args
@@ -132,6 +164,7 @@ def evaluate(args, path, device, progress=True):
     if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     asked_classes(args, model.config, 1)  # --class checked against the model, before any work
+    weights = fid_network(args, device) if args.fid else None  # before any long work
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
@@ -164,7 +197,7 @@ def evaluate(args, path, device, progress=True):
     if args.samples and not labelled_28:
         print(f"sample quality needs a 28x28 dataset with labels; {name} has none, skipped",
               file=sys.stderr)
-    count = max(args.samples if labelled_28 else 0, args.nearest)
+    count = max(args.samples if labelled_28 else 0, args.nearest, args.fid)
     labels = asked_classes(args, model.config, count)
     if not count:
         return results
@@ -193,11 +226,76 @@ def evaluate(args, path, device, progress=True):
             "seconds": seconds * n / count, "classifier_test_accuracy": accuracy,
             **metrics.sample_quality(classifier, fakes[:n], real, test_set.images, args.seed,
                                      None if labels is None else labels[:n].numpy())}
+    if args.fid:
+        results["fid"] = {"sampler": sampler, "autocast": model.precision,
+                          **fid_of(args, weights, name, fakes[:args.fid], train_set, test_set,
+                                   device, progress)}
     if args.nearest:
         results["copies"] = copies(fakes[:args.nearest], train_set.images, test_set.images,
                                    classifier, args.nearest_png or os.path.join(
                                        os.path.dirname(path), rundir.NEAREST), sampler)
     return results
+
+
+def fid_network(args, device):
+    """(the Inception weights file, the network loaded from it), before any long work: the file
+    of --fid-weights (with a warning unless it is the standard one), else the standard one from
+    the cache or downloaded (fid.weights_path)."""
+    path = args.fid_weights or fid.weights_path()
+    network = fid.load_network(path, device)
+    if args.fid_weights and not fid.standard(fid.sha256_of(path)):
+        print(f"warning: {path} is not the standard FID weights {fid.WEIGHTS_FILE}; its FID is "
+              "not comparable with papers'", file=sys.stderr)
+    return path, network
+
+
+def fid_of(args, weights, name, samples, train_set, test_set, device, progress=True):
+    """{"fid", "count", "floor", "floor_count", "reference_count", "weights_sha256", "seconds"}
+    for uint8 samples against the training set, with weights = (path, network); the floor is
+    min(N, held-out) held-out real images against the same statistics (none for an npz: file,
+    whose splits are one array)."""
+    start = time.perf_counter()
+    scorer = fid.Scorer(weights[0], name, train_set.images, device, progress=progress,
+                        batch_size=args.fid_batch_size, net=weights[1])
+    found = {"count": len(samples), "fid": scorer.score(samples),
+             "reference_count": scorer.reference_count, "weights_sha256": scorer.digest,
+             "standard_weights": fid.standard(scorer.digest)}
+    n = min(len(samples), len(test_set.images))
+    if not name.startswith("npz:") and n >= 2:
+        found.update(floor=scorer.floor(test_set.images, n), floor_count=n)
+    found["seconds"] = time.perf_counter() - start
+    return found
+
+
+def evaluate_saved(args, path, device, progress=True):
+    """The FID of the saved samples at --fid-of against a dataset's training set: --dataset, or
+    the dataset of the checkpoint at `path`, read as its run read it."""
+    config = checkpoint.load(path)["config"] if path else {}
+    name = args.dataset or config.get("dataset")
+    cli.check(name is not None, f"{path} names no dataset (an imported model); give --dataset NAME")
+    weights = fid_network(args, device)
+    samples = saved_samples(args.fid_of, progress)
+    cli.check(len(samples) >= 2, f"--fid-of: {args.fid_of} holds {len(samples)} image(s); FID "
+              "needs at least 2")
+    # A folder is read as the run read it; without the run, at the samples' side.
+    folder = userdata.options_of(config) if name == config.get("dataset") else \
+        userdata.FolderOptions(image_size=samples.shape[2])
+    train_set = data.load_dataset(name, "train", args.data_dir, progress=progress, folder=folder)
+    test_set = data.load_dataset(name, "test", args.data_dir, progress=progress, folder=folder)
+    if args.fid:
+        samples = samples[:args.fid]
+    return {"checkpoint": path, "dataset": name, "step": None, "device": str(device),
+            "fid": {"samples_from": args.fid_of,
+                    **fid_of(args, weights, name, samples, train_set, test_set, device,
+                             progress)}}
+
+
+def saved_samples(where, progress=True):
+    """uint8 images [N, C, H, W] from an .npz/.npy file or a folder of images (all of one square
+    size, read as a folder: dataset is, none held out)."""
+    if os.path.isdir(where):
+        return userdata.load_folder(where, val_fraction=0, progress=progress).train.images
+    return userdata.load_labelled_npz(where).images
 
 
 def asked_classes(args, config, count):
@@ -235,8 +333,11 @@ def number(v):
 
 
 def print_table(r):
-    step = "imported" if r["step"] is None else f"step {r['step']}"
-    print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
+    if r.get("fid", {}).get("samples_from"):
+        print(f"{r['fid']['samples_from']} (saved samples, {r['dataset']}, {r['device']})")
+    else:
+        step = "imported" if r["step"] is None else f"step {r['step']}"
+        print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
     if "nll" in r:
         n = r["nll"]
         print(f"NLL on {n['images']} {n.get('split', 'test')} images ({n['seconds']:.0f} s), "
@@ -263,6 +364,16 @@ def print_table(r):
                 (f"precision / recall of {s['count']} real training images",
                  f"{s['precision_real']:.3f} / {s['recall_real']:.3f}")):
             print(f"  {label:<52} {value}")
+    if "fid" in r:
+        f = r["fid"]
+        where = f", {f['sampler']}" if "sampler" in f else ""
+        weights = "" if f["standard_weights"] else "; NOT the standard Inception weights"
+        print(f"FID: {f['count']} samples{where} against {f['reference_count']} training images "
+              f"({f['seconds']:.0f} s{weights})")
+        print(f"  {'FID':<52} {f['fid']:.3f}")
+        if "floor" in f:
+            print(f"  {'FID of ' + str(f['floor_count']) + ' held-out real images (floor)':<52} "
+                  f"{f['floor']:.3f}")
     if "copies" in r:
         c = r["copies"]
         print(f"copies: {c['count']} samples ({c['sampler']}) against {c['train']} training "
@@ -278,13 +389,18 @@ def print_table(r):
 def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
-    path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
-    out = args.json or os.path.join(os.path.dirname(path), rundir.EVAL)
-    files.check_writable(out, "--json")
-    results = evaluate(args, path, device)
+    if args.fid_of and not args.ckpt:
+        path, out = None, args.json
+    else:
+        path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
+        out = args.json or os.path.join(os.path.dirname(path), rundir.EVAL)
+    if out:
+        files.check_writable(out, "--json")
+    results = evaluate_saved(args, path, device) if args.fid_of else evaluate(args, path, device)
     print_table(results)
-    files.write_file(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    print(f"wrote {out}", file=sys.stderr)
+    if out:
+        files.write_file(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

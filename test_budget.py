@@ -73,3 +73,31 @@ def test_decay_starting_at_gives_a_count_whose_decay_begins_there():
         assert optim.decay_start(cfg, n) == step and n > step
         others = [m for m in range(step + 1, 3 * estimate) if optim.decay_start(cfg, m) == step]
         assert abs(n - estimate) == min(abs(m - estimate) for m in others)
+
+
+def test_fid_scores_are_counted_in_the_step_count(monkeypatch):
+    """A run scored by FID every E steps: each score's Inception seconds S come off the budget,
+    S / E per step and S once at the end, as a closed form of the plan's count gives."""
+    import time
+    step_s, call_s, minutes, every, samples = 0.1, 0.01, 10.0, 50, 100
+    monkeypatch.setattr(budget, "probe", lambda *a, **k: (step_s, call_s))
+    monkeypatch.setattr(budget.sampling, "network_calls", lambda *a: 20)
+    cfg = config.Config(minutes=minutes, eval_every=every, eval_samples=samples, batch_size=64,
+                        sample_every=1000, ckpt_every=1000, num_samples=64, lr_schedule="constant",
+                        sampler="ddim", sample_steps=20, timesteps=1000)
+    started = time.perf_counter()
+
+    def count(score_s):
+        plan = budget.plan(cfg, None, None, (3, 32, 32), None, 1, started, speak=False,
+                           score_s=score_s)
+        return plan.steps
+
+    def closed_form(score_s):  # the plan's arithmetic, with the score's extra seconds
+        grid = 20 * call_s * 64 / 64
+        score = 20 * call_s * samples / 64 + 5.0 + score_s
+        return (minutes * 60 - grid - 2.0 - score) / (step_s + grid / 1000 + 2.0 / 1000
+                                                       + score / every)
+
+    for score_s in (0.0, 30.0):
+        assert count(score_s) == pytest.approx(closed_form(score_s), abs=2)
+    assert count(30.0) < 0.9 * count(0.0)

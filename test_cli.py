@@ -241,6 +241,15 @@ def evaluate_cases(w):
         (["--ckpt", str(bad / "version_only.pt")], "lacks step, config, model, ema"),
         (["--ckpt", str(bad / "garbage.pt")], "not a readable checkpoint"),
         (["--ckpt", str(root / "missing.pt")], "no checkpoint"),
+        (["--ckpt", run, "--fid", "1"], "--fid needs at least 2 images"),
+        (["--ckpt", run, "--fid", "-3"], "--fid must be an integer in [0, 10000000]"),
+        (["--fid-of", str(root / "missing.npz"), "--dataset", "mnist"],
+         "--fid-of: " + str(root / "missing.npz") + " does not exist"),
+        (["--fid-of", str(bad / "garbage.pt")], "--fid-of scores samples against a dataset"),
+        (["--ckpt", run, "--fid", "--fid-weights", str(root / "none.pth")],
+         "--fid-weights: " + str(root / "none.pth") + " is not a file"),
+        (["--ckpt", run, "--fid", "--fid-weights", str(bad / "garbage.pt")],
+         "cannot read the Inception weights"),
     ]
 
 

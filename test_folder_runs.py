@@ -251,3 +251,50 @@ def test_a_dataset_exported_as_a_folder_reads_back_as_it_was(tmp_path, monkeypat
     order = [int(os.path.basename(p)[:-4]) for p in found.train.paths]
     assert np.array_equal(found.train.images, images[order])
     assert [int(found.class_names[k]) for k in found.train.labels] == labels[order].tolist()
+
+
+def write_photos(root, sizes, seed=0):
+    """JPEGs of the given (width, height) sizes: a colour ramp with a bright square."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        pixels = np.zeros((h, w, 3), np.uint8)
+        pixels[..., 0] = np.linspace(0, 255, w)[None, :]
+        pixels[..., 1] = np.linspace(255, 0, h)[:, None]
+        top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        pixels[top:top + h // 4, left:left + w // 4] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(root / f"photo{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("sizes", [[(48, 40), (40, 48), (64, 64), (50, 37)] * 3,
+                                   [(45, 30)] * 12])
+def test_a_folder_of_mixed_sizes_starts_at_a_side_chosen_for_the_machine(tmp_path, monkeypatch,
+                                                                         capsys, sizes):
+    """Several sizes, or one that is not square: no --image-size needed; one line says the side
+    (the CPU's, 32) and how to change it; the checkpoint keeps it, so --resume and evaluate.py
+    read the folder at that size; --image-size given keeps its meaning."""
+    photos = write_photos(tmp_path / "photos", sizes)
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    run = {**NARROW, "dataset": f"folder:{photos}", "out": str(out), "val_fraction": 0.2}
+    cfg, model, _ = train.train({**run, "steps": 2}, progress=False)
+    err = capsys.readouterr().err
+    line = [s for s in err.splitlines() if "not all one square size" in s]
+    assert len(line) == 1 and "32x32" in line[0] and "--image-size N" in line[0]
+    assert cfg.image_size == 32 and model.image_size == 32
+    assert checkpoint.load(out)["config"]["image_size"] == 32
+    train.train({**run, "steps": 3, "resume": True}, progress=False)
+    assert "not all one square size" not in capsys.readouterr().err
+    assert checkpoint.load(out)["step"] == 3
+    evaluate.main(["--ckpt", str(out), "--n", "2", "--samples", "0", "--nll-batch-size", "2"])
+    cfg, model, _ = train.train({**run, "steps": 1, "image_size": 16, "overwrite": True},
+                                progress=False)
+    assert cfg.image_size == 16 and "not all one square size" not in capsys.readouterr().err
+
+
+def test_a_folder_of_one_square_size_keeps_it(tmp_path):
+    import userdata
+    assert not userdata.needs_size(write_photos(tmp_path / "a", [(24, 24)] * 3))
+    assert userdata.needs_size(write_photos(tmp_path / "b", [(24, 24), (24, 25)]))
+    assert userdata.auto_side("cpu") == 32 and userdata.auto_side("cuda") == 64

@@ -28,6 +28,7 @@ import checkpoint
 import cli
 import config
 import data
+import fid
 import files
 import hardware
 import imaging
@@ -151,7 +152,9 @@ def prepare(given, held, started):
     plan = None
     if cfg.steps is None:  # --minutes: as many steps as fit
         plan = budget.plan(cfg, parts, diffusion, s.train_set.images.shape[1:], device, s.world,
-                           started, speak=writes)
+                           started, speak=writes,
+                           score_s=scorer.seconds_per_image() * cfg.eval_samples
+                           if cfg.fid and scorer else 0.0)
         cfg.steps = plan.steps
     model, ema, optimizer, scaler = parts
     trainee = optim.Trainee(model, wrap(model, cfg, device, s.world), ema, optimizer, scaler)
@@ -189,6 +192,9 @@ def settle(given):
     dataset = flags.get("dataset", saved.get("dataset", asked.dataset))
     userdata.check_arguments(flags, dataset)
     shape, train_set = data.image_shape(dataset), None
+    if str(dataset).startswith("folder:") and flags.get("image_size") is None \
+            and saved.get("image_size") is None:
+        flags = {**flags, **chosen_side(dataset, device, rank)}
     if shape is None:  # a user's file or folder: its shape is in the data
         train_set = load_training_set(dataset, {**saved, **flags}, asked.data_dir, rank)
         shape = train_set.images.shape[1:]
@@ -199,8 +205,13 @@ def settle(given):
               f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
     scorable = (train_set.labels is not None and shape[1:] == (28, 28)) if train_set \
         else shape[1:] == (28, 28)
-    cli.check(not cfg.eval_every or scorable,
-              f"--eval-every scores 28x28 datasets with labels; {dataset} is not one")
+    cli.check(not cfg.eval_every or scorable or cfg.fid,
+              f"--eval-every scores 28x28 datasets with labels with the classifier; {dataset} is "
+              "not one: add --fid to score it by FID")
+    cli.check(not cfg.fid or cfg.eval_every, "--fid scores the run every --eval-every steps; "
+              "give --eval-every N (or use evaluate.py --fid after training)")
+    if cfg.fid and rank == 0:
+        fid.weights_path()  # found or fetched before the run directory is touched
     if rank == 0:
         files.check_writable_dir(cfg.out)
         rundir.refuse_existing(cfg.out, state is not None, invocation["overwrite"])
@@ -214,6 +225,20 @@ def settle(given):
               "will likely learn to copy them; check with `python evaluate.py --nearest 100`",
               file=sys.stderr)
     return Settled(cfg, unet_kwargs, invocation, state, train_set, device, rank, world)
+
+
+def chosen_side(dataset, device, rank):
+    """{"image_size": side} for a folder whose images are not all one square size (several
+    sizes, or one that is not square), chosen for the device and said in one line; stored in the
+    checkpoint, so that --resume and evaluate.py read the folder at the same size. {} else."""
+    if not userdata.needs_size(dataset[len("folder:"):]):
+        return {}
+    side = userdata.auto_side(device.type)
+    if rank == 0:
+        print(f"{dataset}: the images are not all one square size; training at {side}x{side} "
+              f"(each centre-cropped and resized), the side chosen for this {device.type}; give "
+              "--image-size N to change it", file=sys.stderr)
+    return {"image_size": side}
 
 
 SMALL = 1000  # fewer training images than this: a model will likely copy them (said once)
@@ -283,9 +308,15 @@ def remeasure(run, step, bar):
 
 
 def make_scorer(cfg, train_set, device):
-    """The --eval-every scorer: the evaluation classifier (trained once per dataset, cached) and
-    the test set's features."""
+    """The --eval-every scorer: with --fid, the FID Inception network and the training set's
+    statistics (fid.Scorer, cached); else the evaluation classifier (trained once per dataset,
+    cached) and the test set's features."""
     name = cfg.dataset
+    if cfg.fid:  # against as many training images as samples: FID at N, both sides
+        scorer = fid.Scorer(fid.weights_path(), name, train_set.images, device,
+                            reference_max=cfg.eval_samples)  # a bar while the reference is made
+        scorer.progress = False  # none beside the training's own bar
+        return scorer
     with torch.random.fork_rng():  # the classifier's training leaves the run's generators alone
         test_set = data.load_dataset(name, "test", cfg.data_dir, progress=False,
                                      folder=userdata.options_of(dataclasses.asdict(cfg)))
@@ -305,8 +336,9 @@ def score(run, step):
                              n, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False,
                              labels=labels, null_label=run.unet_kwargs.get("num_classes"))
-    scores = run.scorer.score(imaging.to_uint8(x).cpu().numpy(),
-                              None if labels is None else labels.numpy())
+    samples = imaging.to_uint8(x).cpu().numpy()
+    scores = {"fid": run.scorer.score(samples)} if cfg.fid else \
+        run.scorer.score(samples, None if labels is None else labels.numpy())
     return {"step": step, "kind": "eval", "samples": n,
             "sampler": sampling.describe("ddim", cfg.sample_steps, cfg.sample_eta, run.diffusion),
             **({} if labels is None else {"guidance": sampling.DEFAULT_GUIDANCE}),

@@ -190,6 +190,36 @@ def load_folder(directory, image_size=None, channels=None, labels="none",
     return Folder(train, val, class_names, tuple(skipped), hint)
 
 
+# The side a folder whose images are not all one square size is trained at when no --image-size
+# is given: what a run of the default budget can learn on the device (docs/results.md).
+AUTO_SIDE = {"cpu": 32}
+AUTO_SIDE_ACCELERATOR = 64
+
+
+def auto_side(device_type):
+    """The side chosen for a folder of mixed sizes on a device of this type ("cpu", "cuda")."""
+    return AUTO_SIDE.get(device_type, AUTO_SIDE_ACCELERATOR)
+
+
+def needs_size(directory):
+    """Whether the images under `directory` are not all one square size (read from the files'
+    headers, EXIF orientation applied; files whose header cannot be read are passed over, the
+    decoder names them), so that a side must be chosen. False for a missing or empty folder: the
+    reader's own errors say what is wrong."""
+    root = os.path.expanduser(str(directory))
+    if not os.path.isdir(root):
+        return False
+    Image, ImageOps = _import_pillow()
+    sizes = set()
+    for relpath, _, _ in _list_folder(root).files:
+        size = _header_size(Image, ImageOps, os.path.join(root, relpath))
+        if size is not None:
+            sizes.add(size)
+        if len(sizes) > 1:
+            return True
+    return bool(sizes) and not _one_square_size(collections.Counter(sizes))
+
+
 def held_out(relpath, fraction):
     """True when the file at relpath (relative to the folder, "/" separators) is held out:
     the first 8 bytes of sha256(relpath as UTF-8), as a big-endian integer / 2**64, < fraction.
