@@ -236,6 +236,7 @@ def resolve(given, device, image_shape, saved=None, num_classes=None):
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape, num_classes)
     validate(cfg, complete=True, resuming=saved is not None)
+    refuse_idle_flags(cfg, given)
     try:  # the diffusion and the network, built without memory: their own checks, now
         checkpoint.build_diffusion(dataclasses.asdict(cfg))
         with torch.device("meta"):
@@ -243,6 +244,17 @@ def resolve(given, device, image_shape, saved=None, num_classes=None):
     except ValueError as e:
         raise UserError(f"{e}; change the flags") from None
     return cfg, kwargs
+
+
+def refuse_idle_flags(cfg, given):
+    """UserError for a flag given that this run would ignore (and store, so that --resume would
+    then refuse to change it): --cond-drop without --class-cond, --decay-fraction with a learning
+    rate schedule other than wsd."""
+    check("cond_drop" not in given or cfg.class_cond, "--cond-drop is the label dropout of a "
+          "class-conditional run, and this one is not; add --class-cond or drop --cond-drop")
+    check("decay_fraction" not in given or cfg.lr_schedule == "wsd", "--decay-fraction is the "
+          f"decay of --lr-schedule wsd, and this run's schedule is {cfg.lr_schedule}; add "
+          "--lr-schedule wsd or drop --decay-fraction")
 
 
 def saved_network(saved):

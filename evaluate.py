@@ -132,6 +132,7 @@ def evaluate(args, path, device, progress=True):
     if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     asked_classes(args, model.config, 1)  # --class checked against the model, before any work
+    args.guidance = sampling.guidance_for(args.guidance, model.config)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
