@@ -3,7 +3,10 @@ evaluates (the held-out split's bits/dim, the copy check) on the CPU; the networ
 folder's size; the run's reading options and class names in its checkpoint; the flips of
 --hflip, a function of (seed, step, position), with resume bit-exact; runs saved before these
 options resume as they were."""
+import contextlib
 import os
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -251,3 +254,82 @@ def test_a_dataset_exported_as_a_folder_reads_back_as_it_was(tmp_path, monkeypat
     order = [int(os.path.basename(p)[:-4]) for p in found.train.paths]
     assert np.array_equal(found.train.images, images[order])
     assert [int(found.class_names[k]) for k in found.train.labels] == labels[order].tolist()
+
+
+@contextlib.contextmanager
+def read_only_copy(run, tmp_path):
+    """The run's checkpoint in a folder this process cannot write in: a read-only tmpfs as root
+    (root writes through a folder's permissions), a folder without write permission otherwise."""
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        shutil.copy(run / "ckpt.pt", ro / "ckpt.pt")
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)],
+                      capture_output=True).returncode:
+        pytest.skip("a read-only folder for root needs a tmpfs mount")
+    try:
+        shutil.copy(run / "ckpt.pt", ro / "ckpt.pt")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_nearest_checks_its_default_png_before_any_work(tmp_path, monkeypatch, capsys):
+    """evaluate.py --nearest with the checkpoint in a read-only folder and a writable --json:
+    the default nearest.png beside the checkpoint is refused in one line before any sampling,
+    and nothing is written."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False)
+    train.train({**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+                 "steps": 2, "val_fraction": 0.5, "channel_mult": (1, 2),
+                 "attn_resolutions": (4,), "space_to_depth": 1}, progress=False)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the outputs")
+
+    monkeypatch.setattr(evaluate.sampling, "generate", no_sampling)
+    with read_only_copy(tmp_path / "run", tmp_path) as ro:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_script(evaluate.main, ["--ckpt", str(ro), "--n", "0", "--samples", "0",
+                                           "--nearest", "4", "--json", str(tmp_path / "e.json")])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1, lines
+        assert "--nearest-png" in lines[0] and str(ro / "nearest.png") in lines[0], lines
+        assert not (tmp_path / "e.json").exists() and os.listdir(ro) == ["ckpt.pt"]
+
+
+def test_a_folder_with_nothing_held_out_gets_advice_evaluate_can_follow(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A folder whose few images all fall on the training side at the default --val-fraction:
+    evaluate.py's one line gives the fraction the run was trained with and names no flag
+    evaluate.py lacks as its own; following it (a new run with a larger --val-fraction) works."""
+    import userdata
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 8, 8, rgb=False)
+    for held in [p for p in folder.rglob("*.png")
+                 if userdata.held_out(f"{p.parent.name}/{p.name}", userdata.VAL_FRACTION)]:
+        held.unlink()  # cats/002.png: what remains is all on the training side
+    paths = [f"{p.parent.name}/{p.name}" for p in folder.rglob("*.png")]
+    assert len(paths) >= 6
+    small = {**NARROW, "dataset": f"folder:{folder}", "steps": 2, "batch_size": 2,
+             "channel_mult": (1, 2), "attn_resolutions": (4,), "space_to_depth": 1}
+    train.train({**small, "out": str(tmp_path / "run")}, progress=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run"), "--n", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and "\r" not in line and "|" not in line]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"--val-fraction {userdata.VAL_FRACTION:g}" in lines[0] and "above 0" not in lines[0]
+    assert "train a new run with a larger --val-fraction (train.py)" in lines[0], lines
+    larger = next(f for f in (0.1, 0.2, 0.3, 0.5) if any(userdata.held_out(p, f) for p in paths))
+    train.train({**small, "out": str(tmp_path / "run2"), "val_fraction": larger}, progress=False)
+    cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run2"), "--n", "1", "--samples", "0",
+                                   "--json", str(tmp_path / "e.json")])
+    assert evaluate_json(tmp_path / "e.json")["nll"]["split"] == "held-out"
