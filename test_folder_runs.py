@@ -333,3 +333,26 @@ def test_a_folder_with_nothing_held_out_gets_advice_evaluate_can_follow(tmp_path
     cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run2"), "--n", "1", "--samples", "0",
                                    "--json", str(tmp_path / "e.json")])
     assert evaluate_json(tmp_path / "e.json")["nll"]["split"] == "held-out"
+
+
+def test_a_diffusers_round_trip_keeps_a_folder_models_class_names(tmp_path, monkeypatch, capsys):
+    """A class-conditional folder model exported, loaded and saved again by diffusers itself, and
+    imported: its class names come back, so --class asks by name after the import as before."""
+    diffusers = pytest.importorskip("diffusers")
+    import convert
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("owl", "cat", "bee"))
+    train.train({**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+                 "steps": 2, "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+                 "attn_resolutions": (4,), "space_to_depth": 1}, progress=False)
+    assert checkpoint.load(tmp_path / "run")["config"]["class_names"] == ["bee", "cat", "owl"]
+    cli.run_script(convert.main, ["--to-diffusers", str(tmp_path / "run"), "--out",
+                                  str(tmp_path / "pipe")])
+    diffusers.UNet2DModel.from_pretrained(str(tmp_path / "pipe" / "unet")).save_pretrained(
+        str(tmp_path / "again"))
+    cli.run_script(convert.main, ["--from-diffusers", str(tmp_path / "again"), "--out",
+                                  str(tmp_path / "back.pt")])
+    assert checkpoint.load(tmp_path / "back.pt")["config"]["class_names"] == ["bee", "cat", "owl"]
+    cli.run_script(sample.main, ["--ckpt", str(tmp_path / "back.pt"), "--class", "owl", "--n", "2",
+                                 "--steps", "2", "--out", str(tmp_path / "owls.npz")])
+    assert np.load(tmp_path / "owls.npz")["labels"].tolist() == [2, 2]
