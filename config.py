@@ -257,6 +257,23 @@ def refuse_idle_flags(cfg, given):
           "--lr-schedule wsd or drop --decay-fraction")
 
 
+def check_classes_unchanged(saved, names, dataset):
+    """UserError when a class-conditional run (its checkpoint's config `saved`) is resumed on data
+    whose classes (`names`, in label order; None without labels) are not the ones it was trained
+    with: a class added, removed or renamed moves the labels under the network's embeddings and
+    onto its null label. A run saved before class names were kept is compared by count."""
+    if not saved.get("class_cond"):
+        return
+    trained = saved.get("class_names")
+    count = len(trained) if trained else saved["unet"].get("num_classes")
+    same = names is not None and (names == list(trained) if trained else len(names) == count)
+    shown = lambda n: ", ".join(n[:8]) + (", ..." if len(n) > 8 else "")
+    now = f"{len(names)} ({shown(names)})" if names else "no labels"
+    check(same, f"--resume: {dataset} now has {now}, and the run was trained on {count} classes"
+          f"{f' ({shown(list(trained))})' if trained else ''}; the classes of a class-conditional "
+          "run cannot change: restore the data as it was, or start a new --out")
+
+
 def saved_network(saved):
     """The UNet kwargs of a resumed run's config; UserError for fields this code's unet.py does
     not know (a checkpoint of another version)."""

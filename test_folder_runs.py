@@ -356,3 +356,76 @@ def test_a_diffusers_round_trip_keeps_a_folder_models_class_names(tmp_path, monk
     cli.run_script(sample.main, ["--ckpt", str(tmp_path / "back.pt"), "--class", "owl", "--n", "2",
                                  "--steps", "2", "--out", str(tmp_path / "owls.npz")])
     assert np.load(tmp_path / "owls.npz")["labels"].tolist() == [2, 2]
+
+
+def one_line_refusal(capsys, given):
+    """(the one line, nothing else) of a train() refused with a UserError through cli.run_script;
+    progress bars are left out."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(lambda argv: train.train(given, progress=False))
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and "\r" not in line and "|" not in line]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, now", [
+    ("aa", "4 (a, aa, b, c)"),     # b and c would become 2 and 3, 3 the null label
+    ("d", "4 (a, b, c, d)"),       # d would train as "no class"
+    ("-a", "2 (b, c)"),            # b and c would train under a's and b's embeddings
+])
+def test_a_conditional_run_refuses_to_resume_on_other_classes(tmp_path, monkeypatch, capsys,
+                                                             change, now):
+    """A class subfolder added or removed after a class-conditional run was saved: --resume is
+    refused in one line naming both class lists, and the checkpoint stays as it was."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
+    given = {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+             "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+             "attn_resolutions": (4,), "space_to_depth": 1}
+    train.train({**given, "steps": 2}, progress=False)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    if change.startswith("-"):
+        shutil.rmtree(folder / change[1:])
+    else:
+        shutil.copytree(folder / "a", folder / change)
+    line = one_line_refusal(capsys, {**given, "steps": 4, "resume": True})
+    assert f"now has {now}, and the run was trained on 3 classes (a, b, c)" in line, line
+    assert "start a new --out" in line
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_conditional_run_refuses_to_resume_on_npz_labels_with_a_new_class(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(24) % 3)
+    given = {**NARROW, "dataset": f"npz:{tmp_path / 'd.npz'}", "out": str(tmp_path / "run"),
+             "class_cond": True, "channel_mult": (1, 2), "attn_resolutions": (4,),
+             "space_to_depth": 1}
+    train.train({**given, "steps": 2}, progress=False)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(24) % 4)
+    line = one_line_refusal(capsys, {**given, "steps": 4, "resume": True})
+    assert "now has 4 (0, 1, 2, 3), and the run was trained on 3 classes (0, 1, 2)" in line, line
+
+
+def test_a_folder_that_gained_images_resumes_and_says_so_once(tmp_path, monkeypatch, capsys):
+    """Images added to the classes a run has: it resumes (the classes are the same), and one line
+    gives the training set's size then and now."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
+    given = {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+             "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+             "attn_resolutions": (4,), "space_to_depth": 1}
+    train.train({**given, "steps": 2}, progress=False)
+    before = len(data.load_dataset(f"folder:{folder}", folder=config_options(given)).images)
+    for name in ("000.png", "003.png"):
+        shutil.copy(folder / "a" / name, folder / "a" / f"copy_{name}")
+    after = len(data.load_dataset(f"folder:{folder}", folder=config_options(given)).images)
+    assert after > before
+    capsys.readouterr()
+    train.train({**given, "steps": 4, "resume": True}, progress=False)
+    said = [line for line in capsys.readouterr().err.splitlines() if "training images" in line]
+    assert said == [f"folder:{folder} now holds {after} training images, {before} when the "
+                    "checkpoint was written; the run goes on with the images as they are now"]
+    assert checkpoint.load(tmp_path / "run")["train_images"] == after

@@ -206,6 +206,8 @@ def settle(given):
         rundir.refuse_existing(cfg.out, state is not None, invocation["overwrite"])
     if train_set is None:
         train_set = load_training_set(dataset, dataclasses.asdict(cfg), cfg.data_dir, rank)
+    if state is not None:
+        check_resumed_data(state, train_set, dataset, speak=rank == 0)
     if rank == 0 and train_set.class_names and data.user_data(dataset):
         print(f"{train_set.num_classes} classes: " + ", ".join(
             f"{i} {n}" for i, n in enumerate(train_set.class_names)), file=sys.stderr)
@@ -217,6 +219,17 @@ def settle(given):
 
 
 SMALL = 1000  # fewer training images than this: a model will likely copy them (said once)
+
+
+def check_resumed_data(state, train_set, dataset, speak):
+    """A resumed run's data against its checkpoint's: its classes must be the same
+    (config.check_classes_unchanged); a training set that gained or lost images is said in one
+    line."""
+    config.check_classes_unchanged(state["config"], class_names_of(train_set), dataset)
+    before, now = state.get("train_images"), len(train_set.images)
+    if speak and before is not None and before != now:
+        print(f"{dataset} now holds {now} training images, {before} when the checkpoint was "
+              "written; the run goes on with the images as they are now", file=sys.stderr)
 
 
 def class_names_of(dataset):
@@ -442,7 +455,8 @@ def save_checkpoint(run, step):
                        "class_names": run.class_names},
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run)})
+            "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run),
+            "train_images": len(run.images)})
         run.saved_step = step
 
 
