@@ -148,10 +148,13 @@ def prepare(given, held, started):
         restore(parts, s.state, os.path.join(cfg.out, rundir.CHECKPOINT))
     diffusion = checkpoint.build_diffusion(dataclasses.asdict(cfg))
     scorer = make_scorer(cfg, s.train_set, device) if cfg.eval_every and writes else None
-    plan = None
-    if cfg.steps is None:  # --minutes: as many steps as fit
+    plan, start = None, s.state["step"] if s.state else 0
+    if still_sizing(s.state, given):
+        cfg.steps = None
+    if cfg.steps is None:  # --minutes: as many steps as fit (in what a resumed run has left)
         plan = budget.plan(cfg, parts, diffusion, s.train_set.images.shape[1:], device, s.world,
-                           started, speak=writes)
+                           started - (s.state.get("elapsed", 0.0) if s.state else 0.0),
+                           speak=writes, start=start)
         cfg.steps = plan.steps
     model, ema, optimizer, scaler = parts
     trainee = optim.Trainee(model, wrap(model, cfg, device, s.world), ema, optimizer, scaler)
@@ -165,12 +168,19 @@ def prepare(given, held, started):
                batches=optim.Batches(len(s.train_set.images), cfg.batch_size, cfg.seed, device),
                trainee=trainee, diffusion=diffusion,
                ema_network=hardware.as_called(ema, cfg.precision, device, cfg.channels_last),
-               start_step=s.state["step"] if s.state else 0,
+               start_step=start,
                ckpt_path=os.path.join(cfg.out, rundir.CHECKPOINT),
                log=held.enter_context(rundir.Log(cfg.out)) if writes else None, scorer=scorer,
                clock_start=time.perf_counter() - (s.state.get("elapsed", 0.0) if s.state else 0.0),
                budget=plan if plan is not None and not plan.fixed else None,
                saved_step=s.state["step"] if s.state else None)
+
+
+def still_sizing(state, given):
+    """Whether a resumed --minutes run was stopped before its step count was fixed (and no
+    --steps is given now): it goes on sizing, from the time it has left, until the count is
+    fixed."""
+    return state is not None and state.get("sizing", False) and "steps" not in given
 
 
 def settle(given):
@@ -456,7 +466,7 @@ def save_checkpoint(run, step):
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run),
-            "train_images": len(run.images)})
+            "train_images": len(run.images), "sizing": run.budget is not None})
         run.saved_step = step
 
 
