@@ -91,7 +91,9 @@ def class_labels(asked, n, config, seed):
         check(asked is None, "--class asks for a class, and this model is not class-conditional "
               "(train one with --class-cond)")
         return None, None
-    names = list(config.get("class_names") or map(str, range(num_classes)))
+    names = list(config.get("class_names") or ())
+    if len(names) != num_classes:  # none, or a run resumed on changed classes before that was
+        names = list(map(str, range(num_classes)))  # refused: the network's indices alone
     if asked is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, num_classes, (n,), generator=g).sort().values, None

@@ -197,6 +197,24 @@ def test_bad_classes_and_guidance_are_one_line(conditional_run, tmp_path, capsys
     assert not os.listdir(tmp_path)
 
 
+def test_class_names_that_do_not_fit_the_network_are_not_used(conditional_run, tmp_path, capsys):
+    """A checkpoint whose class_names has 4 names for a network of 3 classes (a run resumed on
+    changed classes before that was refused): the 4th name is not taken for the null label;
+    --class asks by the network's indices, and all draws one row per class it has."""
+    state = checkpoint.load(conditional_run)
+    state["config"]["class_names"] = ["a", "aa", "b", "c"]
+    torch.save(state, tmp_path / "odd.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run_script(sample.main, ["--ckpt", str(tmp_path / "odd.pt"), "--class", "c",
+                                     "--out", str(tmp_path / "x.npz")])
+    assert "--class 'c' is not one of the model's 3 classes (0-2: 0, 1, 2)" in \
+        capsys.readouterr().err
+    cli.run_script(sample.main, ["--ckpt", str(tmp_path / "odd.pt"), "--class", "all", "--n", "1",
+                                 "--steps", "2", "--out", str(tmp_path / "all.npz")])
+    assert np.load(tmp_path / "all.npz")["labels"].tolist() == [0, 1, 2]
+
+
 def test_class_cond_needs_labels_and_class_needs_a_conditional_model(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "plain.npz", images=rng.integers(0, 256, (16, 8, 8), dtype=np.uint8))
