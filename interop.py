@@ -662,7 +662,8 @@ def import_diffusers(folder, out, progress=print):
         model = unet.UNet(**kwargs)
     weights_path, theirs = read_weights(unet_dir)
     weights = weights_from_diffusers(theirs, model, weights_path)
-    config = {**diffusion, "unet": kwargs, "dataset": None, "imported_from": os.path.abspath(folder),
+    config = {**diffusion, "unet": kwargs, "dataset": None,
+              "imported_from": os.path.abspath(folder),
               "class_names": class_names_from_diffusers(unet_config, kwargs, unet_path)}
     checkpoint.save(out, {"step": None, "config": config, "model": weights, "ema": weights})
     if not scheduler:
