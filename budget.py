@@ -101,11 +101,13 @@ def decay_starting_at(cfg, step, estimate):
                key=lambda n: abs(n - estimate), default=step + 1)
 
 
-def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, score_s=0.0):
+def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, start=0, score_s=0.0):
     """The Plan of a --minutes run (cfg.minutes from `started`, a perf_counter() reading) for the
     model parts (model, ema, optimizer, scaler), which are not changed; `speak`: print the count
-    (the writing process); score_s: the seconds a score takes beyond sampling (--fid's Inception
-    features of the samples)."""
+    (the writing process). `start`: the step a resumed run goes on from (its count not fixed
+    yet; `started` then moved back by the seconds it has run): the steps that fit are counted
+    from there, and its own steps are timed from there on. score_s: the seconds a score takes
+    beyond sampling (--fid's Inception features of the samples)."""
     step_s, call_s = probe(cfg, parts, diffusion, shape, device)
     calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
     guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1  # doubled network batches
@@ -115,18 +117,19 @@ def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, score
     tail_s = grid_s + 2.0 + (eval_s if cfg.eval_every else 0)   # final grid, save, score
     extra_s = (grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every  # per step, on average
                + (eval_s / cfg.eval_every if cfg.eval_every else 0))
-    steps = int((end - time.perf_counter() - tail_s) / (step_s + extra_s))
+    steps = start + int((end - time.perf_counter() - tail_s) / (step_s + extra_s))
     if world > 1:
         steps = hardware.broadcast_int(steps)
-    check(steps >= 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
+    check(steps >= start + 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
           f"(one takes {step_s:.1f} s here); give more minutes or --steps")
     if cfg.lr_schedule == "wsd":
-        first = max(cfg.warmup, 10)
+        first = max(cfg.warmup, 10, start + 1)
         remeasure, at = steps > first + 10, None
         when = "when its decay begins, from the stable phase's own steps"
     else:
         at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
-        first = at // 3  # the steps from `first` to `at` are timed
+        first = max(at // 3, start + 1)  # the steps from `first` to `at` are timed (a resumed
+        at = max(at, first + 1)          # run's from where it goes on)
         busy = [k for k in (cfg.sample_every, cfg.ckpt_every, cfg.eval_every)  # a grid, save or
                 if k and at // k > first // k]                              # score while timed
         remeasure = at >= 15 and steps > 2 * at and not busy

@@ -1,11 +1,12 @@
 """Checkpoints: one dict, written in one place and read in one place, and the model rebuilt from it.
 
 A training checkpoint holds {"format_version", "step", "config", "model", "ema", "optimizer",
-"scaler", "rng", "elapsed" (the run's seconds so far)}; "config" is a plain dict (the training Config plus the resolved UNet kwargs under
-"unet"), enough to rebuild the network and the diffusion with no flags. Writing goes through a
-temporary file in the same directory and os.replace, so an interrupted write never damages the
-previous checkpoint. Reading uses torch.load(weights_only=True): a checkpoint from elsewhere cannot
-execute code.
+"scaler", "rng", "elapsed" (the run's seconds so far), "train_images" (how many images it trained
+on), "sizing" (true while a --minutes run's count is not fixed)}; "config" is a plain dict (the
+training Config plus the resolved UNet kwargs under "unet"), enough to rebuild the network and
+the diffusion with no flags. Writing goes through a temporary file in the same directory and
+os.replace, so an interrupted write never damages the previous checkpoint. Reading uses
+torch.load(weights_only=True): a checkpoint from elsewhere cannot execute code.
 """
 import os
 from typing import NamedTuple

@@ -240,6 +240,7 @@ def resolve(given, device, image_shape, saved=None, num_classes=None):
     else:
         cfg, kwargs = _fill_automatic(Config(**given), given, device, image_shape, num_classes)
     validate(cfg, complete=True, resuming=saved is not None)
+    refuse_idle_flags(cfg, given)
     try:  # the diffusion and the network, built without memory: their own checks, now
         checkpoint.build_diffusion(dataclasses.asdict(cfg))
         with torch.device("meta"):
@@ -247,6 +248,34 @@ def resolve(given, device, image_shape, saved=None, num_classes=None):
     except ValueError as e:
         raise UserError(f"{e}; change the flags") from None
     return cfg, kwargs
+
+
+def refuse_idle_flags(cfg, given):
+    """UserError for a flag given that this run would ignore (and store, so that --resume would
+    then refuse to change it): --cond-drop without --class-cond, --decay-fraction with a learning
+    rate schedule other than wsd."""
+    check("cond_drop" not in given or cfg.class_cond, "--cond-drop is the label dropout of a "
+          "class-conditional run, and this one is not; add --class-cond or drop --cond-drop")
+    check("decay_fraction" not in given or cfg.lr_schedule == "wsd", "--decay-fraction is the "
+          f"decay of --lr-schedule wsd, and this run's schedule is {cfg.lr_schedule}; add "
+          "--lr-schedule wsd or drop --decay-fraction")
+
+
+def check_classes_unchanged(saved, names, dataset):
+    """UserError when a class-conditional run (its checkpoint's config `saved`) is resumed on data
+    whose classes (`names`, in label order; None without labels) are not the ones it was trained
+    with: a class added, removed or renamed moves the labels under the network's embeddings and
+    onto its null label. A run saved before class names were kept is compared by count."""
+    if not saved.get("class_cond"):
+        return
+    trained = saved.get("class_names")
+    count = len(trained) if trained else saved["unet"].get("num_classes")
+    same = names is not None and (names == list(trained) if trained else len(names) == count)
+    shown = lambda n: ", ".join(n[:8]) + (", ..." if len(n) > 8 else "")
+    now = f"{len(names)} ({shown(names)})" if names else "no labels"
+    check(same, f"--resume: {dataset} now has {now}, and the run was trained on {count} classes"
+          f"{f' ({shown(list(trained))})' if trained else ''}; the classes of a class-conditional "
+          "run cannot change: restore the data as it was, or start a new --out")
 
 
 def saved_network(saved):

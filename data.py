@@ -126,14 +126,23 @@ def load_dataset(name, split="train", data_dir=None, cache_dir=None, progress=Tr
             print(found.hint, file=sys.stderr)
         part = found.train if split == "train" else found.val
         if not len(part.images):
-            raise DataError(f"{name}: no image is held out (--val-fraction {folder.val_fraction:g}"
-                            "); give a --val-fraction above 0 for a test split")
+            raise NothingHeldOut(name, len(found.train.images), folder.val_fraction)
         return Dataset(part.images, part.labels, name, found.class_names)
     spec = spec_of(name)
     data_dir = data_dir or os.environ.get("DDPM_DATA") or None
     cache_file = os.path.join(cache_directory(cache_dir), f"{name}.npz")
     images, labels = _obtain_splits(spec, data_dir, cache_file, progress)[split]
     return Dataset(images, labels, name, spec.class_names)
+
+
+class NothingHeldOut(DataError):
+    """A folder whose test split is empty: `what` says so; the message adds advice for a run."""
+
+    def __init__(self, name, count, fraction):
+        self.what = (f"{name}: none of its {count} images is held out for a test split at "
+                     f"--val-fraction {fraction:g} (an image is held out or not by a hash of its "
+                     "path)")
+        super().__init__(f"{self.what}; train a new run with a larger --val-fraction")
 
 
 def spec_of(name):

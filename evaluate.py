@@ -165,6 +165,7 @@ def evaluate(args, path, device, progress=True):
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     asked_classes(args, model.config, 1)  # --class checked against the model, before any work
     weights = fid_network(args, device) if args.fid else None  # before any long work
+    args.guidance = sampling.guidance_for(args.guidance, model.config)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
@@ -174,7 +175,7 @@ def evaluate(args, path, device, progress=True):
     # A folder is read as the run read it; one the model did not train on, at the model's shape.
     folder = userdata.options_of(model.config) if name == model.config.get("dataset") else \
         userdata.FolderOptions(image_size=want[1], channels=want[0])
-    test_set = data.load_dataset(name, "test", args.data_dir, progress=progress, folder=folder)
+    test_set = load_test_set(name, args.data_dir, progress, folder)
     cli.check(test_set.images.shape[1:] == want, f"{name} images are "
               f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it was "
               "trained on")
@@ -232,8 +233,7 @@ def evaluate(args, path, device, progress=True):
                                    device, progress)}
     if args.nearest:
         results["copies"] = copies(fakes[:args.nearest], train_set.images, test_set.images,
-                                   classifier, args.nearest_png or os.path.join(
-                                       os.path.dirname(path), rundir.NEAREST), sampler)
+                                   classifier, nearest_png(args, path), sampler)
     return results
 
 
@@ -296,6 +296,33 @@ def saved_samples(where, progress=True):
     if os.path.isdir(where):
         return userdata.load_folder(where, val_fraction=0, progress=progress).train.images
     return userdata.load_labelled_npz(where).images
+
+
+def load_test_set(name, data_dir, progress, folder):
+    """The test split; for a folder, its held-out images, with advice evaluate.py's user can
+    follow where there are none (the split was fixed when the run was trained)."""
+    try:
+        return data.load_dataset(name, "test", data_dir, progress=progress, folder=folder)
+    except data.NothingHeldOut as e:
+        raise cli.UserError(f"{e.what}; evaluate.py measures on held-out images only, and a run's "
+                            "split is fixed by the --val-fraction it was trained with: train a new "
+                            "run with a larger --val-fraction (train.py), or give --dataset "
+                            "folder:DIR of other images of this size") from None
+
+
+def outputs(args, path):
+    """[(file, flag)] that this evaluation writes, checked before any work: the results (--json,
+    default eval.json beside the checkpoint) and --nearest's pairs (--nearest-png, default
+    nearest.png beside it)."""
+    found = [(args.json or os.path.join(os.path.dirname(path), rundir.EVAL), "--json")]
+    if args.nearest:
+        found.append((nearest_png(args, path), "--nearest-png"))
+    return found
+
+
+def nearest_png(args, path):
+    """Where --nearest's pairs go: --nearest-png, or nearest.png beside the checkpoint."""
+    return args.nearest_png or os.path.join(os.path.dirname(path), rundir.NEAREST)
 
 
 def asked_classes(args, config, count):
@@ -390,12 +417,13 @@ def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
     if args.fid_of and not args.ckpt:
-        path, out = None, args.json
+        path, written = None, [(args.json, "--json")] if args.json else []
     else:
         path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
-        out = args.json or os.path.join(os.path.dirname(path), rundir.EVAL)
-    if out:
-        files.check_writable(out, "--json")
+        written = outputs(args, path)
+    out = written[0][0] if written else None
+    for file, flag in written:
+        files.check_writable(file, flag)
     results = evaluate_saved(args, path, device) if args.fid_of else evaluate(args, path, device)
     print_table(results)
     if out:

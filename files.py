@@ -117,12 +117,13 @@ class DirectoryLock:
         path = os.path.join(self.directory, self.NAME)
         with writing(path):  # a full disk or a read-only place: one line
             os.makedirs(self.directory, exist_ok=True)
-            self.file = open(path, "a+")
+            # unbuffered: a failed write fails once, here, and close() has nothing left to flush
+            self.file = open(path, "a+b", buffering=0)
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
+            holder = self.file.read().decode(errors="replace").strip() or "another process"
             self.__exit__()
             raise UserError(f"the {self.what} {self.directory} is in use by {holder}; wait for it "
                             "to finish or choose another --out") from None
@@ -130,12 +131,19 @@ class DirectoryLock:
             with writing(path):  # who holds the lock, for the message of a second holder
                 self.file.seek(0)
                 self.file.truncate()
-                self.file.write(f"process {os.getpid()}")
-                self.file.flush()
+                self.file.write(f"process {os.getpid()}".encode())
         except UserError:
+            self._remove_if_empty(path)
             self.__exit__()
             raise
         return self
+
+    def _remove_if_empty(self, path):
+        """A lock file that could not record its holder (a full disk) is removed, while still
+        held, rather than left empty beside the user's files."""
+        with contextlib.suppress(OSError):
+            if os.fstat(self.file.fileno()).st_size == 0:
+                os.remove(path)
 
     def __exit__(self, *exc):
         if self.file is not None:

@@ -325,6 +325,33 @@ def diffusers_unet_config(kwargs, where="the checkpoint"):
             "num_class_embeds": full["num_classes"] + 1 if full["num_classes"] else None}
 
 
+# A class-conditional model's class names, in label order, in its UNet2DModel config.json. The
+# leading "_" keeps diffusers quiet: it passes such keys through from_pretrained and
+# save_pretrained untouched, as it does _class_name, without a warning about unexpected ones.
+CLASS_NAMES = "_class_names"
+
+
+def class_names_to_diffusers(config):
+    """{CLASS_NAMES: names} for a checkpoint config whose network has classes and names them;
+    {} otherwise."""
+    names = config.get("class_names")
+    return {CLASS_NAMES: list(names)} if config["unet"].get("num_classes") and names else {}
+
+
+def class_names_from_diffusers(unet_config, kwargs, where="config.json"):
+    """The class names a UNet2DModel config carries (CLASS_NAMES), or None; ConvertError unless
+    they are distinct strings, one per class of the network."""
+    names = unet_config.get(CLASS_NAMES)
+    if names is None:
+        return None
+    count = kwargs.get("num_classes")
+    if not (count and isinstance(names, list) and len(names) == count
+            and all(isinstance(n, str) for n in names) and len(set(names)) == count):
+        raise ConvertError(f"{where}: {CLASS_NAMES} = {_shown(names)}; it must be a list of "
+                           f"{count or 'no'} distinct names, one per class of num_class_embeds - 1")
+    return names
+
+
 def unet_defaults():
     """unet.UNet's keyword defaults: what a config that leaves a field out builds."""
     return {k: p.default for k, p in inspect.signature(unet.UNet).parameters.items()}
@@ -635,7 +662,9 @@ def import_diffusers(folder, out, progress=print):
         model = unet.UNet(**kwargs)
     weights_path, theirs = read_weights(unet_dir)
     weights = weights_from_diffusers(theirs, model, weights_path)
-    config = {**diffusion, "unet": kwargs, "dataset": None, "imported_from": os.path.abspath(folder)}
+    config = {**diffusion, "unet": kwargs, "dataset": None,
+              "imported_from": os.path.abspath(folder),
+              "class_names": class_names_from_diffusers(unet_config, kwargs, unet_path)}
     checkpoint.save(out, {"step": None, "config": config, "model": weights, "ema": weights})
     if not scheduler:
         progress(f"{folder} has no scheduler: used DDPMScheduler's defaults (linear betas 1e-4 "
@@ -684,7 +713,8 @@ def export_diffusers(path, out, use_ema=True, progress=print):
         raise ConvertError(f"{path}: the {'EMA' if use_ema else 'raw (--no-ema)'} weight {bad[0]} "
                            f"holds non-finite values (NaN or inf), as do {len(bad) - 1} more; "
                            "the run diverged: export an earlier checkpoint")
-    unet_config = diffusers_unet_config(model.config["unet"], path)
+    unet_config = {**diffusers_unet_config(model.config["unet"], path),
+                   **class_names_to_diffusers(model.config)}
     scheduler = scheduler_from_diffusion_config(model.config)
     weights = weights_to_diffusers(state)
     _check_reads_back(unet_config, scheduler, weights, path)

@@ -73,6 +73,7 @@ def main(argv=None):
     model = checkpoint.load_model(path, device, args.precision, use_ema=not args.no_ema,
                                   compile=args.compile)
     args.steps = sampling.steps_for(args.sampler, args.steps, model.diffusion)
+    args.guidance = sampling.guidance_for(args.guidance, model.config)
     name = sampling.describe(args.sampler, args.steps, args.eta, model.diffusion)
     calls = sampling.network_calls(args.sampler, args.steps, model.diffusion)
     cli.check(args.trajectory <= calls, f"--trajectory {args.trajectory} asks for more snapshots "

@@ -29,9 +29,9 @@ def add_arguments(p):
                    "DPM-Solver++(2M) (Lu et al. 2022) over --steps steps, deterministic")
     p.add_argument("--steps", type=int, help=f"DDIM or DPM-Solver steps (default: "
                    f"{DEFAULT_STEPS}, or the model's T if smaller)")
-    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta: 1 is Algorithm 2 on "
-                   "the respaced chain (the best quality per second in the sampler table of "
-                   "docs/results.md), 0 the deterministic DDIM")
+    p.add_argument("--eta", type=float, help="DDIM eta: 1 is Algorithm 2 on the respaced chain "
+                   "(the best quality per second in the sampler table of docs/results.md), 0 the "
+                   f"deterministic DDIM; --sampler ddim only (default: {DEFAULT_ETA:g})")
     p.add_argument("--no-clip", action="store_true", help="do not clip the network's x_0 "
                    "estimate to [-1, 1] at each step (clipping, Ho et al.'s sampler, is on "
                    "unless the checkpoint says otherwise)")
@@ -41,7 +41,11 @@ def check_arguments(args):
     """What add_arguments' flags must be, before any checkpoint is read."""
     if args.steps is not None:
         check_number("--steps", args.steps, 1, 100_000)
-    check_number("--eta", args.eta, 0)
+    if args.eta is not None:
+        check_number("--eta", args.eta, 0)
+        check(args.sampler == "ddim", f"--eta is DDIM's, and --sampler {args.sampler} takes none; "
+              "drop --eta or use --sampler ddim")
+    args.eta = DEFAULT_ETA if args.eta is None else args.eta
 
 
 def add_class_arguments(p):
@@ -50,17 +54,31 @@ def add_class_arguments(p):
                    "a class (7), several (0,1,2) or all, by index or by the data's class names, "
                    "--n images of each (one grid row per class when there are several) (default: "
                    "classes drawn uniformly from the seed, the grid ordered by class)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, metavar="W",
-                   help="classifier-free guidance weight w (Ho & Salimans 2022): ε = (1 + w) "
-                   "ε(x, class) - w ε(x, no class); 0 is the conditional model alone. Each step "
-                   "then calls the network on twice --batch-size images (the conditional and the "
-                   "unconditional half); diffusers' guidance_scale is 1 + w")
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="for a class-conditional model: classifier-free guidance weight w (Ho & "
+                   "Salimans 2022): ε = (1 + w) ε(x, class) - w ε(x, no class); 0 is the "
+                   "conditional model alone. Each step then calls the network on twice "
+                   "--batch-size images (the conditional and the unconditional half); diffusers' "
+                   f"guidance_scale is 1 + w (default: {DEFAULT_GUIDANCE:g})")
 
 
 def check_class_arguments(args):
-    check_number("--guidance", args.guidance, 0, 1000)
+    """What add_class_arguments' flags must be, before any checkpoint is read (--guidance stays
+    None when not given, until guidance_for knows the model)."""
+    if args.guidance is not None:
+        check_number("--guidance", args.guidance, 0, 1000)
     check(args.classes is None or args.classes.strip(), "--class is empty; give a class, "
           "several (0,1,2) or all")
+
+
+def guidance_for(guidance, config):
+    """The guidance weight for a model with config `config`: --guidance (None: DEFAULT_GUIDANCE);
+    UserError for --guidance on a model that is not class-conditional, where it would do
+    nothing."""
+    conditional = config["unet"].get("num_classes") is not None
+    check(guidance is None or conditional, "--guidance weighs a class-conditional model's "
+          "classes, and this model is not class-conditional; drop --guidance")
+    return DEFAULT_GUIDANCE if guidance is None else guidance
 
 
 def class_labels(asked, n, config, seed):
@@ -73,7 +91,9 @@ def class_labels(asked, n, config, seed):
         check(asked is None, "--class asks for a class, and this model is not class-conditional "
               "(train one with --class-cond)")
         return None, None
-    names = list(config.get("class_names") or map(str, range(num_classes)))
+    names = list(config.get("class_names") or ())
+    if len(names) != num_classes:  # none, or a run resumed on changed classes before that was
+        names = list(map(str, range(num_classes)))  # refused: the network's indices alone
     if asked is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
@@ -88,7 +108,7 @@ def class_labels(asked, n, config, seed):
 def _class_index(part, names):
     if part in names:
         return names.index(part)
-    if part.isdigit() and int(part) < len(names):
+    if part.isascii() and part.isdigit() and int(part) < len(names):  # not ² or ٣: int() fails
         return int(part)
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     raise UserError(f"--class {part!r} is not one of the model's {len(names)} classes (0-"

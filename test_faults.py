@@ -7,6 +7,7 @@ Each test checks that no file the user had changed or vanished."""
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import signal
@@ -338,3 +339,59 @@ def test_an_infinite_loss_stops_the_run(npz, tmp_path, monkeypatch):
     with pytest.raises(train.TrainError, match="non-finite loss by step 5;.*step 4"):
         run_train(npz, tmp_path, steps=8, resume=True, log_every=1)  # +inf, not yet NaN, at 5
     assert checkpoint.load(tmp_path)["step"] == 4
+
+
+class FullFileIO(io.FileIO):
+    """A file on a full disk: every write that reaches the kernel fails with ENOSPC."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def open_on_full_disk(path, mode="r", buffering=-1, **kwargs):
+    """open() for files.py with the lock file on a full disk, built as open() builds its layers
+    (raw, buffer, text), so that a buffered write fails when it is flushed, as on a full disk."""
+    if not str(path).endswith(files.DirectoryLock.NAME):
+        return open(path, mode, buffering, **kwargs)
+    raw = FullFileIO(path, mode.replace("b", "").replace("t", ""))
+    if "b" in mode and buffering == 0:
+        return raw
+    buffered = io.BufferedRandom(raw)
+    return buffered if "b" in mode else io.TextIOWrapper(buffered, **kwargs)
+
+
+@contextlib.contextmanager
+def full_disk(tmp_path, kind, monkeypatch):
+    """A directory on a completely full disk: a 1 MB tmpfs filled to the last byte (needs root
+    and mount), or files.py's lock file opened as on a full disk (every write that reaches the
+    kernel fails with ENOSPC), which needs neither."""
+    if kind == "simulated":
+        monkeypatch.setattr(files, "open", open_on_full_disk, raising=False)
+        yield tmp_path / "run"
+        return
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                                            str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        yield mount / "run"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "simulated"])
+def test_a_completely_full_disk_at_the_start_is_one_line_and_leaves_no_lock(npz, tmp_path, capsys,
+                                                                            kind, monkeypatch):
+    """train.py into a directory on a full disk: the lock cannot record its holder; one line
+    saying to free space (not the ENOSPC of the lock's close replacing it), exit status 2, and
+    no empty .lock left behind."""
+    with full_disk(tmp_path, kind, monkeypatch) as run:
+        argv = ["--dataset", npz, "--out", str(run), "--steps", "2", *TINY_FLAGS]
+        code, lines = run_main(train.main, argv, capsys)
+        assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0] \
+            and "free some disk space" in lines[0], lines
+        assert not os.path.lexists(run / files.DirectoryLock.NAME)

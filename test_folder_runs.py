@@ -3,7 +3,10 @@ evaluates (the held-out split's bits/dim, the copy check) on the CPU; the networ
 folder's size; the run's reading options and class names in its checkpoint; the flips of
 --hflip, a function of (seed, step, position), with resume bit-exact; runs saved before these
 options resume as they were."""
+import contextlib
 import os
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -298,3 +301,178 @@ def test_a_folder_of_one_square_size_keeps_it(tmp_path):
     assert not userdata.needs_size(write_photos(tmp_path / "a", [(24, 24)] * 3))
     assert userdata.needs_size(write_photos(tmp_path / "b", [(24, 24), (24, 25)]))
     assert userdata.auto_side("cpu") == 32 and userdata.auto_side("cuda") == 64
+
+
+@contextlib.contextmanager
+def read_only_copy(run, tmp_path):
+    """The run's checkpoint in a folder this process cannot write in: a read-only tmpfs as root
+    (root writes through a folder's permissions), a folder without write permission otherwise."""
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        shutil.copy(run / "ckpt.pt", ro / "ckpt.pt")
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)],
+                      capture_output=True).returncode:
+        pytest.skip("a read-only folder for root needs a tmpfs mount")
+    try:
+        shutil.copy(run / "ckpt.pt", ro / "ckpt.pt")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_nearest_checks_its_default_png_before_any_work(tmp_path, monkeypatch, capsys):
+    """evaluate.py --nearest with the checkpoint in a read-only folder and a writable --json:
+    the default nearest.png beside the checkpoint is refused in one line before any sampling,
+    and nothing is written."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False)
+    train.train({**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+                 "steps": 2, "val_fraction": 0.5, "channel_mult": (1, 2),
+                 "attn_resolutions": (4,), "space_to_depth": 1}, progress=False)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the outputs")
+
+    monkeypatch.setattr(evaluate.sampling, "generate", no_sampling)
+    with read_only_copy(tmp_path / "run", tmp_path) as ro:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_script(evaluate.main, ["--ckpt", str(ro), "--n", "0", "--samples", "0",
+                                           "--nearest", "4", "--json", str(tmp_path / "e.json")])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1, lines
+        assert "--nearest-png" in lines[0] and str(ro / "nearest.png") in lines[0], lines
+        assert not (tmp_path / "e.json").exists() and os.listdir(ro) == ["ckpt.pt"]
+
+
+def test_a_folder_with_nothing_held_out_gets_advice_evaluate_can_follow(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A folder whose few images all fall on the training side at the default --val-fraction:
+    evaluate.py's one line gives the fraction the run was trained with and names no flag
+    evaluate.py lacks as its own; following it (a new run with a larger --val-fraction) works."""
+    import userdata
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 8, 8, rgb=False)
+    for held in [p for p in folder.rglob("*.png")
+                 if userdata.held_out(f"{p.parent.name}/{p.name}", userdata.VAL_FRACTION)]:
+        held.unlink()  # cats/002.png: what remains is all on the training side
+    paths = [f"{p.parent.name}/{p.name}" for p in folder.rglob("*.png")]
+    assert len(paths) >= 6
+    small = {**NARROW, "dataset": f"folder:{folder}", "steps": 2, "batch_size": 2,
+             "channel_mult": (1, 2), "attn_resolutions": (4,), "space_to_depth": 1}
+    train.train({**small, "out": str(tmp_path / "run")}, progress=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run"), "--n", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and "\r" not in line and "|" not in line]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"--val-fraction {userdata.VAL_FRACTION:g}" in lines[0] and "above 0" not in lines[0]
+    assert "train a new run with a larger --val-fraction (train.py)" in lines[0], lines
+    larger = next(f for f in (0.1, 0.2, 0.3, 0.5) if any(userdata.held_out(p, f) for p in paths))
+    train.train({**small, "out": str(tmp_path / "run2"), "val_fraction": larger}, progress=False)
+    cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run2"), "--n", "1", "--samples", "0",
+                                   "--json", str(tmp_path / "e.json")])
+    assert evaluate_json(tmp_path / "e.json")["nll"]["split"] == "held-out"
+
+
+def test_a_diffusers_round_trip_keeps_a_folder_models_class_names(tmp_path, monkeypatch, capsys):
+    """A class-conditional folder model exported, loaded and saved again by diffusers itself, and
+    imported: its class names come back, so --class asks by name after the import as before."""
+    diffusers = pytest.importorskip("diffusers")
+    import convert
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("owl", "cat", "bee"))
+    train.train({**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+                 "steps": 2, "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+                 "attn_resolutions": (4,), "space_to_depth": 1}, progress=False)
+    assert checkpoint.load(tmp_path / "run")["config"]["class_names"] == ["bee", "cat", "owl"]
+    cli.run_script(convert.main, ["--to-diffusers", str(tmp_path / "run"), "--out",
+                                  str(tmp_path / "pipe")])
+    diffusers.UNet2DModel.from_pretrained(str(tmp_path / "pipe" / "unet")).save_pretrained(
+        str(tmp_path / "again"))
+    cli.run_script(convert.main, ["--from-diffusers", str(tmp_path / "again"), "--out",
+                                  str(tmp_path / "back.pt")])
+    assert checkpoint.load(tmp_path / "back.pt")["config"]["class_names"] == ["bee", "cat", "owl"]
+    cli.run_script(sample.main, ["--ckpt", str(tmp_path / "back.pt"), "--class", "owl", "--n", "2",
+                                 "--steps", "2", "--out", str(tmp_path / "owls.npz")])
+    assert np.load(tmp_path / "owls.npz")["labels"].tolist() == [2, 2]
+
+
+def one_line_refusal(capsys, given):
+    """(the one line, nothing else) of a train() refused with a UserError through cli.run_script;
+    progress bars are left out."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(lambda argv: train.train(given, progress=False))
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and "\r" not in line and "|" not in line]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, now", [
+    ("aa", "4 (a, aa, b, c)"),     # b and c would become 2 and 3, 3 the null label
+    ("d", "4 (a, b, c, d)"),       # d would train as "no class"
+    ("-a", "2 (b, c)"),            # b and c would train under a's and b's embeddings
+])
+def test_a_conditional_run_refuses_to_resume_on_other_classes(tmp_path, monkeypatch, capsys,
+                                                             change, now):
+    """A class subfolder added or removed after a class-conditional run was saved: --resume is
+    refused in one line naming both class lists, and the checkpoint stays as it was."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
+    given = {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+             "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+             "attn_resolutions": (4,), "space_to_depth": 1}
+    train.train({**given, "steps": 2}, progress=False)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    if change.startswith("-"):
+        shutil.rmtree(folder / change[1:])
+    else:
+        shutil.copytree(folder / "a", folder / change)
+    line = one_line_refusal(capsys, {**given, "steps": 4, "resume": True})
+    assert f"now has {now}, and the run was trained on 3 classes (a, b, c)" in line, line
+    assert "start a new --out" in line
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_conditional_run_refuses_to_resume_on_npz_labels_with_a_new_class(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(24) % 3)
+    given = {**NARROW, "dataset": f"npz:{tmp_path / 'd.npz'}", "out": str(tmp_path / "run"),
+             "class_cond": True, "channel_mult": (1, 2), "attn_resolutions": (4,),
+             "space_to_depth": 1}
+    train.train({**given, "steps": 2}, progress=False)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(24) % 4)
+    line = one_line_refusal(capsys, {**given, "steps": 4, "resume": True})
+    assert "now has 4 (0, 1, 2, 3), and the run was trained on 3 classes (0, 1, 2)" in line, line
+
+
+def test_a_folder_that_gained_images_resumes_and_says_so_once(tmp_path, monkeypatch, capsys):
+    """Images added to the classes a run has: it resumes (the classes are the same), and one line
+    gives the training set's size then and now."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
+    given = {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+             "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+             "attn_resolutions": (4,), "space_to_depth": 1}
+    train.train({**given, "steps": 2}, progress=False)
+    before = len(data.load_dataset(f"folder:{folder}", folder=config_options(given)).images)
+    for name in ("000.png", "003.png"):
+        shutil.copy(folder / "a" / name, folder / "a" / f"copy_{name}")
+    after = len(data.load_dataset(f"folder:{folder}", folder=config_options(given)).images)
+    assert after > before
+    capsys.readouterr()
+    train.train({**given, "steps": 4, "resume": True}, progress=False)
+    said = [line for line in capsys.readouterr().err.splitlines() if "training images" in line]
+    assert said == [f"folder:{folder} now holds {after} training images, {before} when the "
+                    "checkpoint was written; the run goes on with the images as they are now"]
+    assert checkpoint.load(tmp_path / "run")["train_images"] == after

@@ -171,15 +171,48 @@ def test_sample_asks_for_classes(conditional_run, tmp_path, capsys):
     (["--class", "cat"], "--class 'cat' is not one of the model's 3 classes"),
     (["--guidance", "nan"], "--guidance must be a finite number in [0, 1000], got nan"),
     (["--guidance=-1"], "--guidance must be a finite number in [0, 1000], got -1.0"),
+    # class lists as a user may type them: digits that str.isdigit() takes and int() does not
+    (["--class", "²"], "--class '²' is not one of the model's 3 classes"),
+    (["--class", "1,²"], "--class '²' is not one of the model's 3 classes"),
+    (["--class", "١"], "--class '١' is not one of the model's 3 classes"),
+    (["--class", "1,,2"], "--class '' is not one of the model's 3 classes"),
+    (["--class", "all,1"], "--class 'all' is not one of the model's 3 classes"),
+    (["--class", "-1"], "--class '-1' is not one of the model's 3 classes"),
+    (["--class", "1.0"], "--class '1.0' is not one of the model's 3 classes"),
+    (["--class", "99999999999999999999999"], "--class '99999999999999999999999' is not one"),
 ])
-def test_bad_classes_and_guidance_are_one_line(conditional_run, tmp_path, capsys, argv, needle):
+@pytest.mark.parametrize("script", ["sample", "evaluate"])
+def test_bad_classes_and_guidance_are_one_line(conditional_run, tmp_path, capsys, argv, needle,
+                                               script):
+    """sample.py and evaluate.py: one line and exit status 2, nothing written."""
     capsys.readouterr()
+    out = ["--out", str(tmp_path / "x.png")] if script == "sample" else \
+        ["--json", str(tmp_path / "x.json"), "--n", "0", "--samples", "4"]
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_script(sample.main, ["--ckpt", str(conditional_run), "--out",
-                                     str(tmp_path / "x.png"), *argv])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
-    assert not os.path.exists(tmp_path / "x.png")
+        cli.run_script({"sample": sample.main, "evaluate": evaluate.main}[script],
+                       ["--ckpt", str(conditional_run), *out, *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not os.listdir(tmp_path)
+
+
+def test_class_names_that_do_not_fit_the_network_are_not_used(conditional_run, tmp_path, capsys):
+    """A checkpoint whose class_names has 4 names for a network of 3 classes (a run resumed on
+    changed classes before that was refused): the 4th name is not taken for the null label;
+    --class asks by the network's indices, and all draws one row per class it has."""
+    state = checkpoint.load(conditional_run)
+    state["config"]["class_names"] = ["a", "aa", "b", "c"]
+    torch.save(state, tmp_path / "odd.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run_script(sample.main, ["--ckpt", str(tmp_path / "odd.pt"), "--class", "c",
+                                     "--out", str(tmp_path / "x.npz")])
+    assert "--class 'c' is not one of the model's 3 classes (0-2: 0, 1, 2)" in \
+        capsys.readouterr().err
+    cli.run_script(sample.main, ["--ckpt", str(tmp_path / "odd.pt"), "--class", "all", "--n", "1",
+                                 "--steps", "2", "--out", str(tmp_path / "all.npz")])
+    assert np.load(tmp_path / "all.npz")["labels"].tolist() == [0, 1, 2]
 
 
 def test_class_cond_needs_labels_and_class_needs_a_conditional_model(tmp_path, capsys):

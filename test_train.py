@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on a tiny synthetic dataset (8x8 images, a 2-level UNet,
 T = 100), on the CPU: the loss goes down, resume is exact, two Gloo processes train like one,
 signals and non-finite losses stop cleanly, sample.py writes what it says, bad input gives one line."""
+import contextlib
 import json
 import os
 import signal
@@ -367,3 +368,38 @@ def test_minutes_count_from_the_start_of_the_process():
                        env=ENV, timeout=60)
     age, since_t = map(float, r.stdout.split())
     assert since_t <= age <= since_t + 5.0, (age, since_t)
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_a_time_sized_run_stopped_before_its_count_is_fixed_resumes_sizing(npz, tmp_path, capsys,
+                                                                          monkeypatch, schedule):
+    """A --minutes run stopped (a signal) at step 5, before its count is fixed: the checkpoint
+    says it is still sizing; its provisional count is made far too small (a probe run during a
+    burst of load), and --resume sizes it again from its own steps and the time it has left,
+    instead of training to that count: it fixes a count far above it and trains to it."""
+    given = {**TINY, "dataset": npz, "out": str(tmp_path), "minutes": 0.2, "lr_schedule": schedule,
+             "warmup": 30, "ckpt_every": 100000, "log_every": 1}
+    stop, real_step = {"signal": None}, optim.train_step
+
+    def step_then_stop(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if args[6] == 4:  # the step index: stop after the 5th
+            stop["signal"] = signal.SIGTERM
+        return result
+
+    monkeypatch.setattr(train, "stop_on_signals", lambda: contextlib.nullcontext(stop))
+    monkeypatch.setattr(optim, "train_step", step_then_stop)
+    with pytest.raises(cli.Stopped):
+        train.train(given, progress=False, started=time.perf_counter())
+    monkeypatch.undo()
+    state = checkpoint.load(tmp_path, required=checkpoint.RUN_KEYS)
+    assert state["step"] == 5
+    state["config"]["steps"] = 8  # the provisional count of a probe slowed 50x
+    torch.save(state, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    cfg, _, _ = train.train({**given, "resume": True}, progress=False, started=time.perf_counter())
+    err = capsys.readouterr().err
+    after = checkpoint.load(tmp_path)
+    assert after["step"] == cfg.steps == after["config"]["steps"] > 30, (cfg.steps, err)
+    assert f"--steps {cfg.steps} repeats this run" in err and "the run's own steps" in err, err
+    assert after["sizing"] is False  # fixed: a later resume keeps the count

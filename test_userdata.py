@@ -441,6 +441,23 @@ def test_changed_folder_is_decoded_again(tmp_path, count_opens, change):
     assert len(result.train.images) == expected
 
 
+def test_a_file_replaced_by_one_of_the_same_size_and_time_is_decoded_again(tmp_path):
+    """A file overwritten by another of the same size, its modification time set back (as cp -p,
+    rsync -t or touch -r leave it): the new pixels are read, not the cached ones."""
+    folder = tmp_path / "imgs"
+    save(folder / "a.bmp", grey(60))
+    save(folder / "b.bmp", grey(61))
+    np.testing.assert_array_equal(read(folder, tmp_path).train.images[0, 0], grey(60))
+    before = os.stat(folder / "a.bmp")
+    replacement = save(tmp_path / "other.bmp", grey(62)).read_bytes()
+    assert len(replacement) == before.st_size  # uncompressed: the same size
+    (folder / "a.bmp").write_bytes(replacement)
+    os.utime(folder / "a.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(folder / "a.bmp")
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    np.testing.assert_array_equal(read(folder, tmp_path).train.images[0, 0], grey(62))
+
+
 def test_damaged_cache_file_is_rebuilt(tmp_path):
     folder = tmp_path / "imgs"
     save(folder / "a.png", grey(55))

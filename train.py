@@ -149,10 +149,13 @@ def prepare(given, held, started):
         restore(parts, s.state, os.path.join(cfg.out, rundir.CHECKPOINT))
     diffusion = checkpoint.build_diffusion(dataclasses.asdict(cfg))
     scorer = make_scorer(cfg, s.train_set, device) if cfg.eval_every and writes else None
-    plan = None
-    if cfg.steps is None:  # --minutes: as many steps as fit
+    plan, start = None, s.state["step"] if s.state else 0
+    if still_sizing(s.state, given):
+        cfg.steps = None
+    if cfg.steps is None:  # --minutes: as many steps as fit (in what a resumed run has left)
         plan = budget.plan(cfg, parts, diffusion, s.train_set.images.shape[1:], device, s.world,
-                           started, speak=writes,
+                           started - (s.state.get("elapsed", 0.0) if s.state else 0.0),
+                           speak=writes, start=start,
                            score_s=scorer.seconds_per_image() * cfg.eval_samples
                            if cfg.fid and scorer else 0.0)
         cfg.steps = plan.steps
@@ -168,12 +171,19 @@ def prepare(given, held, started):
                batches=optim.Batches(len(s.train_set.images), cfg.batch_size, cfg.seed, device),
                trainee=trainee, diffusion=diffusion,
                ema_network=hardware.as_called(ema, cfg.precision, device, cfg.channels_last),
-               start_step=s.state["step"] if s.state else 0,
+               start_step=start,
                ckpt_path=os.path.join(cfg.out, rundir.CHECKPOINT),
                log=held.enter_context(rundir.Log(cfg.out)) if writes else None, scorer=scorer,
                clock_start=time.perf_counter() - (s.state.get("elapsed", 0.0) if s.state else 0.0),
                budget=plan if plan is not None and not plan.fixed else None,
                saved_step=s.state["step"] if s.state else None)
+
+
+def still_sizing(state, given):
+    """Whether a resumed --minutes run was stopped before its step count was fixed (and no
+    --steps is given now): it goes on sizing, from the time it has left, until the count is
+    fixed."""
+    return state is not None and state.get("sizing", False) and "steps" not in given
 
 
 def settle(given):
@@ -217,6 +227,8 @@ def settle(given):
         rundir.refuse_existing(cfg.out, state is not None, invocation["overwrite"])
     if train_set is None:
         train_set = load_training_set(dataset, dataclasses.asdict(cfg), cfg.data_dir, rank)
+    if state is not None:
+        check_resumed_data(state, train_set, dataset, speak=rank == 0)
     if rank == 0 and train_set.class_names and data.user_data(dataset):
         print(f"{train_set.num_classes} classes: " + ", ".join(
             f"{i} {n}" for i, n in enumerate(train_set.class_names)), file=sys.stderr)
@@ -242,6 +254,17 @@ def chosen_side(dataset, device, rank):
 
 
 SMALL = 1000  # fewer training images than this: a model will likely copy them (said once)
+
+
+def check_resumed_data(state, train_set, dataset, speak):
+    """A resumed run's data against its checkpoint's: its classes must be the same
+    (config.check_classes_unchanged); a training set that gained or lost images is said in one
+    line."""
+    config.check_classes_unchanged(state["config"], class_names_of(train_set), dataset)
+    before, now = state.get("train_images"), len(train_set.images)
+    if speak and before is not None and before != now:
+        print(f"{dataset} now holds {now} training images, {before} when the checkpoint was "
+              "written; the run goes on with the images as they are now", file=sys.stderr)
 
 
 def class_names_of(dataset):
@@ -474,7 +497,8 @@ def save_checkpoint(run, step):
                        "class_names": run.class_names},
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run)})
+            "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run),
+            "train_images": len(run.images), "sizing": run.budget is not None})
         run.saved_step = step
 
 

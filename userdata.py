@@ -11,9 +11,16 @@ Reading a folder, step by step:
   1. List the files: every file under DIR whose name ends in one of IMAGE_EXTENSIONS (any case);
      names starting with "." (hidden files and folders) are passed over, other files ignored and
      counted. A directory is a folder whatever its name (a directory named x.png is walked).
-  2. The cache key: sha256 over each listed file's relative path, size and modification time,
-     with image_size, channels, CROP, RESAMPLE and BACKGROUND. A cache file holding that key is
-     read instead of the images, and no image is opened.
+  2. The cache key: sha256 over each listed file's relative path, size, modification time and
+     status-change time (ctime), with image_size, channels, CROP, RESAMPLE and BACKGROUND. A
+     cache file holding that key is read instead of the images, and no image is opened. The key
+     costs one stat() per file, no read: it notices a file added, removed, renamed or written
+     to, even one replaced by another of the same size with its modification time set back (cp
+     -p, rsync -t, touch -r), because the kernel sets ctime on every write, rename and utime and
+     no program can set it back (on Linux and macOS; Windows reports a creation time instead).
+     A chmod or chown also moves ctime: the folder is then decoded again, needlessly but safely.
+     Only a change to a file's bytes by a means that bypasses the file system (a raw disk write)
+     or a clock set back goes unnoticed.
   3. Otherwise decode each file with Pillow (imported only then; only the formats in FORMATS are
      tried, so no plugin that runs an outside program is reached): the EXIF orientation applied
      (PIL.ImageOps.exif_transpose); 16-bit grey (I;16, I) scaled to 8 bits as round(v * 255 /
@@ -250,7 +257,7 @@ def _check_options(directory, image_size, channels, labels, val_fraction):
 
 
 class _Listing(NamedTuple):
-    """files: ((relpath, size, mtime_ns), ...) of image-named files, sorted by relpath;
+    """files: ((relpath, size, (mtime_ns, ctime_ns)), ...) of image-named files, sorted by relpath;
     problems: ((relpath, reason), ...) for entries that could not be listed;
     ignored: Counter of the extensions of files not named as images."""
 
@@ -293,7 +300,7 @@ def _walk(root, prefix, found, problems, ignored, seen):
                 ignored[os.path.splitext(entry.name)[1].lower() or "(no extension)"] += 1
             else:
                 stat = entry.stat()
-                found.append((relpath, stat.st_size, stat.st_mtime_ns))
+                found.append((relpath, stat.st_size, (stat.st_mtime_ns, stat.st_ctime_ns)))
         except OSError as err:  # a broken symbolic link, a file removed meanwhile
             problems.append((relpath, _reason(err)))
 
@@ -343,8 +350,9 @@ def _decoded(root, listing, image_size, channels, cache_dir, progress):
 
 
 def _cache_key(listing, image_size, channels):
-    """Hex sha256 of what the decoded images depend on: each listed file's relative path, size
-    and modification time, the listing's problems and the decoding options."""
+    """Hex sha256 of what the decoded images depend on: each listed file's relative path, size,
+    modification and status-change times (step 2 of the module docstring says what that
+    notices), the listing's problems and the decoding options."""
     what = {"version": CACHE_VERSION, "files": listing.files, "problems": listing.problems,
             "image_size": image_size, "channels": channels, "crop": CROP, "resample": RESAMPLE,
             "background": BACKGROUND, "formats": FORMATS}
