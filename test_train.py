@@ -282,9 +282,8 @@ def test_ema_decay_warms_up():
 @pytest.mark.parametrize("warmup, schedule", [(10, "cosine"), (30, "cosine"), (10, "wsd")])
 def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys, warmup, schedule):
     """--minutes: the step count is measured, printed and stored; --steps with that count gives
-    a byte-identical model, and the learning rate decays to 0 at that step. With a warmup of 30
-    steps the count is fixed from the run's own steps 10-30 (the probe's estimate is replaced);
-    with 10 (too short to time inside) it is the probe's."""
+    a byte-identical model, and the learning rate decays to 0 at that step. The count is fixed
+    from the run's own steps where the decay begins (the probe's estimate is replaced)."""
     start = time.perf_counter()
     cfg, _, _ = train.train({**TINY, "dataset": npz, "out": str(tmp_path / "timed"), "minutes": 0.25,
                              "lr_schedule": schedule, "ckpt_every": 100000, "log_every": 1,
@@ -293,8 +292,9 @@ def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys, war
     err = capsys.readouterr().err
     steps = cfg.steps
     assert f"--steps {steps} repeats this run" in err and steps >= 1
-    assert ("the count is fixed at step 30" in err) == (warmup == 30)
-    assert ("the count is fixed when its decay begins" in err) == (schedule == "wsd")
+    assert ("the count is fixed when its decay begins, from" in err) == (schedule == "wsd")
+    assert (f"when its decay begins (step {warmup + 1})" in err) == (schedule == "cosine")
+    assert "each, the run's own steps); --steps" in err
     timed = checkpoint.load(tmp_path / "timed")
     assert timed["config"]["steps"] == steps and timed["config"]["minutes"] == 0.25
     assert elapsed < 0.25 * 60 * 2  # sized to the budget (with room for a slow, shared machine)
