@@ -125,6 +125,40 @@ def test_label_dropout_is_drawn_at_the_rate_asked(rate):
     assert not torch.equal(drops[7], drops[8])
 
 
+def test_label_dropout_is_independent_of_the_flips():
+    """The drops have a stream of their own: over 300 steps of 64 images, the share both
+    dropped and flipped agrees with 0.3 x 0.5 (a two-sided binomial test); drawn on the flips'
+    stream, every drop would be a flip."""
+    cfg = config.Config(seed=0, batch_size=64, cond_drop=0.3, hflip=True)
+    drops = torch.stack([optim.step_label_drops(cfg, s, "cpu") for s in range(300)])
+    flips = torch.stack([optim.step_flips(cfg, s, "cpu") for s in range(300)])
+    assert scipy.stats.binomtest(int((drops & flips).sum()), drops.numel(), 0.15).pvalue > 1e-3
+
+
+def test_two_processes_draw_one_process_s_labels_and_drops():
+    """train.draw_batch at --cond-drop 0.3 in two processes: each keeps its half of the global
+    batch's labels and drops, so that together they are exactly the draw of one process; every
+    label is the image's own or the null label, and about 30% are null."""
+    labels = torch.arange(64) % 3
+
+    def run(rank, world):
+        cfg = config.Config(seed=0, batch_size=64, timesteps=10, class_cond=True, cond_drop=0.3,
+                            hflip=False)
+        return type("Run", (), dict(cfg=cfg, world=world, rank=rank, device="cpu",
+                                    images=torch.zeros(64, 1, 2, 2, dtype=torch.uint8),
+                                    labels=labels, unet_kwargs={"num_classes": 3},
+                                    batches=optim.Batches(64, 64, 0, "cpu"), diffusion=None))
+    one, nulls = run(0, 1), 0
+    for step in range(60):
+        y = train.draw_batch(one, step)[1]
+        halves = [train.draw_batch(run(rank, 2), step)[1] for rank in (0, 1)]
+        assert [len(h) for h in halves] == [32, 32] and torch.equal(torch.cat(halves), y)
+        own = labels[one.batches.indices(step)]
+        assert bool(((y == own) | (y == 3)).all())
+        nulls += int((y == 3).sum())
+    assert scipy.stats.binomtest(nulls, 60 * 64, 0.3).pvalue > 1e-3
+
+
 def test_a_conditional_run_resumes_bit_exactly(labelled, tmp_path):
     given = {**TINY, "dataset": labelled, "class_cond": True, "cond_drop": 0.3}
     train.train({**given, "out": str(tmp_path / "a"), "steps": 8}, progress=False)
