@@ -71,3 +71,27 @@ def test_a_diffusion_rebuilt_from_a_checkpoint_weights_as_it_trained(weighting, 
     old = {k: v for k, v in dataclasses.asdict(cfg).items()
            if k not in ("loss_weighting", "snr_gamma", "p2_k", "p2_gamma")}
     assert torch.equal(checkpoint.build_diffusion(old).loss_weights(), torch.ones(100, dtype=torch.float64))
+
+
+def test_a_diffusion_rebuilt_from_a_checkpoint_draws_t_as_it_trained():
+    """The CPU recipe's logit-normal t survives the checkpoint: the config a run stores rebuilds
+    a diffusion with the law of t that GaussianDiffusion gives for it directly (not uniform),
+    and t_sampling None (a config from before the option) draws t uniformly."""
+    cfg = config.Config(schedule="linear", timesteps=100, mean_type="eps", loss_weighting="none",
+                        t_sampling="logitnormal")
+    d = checkpoint.build_diffusion(dataclasses.asdict(cfg))
+    direct = ddpm.GaussianDiffusion(BETAS, timestep_sampling="logitnormal")
+    assert d.timestep_sampling == "logitnormal"
+    assert torch.equal(d.timestep_probs(), direct.timestep_probs())
+    assert d.timestep_probs().max() > 2 * d.timestep_probs().min()
+    unset = checkpoint.build_diffusion({**dataclasses.asdict(cfg), "t_sampling": None})
+    assert torch.equal(unset.timestep_probs(), torch.full((100,), 0.01, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("law", ["lognormal", "logitnormal"])
+def test_a_respaced_chain_keeps_the_law_of_t_and_its_constants(law):
+    """respace keeps the law of t with the constants given (t_mean, t_std, t_floor), not the
+    option's defaults."""
+    given = {"t_mean": 0.7, "t_std": 1.3, "t_floor": 0.2}
+    d = ddpm.GaussianDiffusion(BETAS, timestep_sampling=law, **given).respace(range(0, 100, 7))
+    assert d.timestep_sampling == law and d.sampling_args == given
