@@ -2,7 +2,7 @@
 
     plan = budget.plan(cfg, parts, diffusion, shape, device, world, started)
     cfg.steps = plan.steps            # provisional: a first estimate from a probe
-    ...after each step:      new = plan.measure(step); cfg.steps = plan.steps  # new: the count, fixed
+    ...after each step:   new = plan.measure(step); cfg.steps = plan.steps  # new: the count, fixed
     ...after a grid, a save or a score:   plan.aside(kind, seconds)
 
 The probe times a few training steps and sampling calls on deep copies of the model (the run
@@ -24,8 +24,9 @@ depends on it:
   constant                   the count never changes the learning rate: the run ends when the
       estimate says so.
 
-Every process gets rank 0's answer. The count is printed and stored: --steps N repeats the run
-bit for bit.
+Every process gets rank 0's decision at every step until the count is fixed (one broadcast of an
+integer a step, so that they all fix it at the same step). The count is printed and stored:
+--steps N repeats the run bit for bit.
 """
 import copy
 import dataclasses
@@ -57,7 +58,7 @@ def process_started():
 
 _IMPORTED = time.perf_counter()
 
-ASIDE = ("grid", "save", "score")  # the work a run does beside its steps, periodically and at the end
+ASIDE = ("grid", "save", "score")  # the work beside the steps, periodically and at the end
 
 
 class Plan:
@@ -77,14 +78,15 @@ class Plan:
                       "score": cfg.eval_every if writes else 0}
         self.at_end = {"grid": writes, "save": True, "score": bool(cfg.eval_every) and writes}
         self.measured, self.aside_s = {}, 0.0
-        self.start, self.marks = start, [clock()]  # marks[i]: the clock less the work aside, after step start + i
+        # marks[i]: the clock, less the work done aside, after step start + i
+        self.start, self.marks = start, [clock()]
 
     def aside(self, kind, seconds):
-        """The loop did a grid, save or score (`kind`) that took `seconds`: they are not a step's."""
+        """The loop did a grid, save or score (`kind`) that took `seconds`, not a step's time."""
         self.measured[kind], self.aside_s = seconds, self.aside_s + seconds
 
     def cost(self, kind, step_s):
-        """Seconds of one grid, save or score: as measured, else the first guess at this step time."""
+        """Seconds of one grid, save or score: as measured, else the first guess at step_s."""
         steps, seconds = self.costs[kind]
         return self.measured.get(kind, steps * step_s + seconds)
 
@@ -108,7 +110,7 @@ class Plan:
         return n
 
     def fixes_at(self, n):
-        """The first step whose learning rate depends on a count of n: the count is fixed by then."""
+        """The first step whose learning rate depends on a count of n (the count is fixed then)."""
         if self.cfg.lr_schedule == "wsd":
             return optim.decay_start(self.cfg, n)
         if self.cfg.lr_schedule in ("cosine", "linear"):
@@ -125,15 +127,15 @@ class Plan:
         half = done // 2  # the later half of the steps timed: the speed now, not the start's
         step_s = (self.marks[done] - self.marks[half]) / (done - half)
         estimate = self.estimate(step, self.end - now, step_s)
-        if self.fixes_at(estimate) > step:
+        steps = 0  # not fixed yet
+        if self.fixes_at(estimate) <= step:
+            steps = (decay_starting_at(self.cfg, step, estimate) if self.cfg.lr_schedule == "wsd"
+                     else max(estimate, step))
+        if self.world > 1:  # rank 0 decides for every process, at the same step
+            steps = hardware.broadcast_int(steps)
+        if not steps:
             self.steps = max(estimate, step + 1)
             return None
-        if self.cfg.lr_schedule == "wsd":
-            steps = decay_starting_at(self.cfg, step, estimate)
-        else:
-            steps = max(estimate, step)
-        if self.world > 1:
-            steps = hardware.broadcast_int(steps)
         self.steps, self.fixed = steps, True
         if self.speak:  # beside the progress bar
             tqdm.write(f"sized to {self.cfg.minutes:g} minutes: {steps} steps ({step_s:.3f} s "
