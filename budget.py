@@ -23,6 +23,8 @@ depends on it:
       with no warmup fixes it after its first step);
   constant                   the count never changes the learning rate: the run ends when the
       estimate says so.
+A budget that ends within the warmup ends the run there (the warmup's rates do not depend on the
+count either).
 
 Every process gets rank 0's decision at every step until the count is fixed (one broadcast of an
 integer a step, so that they all fix it at the same step). The count is printed and stored:
@@ -131,6 +133,8 @@ class Plan:
         if self.fixes_at(estimate) <= step:
             steps = (decay_starting_at(self.cfg, step, estimate) if self.cfg.lr_schedule == "wsd"
                      else max(estimate, step))
+        elif estimate <= step:  # the time is up within the warmup, where no count changes the rate
+            steps = step
         if self.world > 1:  # rank 0 decides for every process, at the same step
             steps = hardware.broadcast_int(steps)
         if not steps:

@@ -97,6 +97,19 @@ def test_the_runs_own_steps_decide_however_wrong_the_probe(schedule, probe_facto
     assert lrs == [optim.lr_at(dataclasses.replace(cfg, steps=steps), s) for s in range(steps)]
 
 
+@pytest.mark.parametrize("schedule", ["wsd", "constant", "cosine", "linear"])
+def test_a_budget_that_ends_within_the_warmup_ends_the_run_there(schedule):
+    """A warmup of 100 steps and a budget for about 60 (the CPU recipe's warmup on a slow or
+    busy machine): the run ends within 2% of its budget, not at the end of the warmup, and its
+    count repeats it (every step was a warmup step)."""
+    cfg = quiet(warmup=100, lr_schedule=schedule)
+    clock = Clock()
+    plan = make_plan(cfg, clock, 2.0)
+    fixed_at, steps, t = drive(cfg, plan, clock, lambda s: 1.9)
+    assert abs(t - 120.0) <= 0.02 * 120.0, (t, steps)
+    assert fixed_at == steps < cfg.warmup
+
+
 @pytest.mark.parametrize("schedule, call_s", [
     ("wsd", 0.3), ("constant", 0.3), ("cosine", 0.3), ("linear", 0.3),  # the probe was right
     ("wsd", 0.01), ("constant", 0.01)])  # 30x off: measured by the time the count is fixed
