@@ -19,9 +19,12 @@ import copy
 import importlib.util
 import json
 import resource
+import os
 import statistics
 import sys
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
 
 import torch
 import torch.nn as nn

@@ -1,23 +1,34 @@
 """A run sized to a time budget (--minutes): how many training steps fit.
 
     plan = budget.plan(cfg, parts, diffusion, shape, device, world, started)
-    cfg.steps = plan.steps            # provisional, from a probe on throwaway copies
-    ...after each step: new = plan.measure(step); if new: cfg.steps = new   # the count, fixed
+    cfg.steps = plan.steps            # provisional: a first estimate from a probe
+    ...after each step:   new = plan.measure(step); cfg.steps = plan.steps  # new: the count, fixed
+    ...after a grid, a save or a score:   plan.aside(kind, seconds)
 
 The probe times a few training steps and sampling calls on deep copies of the model (the run
-itself is untouched) and counts in the grids, checkpoints and scores the run will also make.
-A CPU's speed moves in a run's first minutes (faster at first, or slower as it warms), so the
-run then times its own steps and fixes the count only when the count starts to matter:
+itself is untouched). It only gives a first estimate and what a grid or a score costs in training
+steps: a CPU's speed moves in a run's first minutes (faster at first, slower as it warms, or much
+slower while other work shares it), so the run's own steps decide. After every step the count is
+estimated again from the time of a training step (over the later half of the steps so far, the
+grids, checkpoints and scores the loop reports through aside() taken out), with what is still to
+come counted once each: the periodic grids, checkpoints and scores before the end, then the final
+grid, save and score (as the run measured them, or before it has, the probe's share of a training
+step times the run's own step time). The count is fixed once the next step's learning rate
+depends on it:
 
   wsd (warmup-stable-decay)  the learning rate is constant until the decay, over the last
-      --decay-fraction of the steps, begins; the run re-estimates the count at every step from
-      the rate of its stable phase and fixes it when the decay must begin, so the whole budget
-      is used on any CPU;
-  constant, cosine, linear   the count is fixed at step `at` (60, or the end of a shorter warmup),
-      from the steps timed before it, where the learning rate does not depend on it yet.
+      --decay-fraction of the steps, begins: the count is fixed where the decay must begin, so
+      the whole budget is used on any CPU;
+  cosine, linear             the decay begins after the warmup: the count is fixed there (a run
+      with no warmup fixes it after its first step);
+  constant                   the count never changes the learning rate: the run ends when the
+      estimate says so.
+A budget that ends within the warmup ends the run there (the warmup's rates do not depend on the
+count either).
 
-Every process gets rank 0's answer. The count is printed and stored: --steps N repeats the run
-bit for bit.
+Every process gets rank 0's decision at every step until the count is fixed (one broadcast of an
+integer a step, so that they all fix it at the same step). The count is printed and stored:
+--steps N repeats the run bit for bit.
 """
 import copy
 import dataclasses
@@ -49,42 +60,86 @@ def process_started():
 
 _IMPORTED = time.perf_counter()
 
+ASIDE = ("grid", "save", "score")  # the work beside the steps, periodically and at the end
+
 
 class Plan:
     """The step count of a --minutes run: `steps` now (provisional until measure() fixes it).
 
-    end: the clock's reading when the budget ends; tail_s: the seconds the end of the run takes
-    (final grid, save, score); extra_s: the seconds per step of the periodic grids, checkpoints
-    and scores; first: the step from which the run's own steps are timed; at: the step at which
-    the count is fixed (None: when the wsd decay must begin); clock: perf_counter, or a fake."""
+    end: the clock's reading when the budget ends; costs: {kind: (training steps, seconds)}, a
+    first guess at what one grid, save or score costs (that many of the run's own training steps
+    plus that many seconds), replaced by the run's measurement of it; start: the step the run
+    starts from (its clock is read now); writes: this process writes the grids and scores (rank
+    0); clock: perf_counter, or a fake."""
 
-    def __init__(self, cfg, steps, end, tail_s, extra_s, world=1, speak=True, first=None,
-                 at=None, clock=time.perf_counter):
-        self.cfg, self.steps, self.world, self.speak = cfg, steps, world, speak
-        self.end, self.tail_s, self.extra_s, self.clock = end, tail_s, extra_s, clock
-        self.first, self.at, self.t_first, self.fixed = first, at, None, first is None
+    def __init__(self, cfg, steps, end, costs, start=0, world=1, speak=True, writes=True,
+                 clock=time.perf_counter):
+        self.cfg, self.steps, self.end, self.costs = cfg, steps, end, dict(costs)
+        self.world, self.speak, self.clock, self.fixed = world, speak, clock, False
+        self.every = {"grid": cfg.sample_every if writes else 0, "save": cfg.ckpt_every,
+                      "score": cfg.eval_every if writes else 0}
+        self.at_end = {"grid": writes, "save": True, "score": bool(cfg.eval_every) and writes}
+        self.measured, self.aside_s = {}, 0.0
+        # marks[i]: the clock, less the work done aside, after step start + i
+        self.start, self.marks = start, [clock()]
+
+    def aside(self, kind, seconds):
+        """The loop did a grid, save or score (`kind`) that took `seconds`, not a step's time."""
+        self.measured[kind], self.aside_s = seconds, self.aside_s + seconds
+
+    def cost(self, kind, step_s):
+        """Seconds of one grid, save or score: as measured, else the first guess at step_s."""
+        steps, seconds = self.costs[kind]
+        return self.measured.get(kind, steps * step_s + seconds)
+
+    def estimate(self, step, left_s, step_s):
+        """The largest count n >= step whose steps from `step` on, the periodic work after steps
+        step..n-1 and the end's work fit in left_s seconds, at step_s seconds a step."""
+        cost = {k: self.cost(k, step_s) for k in ASIDE}
+        tail = sum(cost[k] for k in ASIDE if self.at_end[k])
+
+        def need(n):  # seconds from now to the end of a run of n steps
+            periodic = sum(cost[k] * ((n - 1) // e - (step - 1) // e)  # multiples of e in [step, n)
+                           for k, e in self.every.items() if e)
+            return (n - step) * step_s + periodic + tail
+
+        per_step = step_s + sum(cost[k] / e for k, e in self.every.items() if e)
+        n = step + max(0, int((left_s - tail) / per_step))   # about right; then exactly
+        while need(n + 1) <= left_s:
+            n += 1
+        while n > step and need(n) > left_s:
+            n -= 1
+        return n
+
+    def fixes_at(self, n):
+        """The first step whose learning rate depends on a count of n (the count is fixed then)."""
+        if self.cfg.lr_schedule == "wsd":
+            return optim.decay_start(self.cfg, n)
+        if self.cfg.lr_schedule in ("cosine", "linear"):
+            return self.cfg.warmup + 1  # the decay's first step has the peak rate for any count
+        return n  # constant
 
     def measure(self, step):
         """After `step` steps: the count, once it is fixed (at that step only); None else."""
-        if self.fixed or step < self.first:
+        if self.fixed:
             return None
         now = self.clock()
-        if step == self.first:
-            self.t_first = now
-            return None
-        step_s = (now - self.t_first) / (step - self.first)
-        estimate = step + max(0, int((self.end - now - self.tail_s) / (step_s + self.extra_s)))
-        if self.at is not None:  # fixed at `at`
-            if step < self.at:
-                return None
-            steps = estimate
-        else:  # wsd: fixed where the decay must begin
-            if optim.decay_start(self.cfg, estimate) > step:
-                self.steps = estimate
-                return None
-            steps = decay_starting_at(self.cfg, step, estimate)
-        if self.world > 1:
+        self.marks.append(now - self.aside_s)
+        done = step - self.start
+        half = done // 2  # the later half of the steps timed: the speed now, not the start's
+        step_s = (self.marks[done] - self.marks[half]) / (done - half)
+        estimate = self.estimate(step, self.end - now, step_s)
+        steps = 0  # not fixed yet
+        if self.fixes_at(estimate) <= step:
+            steps = (decay_starting_at(self.cfg, step, estimate) if self.cfg.lr_schedule == "wsd"
+                     else max(estimate, step))
+        elif estimate <= step:  # the time is up within the warmup, where no count changes the rate
+            steps = step
+        if self.world > 1:  # rank 0 decides for every process, at the same step
             steps = hardware.broadcast_int(steps)
+        if not steps:
+            self.steps = max(estimate, step + 1)
+            return None
         self.steps, self.fixed = steps, True
         if self.speak:  # beside the progress bar
             tqdm.write(f"sized to {self.cfg.minutes:g} minutes: {steps} steps ({step_s:.3f} s "
@@ -101,47 +156,43 @@ def decay_starting_at(cfg, step, estimate):
                key=lambda n: abs(n - estimate), default=step + 1)
 
 
-def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, start=0, score_s=0.0):
-    """The Plan of a --minutes run (cfg.minutes from `started`, a perf_counter() reading) for the
-    model parts (model, ema, optimizer, scaler), which are not changed; `speak`: print the count
-    (the writing process). `start`: the step a resumed run goes on from (its count not fixed
-    yet; `started` then moved back by the seconds it has run): the steps that fit are counted
-    from there, and its own steps are timed from there on. score_s: the seconds a score takes
-    beyond sampling (--fid's Inception features of the samples)."""
-    step_s, call_s = probe(cfg, parts, diffusion, shape, device)
+def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
+    """{kind: (training steps, seconds)}: what one grid, save and score cost, from a probe's
+    seconds per training step and per sampling call at batch cfg.batch_size. Only the ratio of
+    the two is kept (a probe run while the machine is busy is slow at both); a guided
+    class-conditional model's sampling calls are doubled batches. score_s: the seconds a score
+    takes beyond sampling (--fid's Inception features of the samples)."""
     calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
-    guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1  # doubled network batches
-    grid_s = guided * calls * call_s * cfg.num_samples / cfg.batch_size
-    eval_s = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size + 5.0 + score_s
-    end = started + cfg.minutes * 60
-    tail_s = grid_s + 2.0 + (eval_s if cfg.eval_every else 0)   # final grid, save, score
-    extra_s = (grid_s / cfg.sample_every + 2.0 / cfg.ckpt_every  # per step, on average
-               + (eval_s / cfg.eval_every if cfg.eval_every else 0))
-    steps = start + int((end - time.perf_counter() - tail_s) / (step_s + extra_s))
+    guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1
+    grid = guided * calls * call_s * cfg.num_samples / cfg.batch_size
+    score = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
+    return {"grid": (grid / step_s, 0.0), "save": (0.0, 2.0),
+            "score": (score / step_s, 5.0 + score_s)}
+
+
+def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, start=0, score_s=0.0,
+         clock=time.perf_counter, timings=None):
+    """The Plan of a --minutes run (cfg.minutes from `started`, a `clock` reading) for the model
+    parts (model, ema, optimizer, scaler), which are not changed; `speak`: print the count (the
+    writing process); `start`: the step a resumed run goes on from (its count not fixed yet;
+    `started` then moved back by the seconds it has run); score_s: see first_costs; `timings`:
+    (step_s, call_s) instead of a probe's."""
+    step_s, call_s = timings or probe(cfg, parts, diffusion, shape, device)
+    plan = Plan(cfg, None, started + cfg.minutes * 60,
+                first_costs(cfg, diffusion, step_s, call_s, score_s), start=start, world=world,
+                speak=speak, writes=speak, clock=clock)
+    steps = plan.estimate(start, plan.end - clock(), step_s)
     if world > 1:
         steps = hardware.broadcast_int(steps)
     check(steps >= start + 1, f"--minutes {cfg.minutes:g} leaves no time for a training step "
           f"(one takes {step_s:.1f} s here); give more minutes or --steps")
-    if cfg.lr_schedule == "wsd":
-        first = max(cfg.warmup, 10, start + 1)
-        remeasure, at = steps > first + 10, None
-        when = "when its decay begins, from the stable phase's own steps"
-    else:
-        at = 60 if cfg.lr_schedule == "constant" else min(60, cfg.warmup)
-        first = max(at // 3, start + 1)  # the steps from `first` to `at` are timed (a resumed
-        at = max(at, first + 1)          # run's from where it goes on)
-        busy = [k for k in (cfg.sample_every, cfg.ckpt_every, cfg.eval_every)  # a grid, save or
-                if k and at // k > first // k]                              # score while timed
-        remeasure = at >= 15 and steps > 2 * at and not busy
-        when = f"at step {at} from the steps' own time"
-    if speak and remeasure:
+    plan.steps = steps
+    when = {"wsd": "when its decay begins", "constant": "as the run goes"}.get(cfg.lr_schedule) \
+        or f"when its decay begins (step {cfg.warmup + 1})"
+    if speak:
         print(f"sized to {cfg.minutes:g} minutes: about {steps} steps ({step_s:.2f} s each on a "
-              f"probe); the count is fixed {when}", file=sys.stderr)
-    elif speak:
-        print(f"sized to {cfg.minutes:g} minutes: {steps} steps ({step_s:.2f} s each, measured); "
-              f"--steps {steps} repeats this run", file=sys.stderr)
-    return Plan(cfg, steps, end, tail_s, extra_s, world, speak,
-                *((first, at) if remeasure else ()))
+              f"probe); the count is fixed {when}, from the run's own steps", file=sys.stderr)
+    return plan
 
 
 def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):

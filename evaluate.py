@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
+
 import numpy as np
 import torch
 from tqdm import tqdm

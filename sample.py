@@ -9,7 +9,10 @@ the same seed gives the same images.
     python sample.py --out samples.npz --n 10000          # uint8 array [N, H, W(, C)]
     python sample.py --trajectory 10 --n 8                # x_t at 10 values of t, one row a sample
 """
+import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
 
 import numpy as np
 import torch

@@ -52,6 +52,21 @@ def test_nearest_on_pixels_finds_exact_copies_at_distance_zero():
     np.testing.assert_allclose(distances[40:], reference.min(1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("reference_chunk", [4, 64])
+def test_a_duplicated_reference_is_found_at_its_lower_index(reference_chunk):
+    """Ties go to the lower index: a training set holding an image twice (here at 3 and 41, in
+    different blocks of 4 references and in one block of 64) returns 3 for that image, as
+    NumPy's argmin of the distances does."""
+    references = blobs(50, seed=4)
+    references[41] = references[3]
+    queries = references[[3, 41, 7]]
+    _, indices = metrics.nearest(queries, references, chunk=2, reference_chunk=reference_chunk)
+    flat = references.reshape(50, -1).astype(float)
+    expected = cdist(queries.reshape(3, -1).astype(float), flat).argmin(1)
+    np.testing.assert_array_equal(indices, expected)
+    assert indices.tolist() == [3, 3, 7]
+
+
 def test_nearest_refuses_mismatched_shapes():
     with pytest.raises(ValueError):
         metrics.nearest(np.zeros((2, 3)), np.zeros((2, 4)))

@@ -69,18 +69,34 @@ def commands(text):
 
 
 def help_flags(script):
-    """The long flags a script's --help lists."""
+    """The long flags a script's parser has (its actions' option strings), each of which its
+    --help lists; a flag only named in another flag's explanation is not one."""
+    import argparse
     name = os.path.basename(script)[:-3]
-    if os.path.dirname(script):  # docs/figures.py: loaded from its file
+    if os.path.dirname(script) and not os.path.isabs(script):  # docs/figures.py: from its file
         spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, script))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
         module = importlib.import_module(name)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        module.parse_args(["--help"])
-    return set(re.findall(r"--[a-z][\w-]*", out.getvalue()))
+    parsers, out = [], io.StringIO()
+    real = argparse.ArgumentParser.print_help
+
+    def print_help(self, file=None):
+        parsers.append(self)
+        real(self, file)
+    argparse.ArgumentParser.print_help = print_help
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+    finally:
+        argparse.ArgumentParser.print_help = real
+    [parser] = parsers
+    flags = {option for action in parser._actions if action.help != argparse.SUPPRESS
+             for option in action.option_strings if option.startswith("--")}
+    listed = set(re.findall(r"--[a-z][\w-]*", out.getvalue()))
+    assert flags <= listed, (script, flags - listed)
+    return flags
 
 
 def problems(text):
@@ -184,6 +200,19 @@ def test_every_picture_and_page_the_docs_link_exists(doc):
                if not re.match(r"[a-z]+:|#", t)}
     base = os.path.dirname(os.path.join(HERE, doc))
     assert sorted(t for t in targets if not os.path.exists(os.path.join(base, t))) == [], doc
+
+
+def test_a_flag_named_only_in_another_flag_s_help_is_not_known(tmp_path, monkeypatch):
+    """A script whose one flag's explanation names --prose-only: a doc line with --prose-only
+    is reported, a doc line with the real flag is not."""
+    (tmp_path / "proseful.py").write_text(
+        "import cli\n"
+        "def parse_args(argv=None):\n"
+        "    p = cli.ArgumentParser(description='a script')\n"
+        "    p.add_argument('--real', help='like --prose-only, which this script does not have')\n"
+        "    return p.parse_args(argv)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert help_flags(str(tmp_path / "proseful.py")) == {"--real", "--help"}
 
 
 def test_the_readme_is_a_newcomers_page():

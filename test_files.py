@@ -19,11 +19,12 @@ def test_the_temporary_file_is_synced_before_it_is_renamed(tmp_path, monkeypatch
     """The order of the system calls: the data, then fsync of the temporary file's descriptor,
     then the rename of that same file onto the target (a crash between them leaves the old file
     or the whole new one, never a renamed file whose data is not on disk)."""
-    calls = []
+    calls, sizes = [], []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
         calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        sizes.append(os.fstat(fd).st_size)  # what the fsync makes durable: all of it
         real_fsync(fd)
 
     def replace(src, dst):
@@ -36,7 +37,7 @@ def test_the_temporary_file_is_synced_before_it_is_renamed(tmp_path, monkeypatch
     files.atomic_write(str(target), lambda f: f.write(b"payload"))
     assert [c[0] for c in calls] == ["fsync", "replace"]
     assert calls[0][1] == calls[1][1] != str(target) and calls[1][2] == str(target)
-    assert target.read_bytes() == b"payload"
+    assert target.read_bytes() == b"payload" and sizes == [len(b"payload")]
 
 
 def test_a_killed_write_leaves_what_the_cleaner_removes(tmp_path):
@@ -67,20 +68,29 @@ def test_a_killed_write_leaves_what_the_cleaner_removes(tmp_path):
 
 def test_a_second_directory_lock_is_refused_until_the_holder_dies(tmp_path):
     """Two DirectoryLocks on one directory, in two processes: the second gets one line naming
-    the first's process id; after kill -9 of the first, the lock is taken at once."""
-    code = ("import sys, time, files\n"
+    the first's process id; after kill -9 of the first, the lock is taken at once. A lock that
+    waited for the holder instead of refusing fails here in 10 seconds (an alarm)."""
+    code = ("import sys, files\n"
             "with files.DirectoryLock(sys.argv[1]):\n"
-            "    print('locked', flush=True); time.sleep(60)\n")
+            "    print('locked', flush=True); sys.stdin.read()\n")  # held until killed
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=HERE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def waited(*_):
+        raise TimeoutError("the second DirectoryLock waited for the first instead of refusing")
+    previous = signal.signal(signal.SIGALRM, waited)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        signal.alarm(10)
         with pytest.raises(cli.UserError) as excinfo:
             with files.DirectoryLock(str(tmp_path)):
                 pass
+        signal.alarm(0)
         message = str(excinfo.value)
         assert f"in use by process {holder.pid}" in message and "\n" not in message
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     with files.DirectoryLock(str(tmp_path)):

@@ -17,6 +17,7 @@ import config
 import convert
 import ddpm
 import evaluate
+import metrics
 import optim
 import sample
 import sampling
@@ -100,6 +101,9 @@ def test_the_null_label_of_sampling_is_the_one_trained_as_null(conditional_run, 
                       labels=torch.tensor([0, 1, 2]), guidance=2.0,
                       null_label=model.module.null_label, progress=False)
     assert seen == [classes]
+    cli.run_script(sample.main, ["--ckpt", str(conditional_run), "--class", "all", "--n", "1",
+                                 "--steps", "2", "--out", str(conditional_run / "s.png")])
+    assert seen == [classes, classes]  # sample.py's too
     images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
     run = type("Run", (), dict(cfg=config.Config(seed=0, batch_size=4, timesteps=10,
                                                  class_cond=True, cond_drop=1.0, hflip=False),
@@ -119,6 +123,40 @@ def test_label_dropout_is_drawn_at_the_rate_asked(rate):
     assert scipy.stats.binomtest(int(drops.sum()), drops.numel(), rate).pvalue > 1e-3
     assert torch.equal(drops[7], optim.step_label_drops(cfg, 7, "cpu"))
     assert not torch.equal(drops[7], drops[8])
+
+
+def test_label_dropout_is_independent_of_the_flips():
+    """The drops have a stream of their own: over 300 steps of 64 images, the share both
+    dropped and flipped agrees with 0.3 x 0.5 (a two-sided binomial test); drawn on the flips'
+    stream, every drop would be a flip."""
+    cfg = config.Config(seed=0, batch_size=64, cond_drop=0.3, hflip=True)
+    drops = torch.stack([optim.step_label_drops(cfg, s, "cpu") for s in range(300)])
+    flips = torch.stack([optim.step_flips(cfg, s, "cpu") for s in range(300)])
+    assert scipy.stats.binomtest(int((drops & flips).sum()), drops.numel(), 0.15).pvalue > 1e-3
+
+
+def test_two_processes_draw_one_process_s_labels_and_drops():
+    """train.draw_batch at --cond-drop 0.3 in two processes: each keeps its half of the global
+    batch's labels and drops, so that together they are exactly the draw of one process; every
+    label is the image's own or the null label, and about 30% are null."""
+    labels = torch.arange(64) % 3
+
+    def run(rank, world):
+        cfg = config.Config(seed=0, batch_size=64, timesteps=10, class_cond=True, cond_drop=0.3,
+                            hflip=False)
+        return type("Run", (), dict(cfg=cfg, world=world, rank=rank, device="cpu",
+                                    images=torch.zeros(64, 1, 2, 2, dtype=torch.uint8),
+                                    labels=labels, unet_kwargs={"num_classes": 3},
+                                    batches=optim.Batches(64, 64, 0, "cpu"), diffusion=None))
+    one, nulls = run(0, 1), 0
+    for step in range(60):
+        y = train.draw_batch(one, step)[1]
+        halves = [train.draw_batch(run(rank, 2), step)[1] for rank in (0, 1)]
+        assert [len(h) for h in halves] == [32, 32] and torch.equal(torch.cat(halves), y)
+        own = labels[one.batches.indices(step)]
+        assert bool(((y == own) | (y == 3)).all())
+        nulls += int((y == 3).sum())
+    assert scipy.stats.binomtest(nulls, 60 * 64, 0.3).pvalue > 1e-3
 
 
 def test_a_conditional_run_resumes_bit_exactly(labelled, tmp_path):
@@ -233,18 +271,63 @@ def test_class_cond_needs_labels_and_class_needs_a_conditional_model(tmp_path, c
 
 def test_evaluate_scores_the_class_asked_for(tmp_path, monkeypatch):
     """On labelled 28x28 data: with --class all, as many samples of each class, and the share
-    the classifier assigns to the class asked beside the other scores."""
+    the classifier assigns to the class asked beside the other scores. Train.py's grid and score
+    and evaluate.py sample with the null label the network was trained with (num_classes). With
+    known-answer stand-ins for the sampler: one that always draws the class asked scores a class
+    accuracy near 1, one that draws the next class near 0; one that returns training images is
+    found to copy (in pixels and in the classifier's features), one that draws new images of the
+    same kind is not."""
     import data
     import test_evaluate
     sets = {"train": test_evaluate.synthetic_digits(320, 0), "test": test_evaluate.synthetic_digits(100, 1)}
     monkeypatch.setattr(data, "load_dataset", lambda name, split="train", *a, **k: sets[split])
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    nulls, real_guided = [], ddpm.guided_model
+    monkeypatch.setattr(ddpm, "guided_model", lambda net, labels, null, w, lv=False: (
+        nulls.append(null), real_guided(net, labels, null, w, lv))[1])
     train.train({**TINY, "dataset": "mnist", "attn_resolutions": (14,), "steps": 2,
-                 "out": str(tmp_path / "run"), "class_cond": True}, progress=False)
-    cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run"), "--n", "0", "--samples", "20",
-                                   "--steps", "2", "--class", "all", "--guidance", "1",
-                                   "--json", str(tmp_path / "e.json")])
+                 "out": str(tmp_path / "run"), "class_cond": True, "eval_every": 2,
+                 "eval_samples": 10}, progress=False)
+    assert nulls == [10, 10]  # the score at step 2, then the final grid
+    nulls.clear()
+    evaluate_args = ["--ckpt", str(tmp_path / "run"), "--n", "0", "--samples", "20",
+                     "--steps", "2", "--class", "all", "--guidance", "1",
+                     "--json", str(tmp_path / "e.json")]
+    cli.run_script(evaluate.main, evaluate_args)
+    assert nulls and set(nulls) == {10}
     with open(tmp_path / "e.json") as f:
         s = json.load(f)["samples"]
     assert s["count"] == 20 and s["guidance"] == 1 and s["classes"] == "all"
     assert 0 <= s["class_accuracy"] <= 1 and "fd" in s
+
+    def stand_in(draw):
+        def generate(network, diffusion, shape, count, *args, labels=None, **kwargs):
+            drawn[:] = [draw(count, labels), labels]
+            return torch.from_numpy(drawn[0]).float() / 127.5 - 1, None
+        return generate
+
+    test, drawn = sets["test"], []
+    classifier, _ = metrics.classifier_for("mnist", sets["train"], test, torch.device("cpu"),
+                                           progress=False)  # the one evaluate.py trained
+    of_class = lambda k: test.images[test.labels == k]
+    for shift in (0, 1):  # the class asked; the next one
+        monkeypatch.setattr(sampling, "generate", stand_in(lambda count, labels: np.stack(
+            [of_class((int(k) + shift) % 10)[i % len(of_class((int(k) + shift) % 10))]
+             for i, k in enumerate(labels)])))
+        cli.run_script(evaluate.main, evaluate_args)
+        with open(tmp_path / "e.json") as f:
+            got = json.load(f)["samples"]["class_accuracy"]
+        # what the classifier says of those images, against the classes asked
+        predicted = metrics.embed(classifier, drawn[0])[1].argmax(1)
+        assert got == pytest.approx(np.mean(predicted == drawn[1].numpy()))
+        assert got >= 0.6 if shift == 0 else got <= 0.2
+    new = test_evaluate.synthetic_digits(40, 7).images
+    for images, copying in ((sets["train"].images[:40], True), (new, False)):
+        monkeypatch.setattr(sampling, "generate", stand_in(lambda count, labels: images[:count]))
+        cli.run_script(evaluate.main, [*evaluate_args[:5], "0", "--nearest", "40", "--class",
+                                       "all", "--json", str(tmp_path / "e.json")])
+        with open(tmp_path / "e.json") as f:
+            c = json.load(f)["copies"]
+        for space in ("pixels", "features"):
+            assert (c[space]["fraction"] >= 0.95) if copying else (c[space]["fraction"] <= 0.3), \
+                (space, copying, c)

@@ -112,3 +112,12 @@ def test_wsd_is_constant_then_a_line_to_zero_over_the_last_fraction(steps, warmu
         assert lrs[-1] == 0.0
         for s in range(start, steps):
             assert lrs[s] == pytest.approx(lr * (steps - 1 - s) / (steps - 1 - start), abs=1e-15)
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.2, 0.35, 0.5])
+def test_wsd_decays_over_the_nearest_whole_number_of_steps(fraction):
+    """The decay's length is the whole number nearest fraction x steps (within half a step), for
+    every count up to 300, not that number rounded down."""
+    cfg = config.Config(warmup=0, decay_fraction=fraction)
+    for steps in range(1, 301):
+        assert abs((steps - optim.decay_start(cfg, steps)) - fraction * steps) <= 0.5, steps

@@ -12,6 +12,7 @@ sample sizes are stated.
   [Esser]  Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
            Synthesis".
 """
+import functools
 import math
 
 import numpy as np
@@ -22,11 +23,16 @@ import scipy.stats as stats
 import torch
 
 import ddpm
-from test_math import (ALPHA, LINEAR, TWO_MODES, Mixture, at, logsnr_schedule, reference,
+from test_math import (ALPHA, TWO_MODES, Mixture, at, linear_betas, logsnr_schedule, reference,
                        sample_1d, x0_oracle)
 
 F64 = torch.float64
-COSINE = ddpm.make_beta_schedule("cosine", 1000)
+
+
+@functools.cache
+def cosine_betas():
+    """The cosine schedule at T = 1000, built when a test first asks (not at collection)."""
+    return ddpm.make_beta_schedule("cosine", 1000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +79,7 @@ def test_guided_eps_is_the_eps_of_the_tilted_density(w):
     doubled batch); the reference differentiates the tilted log density by finite differences of
     SciPy log densities. 41 points x_t over the range of both modes, both classes, paper t = 1, 50,
     300, 700, 1000."""
-    ac = reference(LINEAR.numpy())["ac"]
+    ac = reference(linear_betas().numpy())["ac"]
     network = class_network(TWO_MODES, ac)
     x = np.linspace(-3, 3, 41)
     for c in (0, 1):
@@ -101,7 +107,7 @@ def test_guiding_outputs_guides_the_implied_eps(mean_type, learned):
     implied by the two outputs separately (arbitrary outputs, x_t, t and w). With a learned variance
     (learned_range, 2C channels) the variance is the conditional output's, and guiding that half
     too would have changed it."""
-    betas = COSINE.numpy()[::10].copy()  # any schedule; 100 steps
+    betas = cosine_betas().numpy()[::10].copy()  # any schedule; 100 steps
     kw = dict(var_type="learned_range", loss_type="hybrid") if learned else {}
     d = ddpm.GaussianDiffusion(betas, mean_type, **kw)
     g = torch.Generator().manual_seed(0)
@@ -153,7 +159,7 @@ def test_guidance_scale_0_samples_each_class(sampler):
     one-sample KS test against its component N(m_c, s_c²) (scipy.stats.norm) at level ALPHA, and
     fails against the other class. n = 4,000 in all (DDPM, DPM-Solver++) or 1,000 (DDIM-50, whose
     discretisation bias KS resolves at larger n; see test_math's section 11), seed 0."""
-    d = ddpm.GaussianDiffusion(LINEAR)
+    d = ddpm.GaussianDiffusion(linear_betas())
     n = 1000 if sampler.startswith("ddim") else 4000
     labels = torch.cat([torch.zeros(n // 2), torch.ones(n // 2)]).long()
     model = ddpm.guided_model(class_network(TWO_MODES, d.alphas_cumprod), labels, 2, w=0.0)
@@ -216,7 +222,7 @@ def test_dpm_solver_is_lu_algorithm_2(schedule, steps, spacing):
     data with its exact x̂_0 (written here), the NumPy recursion of lu_algorithm_2 gives the same
     x at the last index and the same x_0, for 25 values of x_T; one network call per visited
     index, `steps` of them."""
-    betas = (LINEAR if schedule == "linear" else COSINE).numpy()
+    betas = (linear_betas() if schedule == "linear" else cosine_betas()).numpy()
     d, ac, (m, s) = ddpm.GaussianDiffusion(betas), reference(betas)["ac"], (0.2, 0.3)
     eps_model, calls = Mixture([1.0], [m], [s]).eps_model(ac), []
     model = lambda x, t: calls.append(1) or eps_model(x, t)
@@ -241,13 +247,13 @@ def test_dpm_solver_matches_diffusers(mean_type, prediction_type, steps):
     steps) over our timesteps, driven by the same exact model of Gaussian data, gives our samples
     to float32 precision (diffusers keeps its tables in float32)."""
     diffusers = pytest.importorskip("diffusers", reason="pip install -r requirements-test.txt")
-    d, ac = ddpm.GaussianDiffusion(LINEAR, mean_type), reference(LINEAR.numpy())["ac"]
+    d, ac = ddpm.GaussianDiffusion(linear_betas(), mean_type), reference(linear_betas().numpy())["ac"]
     eps_model = Mixture([1.0], [0.2], [0.3]).eps_model(ac)
     model = lambda x, t: _output_for(d, mean_type, x, t, _x0_from_eps(x, t, eps_model(x, t), ac))
     xT = torch.linspace(-3, 3, 25, dtype=F64)[:, None]
     ours = d.dpm_solver_sample_loop(model, xT.shape, steps, noise=xT, clip_denoised=False)
     theirs = diffusers.DPMSolverMultistepScheduler(
-        trained_betas=LINEAR.numpy(), prediction_type=prediction_type, solver_order=2,
+        trained_betas=linear_betas().numpy(), prediction_type=prediction_type, solver_order=2,
         algorithm_type="dpmsolver++", lower_order_final=False, final_sigmas_type="zero")
     theirs.set_timesteps(timesteps=list(reversed(d.dpm_solver_timesteps(steps))))
     x = xT
@@ -262,7 +268,7 @@ def test_dpm_solver_step_formulas(mean_type):
     older x̂_0 (the second-order update with r = (λ_t - λ_s)/h), and the first-order step
     (no older x̂_0), which is DDIM with eta = 0 (a second derivation, [Song] Eq. 12). The final
     step to ᾱ = 1 returns x̂_0 whatever the older one."""
-    betas = LINEAR.numpy()
+    betas = linear_betas().numpy()
     d, ac = ddpm.GaussianDiffusion(betas, mean_type), reference(betas)["ac"]
     g = torch.Generator().manual_seed(2)
     x_t, x0_t, x0_s = (torch.randn(3, 4, dtype=F64, generator=g) for _ in range(3))
@@ -326,7 +332,7 @@ def test_dpm_solver_reaches_the_pf_ode_solution_in_few_steps():
     of the exact probability-flow solution x_0 = m + s (x_T - √ᾱ_T m)/√(ᾱ_T s² + 1 - ᾱ_T)
     (measured: at most 0.14 s at 10 steps, 0.04 s at 25), and over 4x closer than DDIM with as
     many steps (DDIM: 0.5 s to 2 s at 10 steps, 0.2 s to 1.5 s at 25)."""
-    d, ac = ddpm.GaussianDiffusion(LINEAR), reference(LINEAR.numpy())["ac"]
+    d, ac = ddpm.GaussianDiffusion(linear_betas()), reference(linear_betas().numpy())["ac"]
     xT = torch.linspace(-3, 3, 25, dtype=F64)[:, None]
     for m, s in ((0.3, 0.25), (0.0, 1.0), (-0.5, 0.05)):
         model = Mixture([1.0], [m], [s]).eps_model(ac)
@@ -346,7 +352,7 @@ def test_dpm_solver_reproduces_the_data(schedule, steps, n):
     the mixture CDF at level ALPHA, seed 0. Its discretisation bias is real but small: KS resolves
     it at n = 20,000 for 20 steps (p = 3e-4), where DDIM-20's KS distance is 3x larger (checked
     below), hence the sample sizes."""
-    d = ddpm.GaussianDiffusion(LINEAR if schedule == "linear" else COSINE)
+    d = ddpm.GaussianDiffusion(linear_betas() if schedule == "linear" else cosine_betas())
     model = TWO_MODES.eps_model(d.alphas_cumprod)
     x = sample_1d(lambda **kw: d.dpm_solver_sample_loop(model, steps=steps, **kw), n)
     assert stats.kstest(x, TWO_MODES.cdf).pvalue > ALPHA
@@ -362,7 +368,7 @@ def test_dpm_solver_reproduces_the_data(schedule, steps, n):
 def test_dpm_solver_with_an_x0_oracle_returns_x0(steps, clip):
     """If the model knows x_0, x̂_0 = x_0 at every step, D = x_0 in every update, and the last
     step (to ᾱ = 1) returns x_0 exactly, whatever the step count and the clipping."""
-    d = ddpm.GaussianDiffusion(LINEAR)
+    d = ddpm.GaussianDiffusion(linear_betas())
     x0 = torch.linspace(-1, 1, 6, dtype=F64).view(2, 3)
     noise = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
     out = d.dpm_solver_sample_loop(x0_oracle(x0, d.alphas_cumprod), x0.shape, steps,
@@ -373,12 +379,12 @@ def test_dpm_solver_with_an_x0_oracle_returns_x0(steps, clip):
 def test_dpm_solver_parameterisations_agree():
     """The same exact model answering in ε, x_0 or v gives the same DPM-Solver++ samples (x̂_0 comes
     from p_mean_variance in each case), and clipping x̂_0 keeps the samples in [-1, 1]."""
-    ac = reference(LINEAR.numpy())["ac"]
+    ac = reference(linear_betas().numpy())["ac"]
     eps_model = TWO_MODES.eps_model(ac)
     xT = torch.randn(64, 1, dtype=F64, generator=torch.Generator().manual_seed(4))
     runs = {}
     for mean_type in ("eps", "x0", "v"):
-        d = ddpm.GaussianDiffusion(LINEAR, mean_type)
+        d = ddpm.GaussianDiffusion(linear_betas(), mean_type)
         model = lambda x, t: _output_for(d, mean_type, x, t,
                                          _x0_from_eps(x, t, eps_model(x, t), ac))
         runs[mean_type] = d.dpm_solver_sample_loop(model, xT.shape, 15, noise=xT,
@@ -386,7 +392,7 @@ def test_dpm_solver_parameterisations_agree():
     np.testing.assert_allclose(runs["x0"], runs["eps"], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(runs["v"], runs["eps"], rtol=1e-9, atol=1e-9)
     wide = Mixture([0.5, 0.5], [-0.95, 0.95], [0.3, 0.3])
-    d = ddpm.GaussianDiffusion(LINEAR)
+    d = ddpm.GaussianDiffusion(linear_betas())
     clipped = d.dpm_solver_sample_loop(wide.eps_model(ac), xT.shape, 15, noise=xT)
     free = d.dpm_solver_sample_loop(wide.eps_model(ac), xT.shape, 15, noise=xT, clip_denoised=False)
     assert clipped.abs().max() <= 1 and free.abs().max() > 1
@@ -403,13 +409,13 @@ def test_dpm_solver_timesteps():
     where values share a nearest index (the clipped end of the cosine schedule, or steps = T)
     neighbours are taken. time: round(linspace(T-1, 0, steps)), ascending. Bad counts and
     spacings raise."""
-    for betas in (LINEAR, COSINE):
+    for betas in (linear_betas(), cosine_betas()):
         d, ac = ddpm.GaussianDiffusion(betas), reference(betas.numpy())["ac"]
         lam = 0.5 * np.log(ac / (1 - ac))
         for steps in (2, 10, 15, 25, 999, 1000):
             seq = d.dpm_solver_timesteps(steps)
             assert seq[0] == 0 and seq[-1] == 999 and len(set(seq)) == steps and seq == sorted(seq)
-            if betas is LINEAR and steps <= 25:
+            if betas is linear_betas() and steps <= 25:
                 target = np.linspace(lam[-1], lam[0], steps)[::-1]
                 assert seq == [int(np.argmin(np.abs(lam - v))) for v in target]
     assert d.dpm_solver_timesteps(1) == d.dpm_solver_timesteps(1, "time") == [999]
@@ -458,7 +464,7 @@ def test_timestep_probs_are_the_papers_laws(schedule, kind):
     (P >= 0.1/T, so the importance weight (1/T)/P <= 10); a few bins' logit-normal masses also
     equal the quadrature of [Esser]'s density; and the respaced chain carries the option, its P
     computed on its own steps."""
-    betas = (LINEAR if schedule == "linear" else COSINE).numpy()
+    betas = (linear_betas() if schedule == "linear" else cosine_betas()).numpy()
     d = ddpm.GaussianDiffusion(betas, timestep_sampling=kind)
     P = d.timestep_probs().numpy()
     want = reference_probs(betas, kind)
@@ -485,14 +491,14 @@ def test_sample_timesteps_draws_p(kind):
     """200,000 draws of sample_timesteps at T = 1000 (linear): the chi-square goodness-of-fit test
     (scipy.stats.chisquare, 999 degrees of freedom, every expected count >= 20) accepts the SciPy
     reference P at level ALPHA and rejects the other option's P and the uniform law."""
-    d = ddpm.GaussianDiffusion(LINEAR, timestep_sampling=kind)
+    d = ddpm.GaussianDiffusion(linear_betas(), timestep_sampling=kind)
     n = 200000
     t = d.sample_timesteps(n, torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and t.shape == (n,)
     counts = np.bincount(t.numpy(), minlength=1000)
     other = "logitnormal" if kind == "lognormal" else "lognormal"
-    assert stats.chisquare(counts, n * reference_probs(LINEAR.numpy(), kind)).pvalue > ALPHA
-    assert stats.chisquare(counts, n * reference_probs(LINEAR.numpy(), other)).pvalue < ALPHA
+    assert stats.chisquare(counts, n * reference_probs(linear_betas().numpy(), kind)).pvalue > ALPHA
+    assert stats.chisquare(counts, n * reference_probs(linear_betas().numpy(), other)).pvalue < ALPHA
     assert stats.chisquare(counts, np.full(1000, n / 1000)).pvalue < ALPHA
 
 
@@ -500,7 +506,7 @@ def test_uniform_sampling_is_todays_draw():
     """"uniform" (the default) draws exactly what the training loop's torch.randint(0, T) draws
     from the same generator, leaves the generator in the same state, and keeps P = 1/T and the
     loss weights as they were."""
-    d = ddpm.GaussianDiffusion(LINEAR)
+    d = ddpm.GaussianDiffusion(linear_betas())
     assert d.timestep_sampling == "uniform"
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(d.sample_timesteps(64, g1), torch.randint(0, 1000, (64,), generator=g2))
@@ -518,8 +524,8 @@ def test_importance_weighted_loss_is_unbiased(kind, weighting):
     50,000 draws of sample_timesteps agrees within z_{1-ALPHA/2} standard errors, while the same
     draws without the weight are off by more than that (linear schedule, T = 1000)."""
     T = 1000
-    uniform = ddpm.GaussianDiffusion(LINEAR, loss_weighting=weighting)
-    weighted = ddpm.GaussianDiffusion(LINEAR, loss_weighting=weighting, timestep_sampling=kind)
+    uniform = ddpm.GaussianDiffusion(linear_betas(), loss_weighting=weighting)
+    weighted = ddpm.GaussianDiffusion(linear_betas(), loss_weighting=weighting, timestep_sampling=kind)
     g = torch.Generator().manual_seed(5)
     x0 = torch.rand(1, 1, 2, 2, dtype=F64, generator=g).expand(T, 1, 2, 2) * 2 - 1
     noise = torch.randn(T, 1, 2, 2, dtype=F64, generator=g)
@@ -527,7 +533,7 @@ def test_importance_weighted_loss_is_unbiased(kind, weighting):
     t = torch.arange(T)
     loss_u = uniform.training_losses(model, x0, t, noise=noise)["loss"].numpy()
     loss_w = weighted.training_losses(model, x0, t, noise=noise)["loss"].numpy()
-    P = reference_probs(LINEAR.numpy(), kind)
+    P = reference_probs(linear_betas().numpy(), kind)
     np.testing.assert_allclose(loss_w, loss_u / (T * P), rtol=1e-9)
     exact = loss_u.mean()
     assert (P * loss_w).sum() == pytest.approx(exact, rel=1e-9)
@@ -542,13 +548,13 @@ def test_importance_weighted_loss_is_unbiased(kind, weighting):
 def test_timestep_sampling_options_and_errors():
     """Custom ln σ mean, std and floor reach P (against SciPy); t_floor = 1 is uniform; the
     option is refused for the bound's losses (they would be biased) and for bad values."""
-    d = ddpm.GaussianDiffusion(LINEAR, timestep_sampling="lognormal", t_mean=0.5, t_std=2.0,
+    d = ddpm.GaussianDiffusion(linear_betas(), timestep_sampling="lognormal", t_mean=0.5, t_std=2.0,
                                t_floor=0.3)
-    ac = reference(LINEAR.numpy())["ac"]
+    ac = reference(linear_betas().numpy())["ac"]
     edges = 0.25 * (np.log((1 - ac[1:]) / ac[1:]) + np.log((1 - ac[:-1]) / ac[:-1]))
     mass = np.diff(np.concatenate([[0.0], stats.norm.cdf(edges, 0.5, 2.0), [1.0]]))
     np.testing.assert_allclose(d.timestep_probs(), 0.7 * mass + 0.3 / 1000, rtol=1e-9)
-    flat = ddpm.GaussianDiffusion(LINEAR, timestep_sampling="logitnormal", t_floor=1.0)
+    flat = ddpm.GaussianDiffusion(linear_betas(), timestep_sampling="logitnormal", t_floor=1.0)
     np.testing.assert_allclose(flat.timestep_probs(), np.full(1000, 1e-3), rtol=1e-12)
     for kwargs, match in (({"timestep_sampling": "beta"}, "unknown timestep_sampling"),
                           ({"timestep_sampling": "lognormal", "t_std": 0.0}, "t_std"),
@@ -558,7 +564,7 @@ def test_timestep_sampling_options_and_errors():
                           ({"timestep_sampling": "lognormal", "var_type": "learned_range",
                             "loss_type": "hybrid"}, "biased")):
         with pytest.raises(ValueError, match=match):
-            ddpm.GaussianDiffusion(LINEAR, **kwargs)
+            ddpm.GaussianDiffusion(linear_betas(), **kwargs)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -566,7 +572,7 @@ def test_timestep_sampling_options_and_errors():
 def test_new_paths_follow_the_input_device_and_dtype(device, dtype):
     """DPM-Solver++ with a guided model and the non-uniform timestep draw run where their inputs
     are, in their dtype, and agree with the float64 CPU run (float32 within 1e-4)."""
-    d = ddpm.GaussianDiffusion(LINEAR, timestep_sampling="logitnormal")
+    d = ddpm.GaussianDiffusion(linear_betas(), timestep_sampling="logitnormal")
     network = lambda x, t, y: 0.3 * x + 0.1 * y.to(x).view(-1, 1, 1) - t.to(x).view(-1, 1, 1) / 5000
     labels = torch.tensor([0, 1, 2])
     noise = torch.randn(3, 2, 4, dtype=F64, generator=torch.Generator().manual_seed(0))

@@ -2,8 +2,12 @@
 each decoded pixel checked against a closed form or against Pillow and NumPy doing the same step
 by themselves; and npz files with labels."""
 import builtins
+import errno
 import hashlib
 import os
+import pathlib
+import shutil
+import tempfile
 from fractions import Fraction
 
 import numpy as np
@@ -132,6 +136,32 @@ def test_sixteen_bit_png_scaled_with_rounding(tmp_path):
     assert got.ravel().tolist() == expected
 
 
+def test_sixteen_bit_pgm_opens_as_mode_i_and_is_scaled_too(tmp_path):
+    """A 16-bit binary PGM (maxval 65535), which Pillow opens as mode I: scaled to 8 bits with
+    the same rounding as a 16-bit PNG, round(v * 255 / 65535)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    values = np.array([0, 128, 129, 257, 385, 386, 1000, 32767, 32768, 40000, 65000, 65406,
+                       65407, 65535, 300, 60000], dtype=">u2").reshape(4, 4)
+    (folder / "deep.pgm").write_bytes(b"P5\n4 4\n65535\n" + values.tobytes())
+    with Image.open(folder / "deep.pgm") as image:
+        assert image.mode == "I"
+    got = read(folder, tmp_path).train.images
+    assert got.ravel().tolist() == [round(Fraction(int(v) * 255, 65535)) for v in values.ravel()]
+
+
+def test_equal_red_and_green_with_another_blue_stay_colour(tmp_path):
+    """Only an image whose three planes are all equal counts as grey: R = G with B different is
+    colour, kept as it is, and makes the folder three-channel."""
+    folder = tmp_path / "imgs"
+    rgb = np.repeat(grey(40)[:, :, None], 3, axis=2)
+    rgb[..., 2] = grey(41)
+    save(folder / "yellowish.png", rgb)
+    save(folder / "grey.png", grey(42))
+    got = images_by_path(read(folder, tmp_path).train)
+    np.testing.assert_array_equal(got["yellowish.png"], rgb.transpose(2, 0, 1))
+
+
 def test_palette_with_alpha_is_composited_on_white(tmp_path):
     assert userdata.BACKGROUND == 255  # white, as the docstring says
     folder = tmp_path / "imgs"
@@ -240,6 +270,17 @@ def test_image_size_centre_crops_then_resizes_as_pillow_does(tmp_path):
         np.testing.assert_array_equal(got[name], np.asarray(expected).transpose(2, 0, 1))
 
 
+def test_small_images_are_enlarged_as_pillow_does(tmp_path):
+    """4x4 images with --image-size 8: enlarged by Pillow's LANCZOS filter, not left small."""
+    folder = tmp_path / "imgs"
+    small = grey(43, size=4)
+    save(folder / "small.png", small)
+    got = read(folder, tmp_path, image_size=8).train.images
+    expected = Image.fromarray(small).resize((8, 8), Image.Resampling.LANCZOS)
+    assert got.shape == (1, 1, 8, 8)
+    np.testing.assert_array_equal(got[0, 0], np.asarray(expected))
+
+
 def test_crop_keeps_the_centre_square(tmp_path):
     """A uniform centre square between margins of another colour: after crop and resize, only
     the centre's colour is left (whatever the resampling filter)."""
@@ -294,7 +335,8 @@ def test_bomb_warning_size_is_skipped_too(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 < 100 < 144 < 200
     result = read(folder, tmp_path)
     assert result.train.paths == ("ok.png",)
-    assert "decompression" in dict(result.skipped)["large.png"]
+    assert dict(result.skipped)["large.png"].startswith(
+        "too large for Pillow's decompression-bomb guard")  # said as such, not "damaged"
 
 
 def test_permission_denied_is_skipped(tmp_path, capsys, monkeypatch):
@@ -317,19 +359,38 @@ def test_permission_denied_is_skipped(tmp_path, capsys, monkeypatch):
     assert f"skipping {locked}: Permission denied" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True,
-                    reason="root reads a chmod 000 file")
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="no file modes here")
 def test_unreadable_file_is_skipped(tmp_path):
-    folder = tmp_path / "imgs"
-    save(folder / "ok.png", grey(27))
-    locked = save(folder / "locked.png", grey(28))
-    locked.chmod(0)
+    """A file whose mode forbids reading it (chmod 000) is skipped with the system's reason. Root
+    reads such a file, so as root the folder is read with the effective user id of nobody
+    (os.seteuid, restored afterwards), in a folder of /tmp that nobody can enter."""
+    as_root = os.geteuid() == 0
+    base = pathlib.Path(tempfile.mkdtemp(prefix="unreadable-")) if as_root else tmp_path
     try:
-        result = read(folder, tmp_path)
+        base.chmod(0o755)
+        folder = base / "imgs"
+        save(folder / "ok.png", grey(27))
+        locked = save(folder / "locked.png", grey(28))
+        cache = base / "cache"
+        cache.mkdir(mode=0o777)
+        cache.chmod(0o777)
+        locked.chmod(0)
+        read(folder, tmp_path)  # as the owner: what the read imports is imported
+        if as_root:
+            os.seteuid(NOBODY)
+        try:
+            result = userdata.load_folder(folder, cache_dir=cache, progress=False, val_fraction=0)
+        finally:
+            if as_root:
+                os.seteuid(0)
     finally:
-        locked.chmod(0o644)
+        if as_root:
+            shutil.rmtree(base)
     assert result.train.paths == ("ok.png",)
-    assert "denied" in dict(result.skipped)["locked.png"].lower()
+    assert dict(result.skipped)["locked.png"] == os.strerror(errno.EACCES)  # Permission denied
+
+
+NOBODY = 65534  # the user id of "nobody"
 
 
 def test_hidden_files_and_folders_are_passed_over(tmp_path, capsys, count_opens):

@@ -2,6 +2,7 @@
 and a diffusion rebuilt from a checkpoint's config, each against the papers' formulas computed
 here from the β table (Min-SNR-γ: min(SNR, γ)/SNR on ε's error; P2: 1/(k + SNR)^γ)."""
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -11,7 +12,11 @@ import checkpoint
 import config
 import ddpm
 
-BETAS = ddpm.make_beta_schedule("linear", 100)
+
+@functools.cache
+def betas():
+    """The linear schedule at T = 100, built when a test first asks (not at collection)."""
+    return ddpm.make_beta_schedule("linear", 100)
 
 
 def snr_of(betas):
@@ -28,14 +33,14 @@ def eps_weight(snr, weighting, gamma=5.0, k=1.0, p2_gamma=1.0):
 
 def test_the_hybrid_loss_weights_its_squared_error():
     """L_hybrid = w_t ‖ε - ε̂‖² + λ T L_t with λ = 1/1000 (Nichol Eq. 16), w_t Min-SNR's."""
-    d = ddpm.GaussianDiffusion(BETAS, "eps", "learned_range", "hybrid", "min_snr", snr_gamma=2.0)
+    d = ddpm.GaussianDiffusion(betas(), "eps", "learned_range", "hybrid", "min_snr", snr_gamma=2.0)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 10, 50, 99])
     model = lambda x, tt: torch.cat([0.5 * x, torch.tanh(x)], dim=1)
     terms = d.training_losses(model, x0, t, noise=noise)
-    w = torch.from_numpy(eps_weight(snr_of(BETAS), "min_snr", gamma=2.0))[t]
+    w = torch.from_numpy(eps_weight(snr_of(betas()), "min_snr", gamma=2.0))[t]
     torch.testing.assert_close(terms["loss"], w * terms["mse"] + 0.001 * 100 * terms["vb"],
                                rtol=1e-12, atol=1e-12)
 
@@ -46,8 +51,8 @@ def test_a_respaced_chain_keeps_the_weighting_and_its_constants(weighting, kwarg
     """The respaced diffusion's weights are the formula at the kept steps' SNR (ᾱ is unchanged
     at those steps), with the constants given, not the defaults."""
     keep = list(range(0, 100, 7))
-    d = ddpm.GaussianDiffusion(BETAS, loss_weighting=weighting, **kwargs).respace(keep)
-    snr = snr_of(BETAS)[keep]
+    d = ddpm.GaussianDiffusion(betas(), loss_weighting=weighting, **kwargs).respace(keep)
+    snr = snr_of(betas())[keep]
     args = {"gamma": kwargs.get("snr_gamma", 5.0), "k": kwargs.get("p2_k", 1.0),
             "p2_gamma": kwargs.get("p2_gamma", 1.0)}
     np.testing.assert_allclose(d.loss_weights().numpy(), eps_weight(snr, weighting, **args),
@@ -66,8 +71,32 @@ def test_a_diffusion_rebuilt_from_a_checkpoint_weights_as_it_trained(weighting, 
     d = checkpoint.build_diffusion(dataclasses.asdict(cfg))
     args = {"gamma": kwargs.get("snr_gamma", 5.0), "k": kwargs.get("p2_k", 1.0),
             "p2_gamma": kwargs.get("p2_gamma", 1.0)}
-    expected = np.ones(100) if weighting == "none" else eps_weight(snr_of(BETAS), weighting, **args)
+    expected = np.ones(100) if weighting == "none" else eps_weight(snr_of(betas()), weighting, **args)
     np.testing.assert_allclose(d.loss_weights().numpy(), expected, rtol=1e-10)
     old = {k: v for k, v in dataclasses.asdict(cfg).items()
            if k not in ("loss_weighting", "snr_gamma", "p2_k", "p2_gamma")}
     assert torch.equal(checkpoint.build_diffusion(old).loss_weights(), torch.ones(100, dtype=torch.float64))
+
+
+def test_a_diffusion_rebuilt_from_a_checkpoint_draws_t_as_it_trained():
+    """The CPU recipe's logit-normal t survives the checkpoint: the config a run stores rebuilds
+    a diffusion with the law of t that GaussianDiffusion gives for it directly (not uniform),
+    and t_sampling None (a config from before the option) draws t uniformly."""
+    cfg = config.Config(schedule="linear", timesteps=100, mean_type="eps", loss_weighting="none",
+                        t_sampling="logitnormal")
+    d = checkpoint.build_diffusion(dataclasses.asdict(cfg))
+    direct = ddpm.GaussianDiffusion(betas(), timestep_sampling="logitnormal")
+    assert d.timestep_sampling == "logitnormal"
+    assert torch.equal(d.timestep_probs(), direct.timestep_probs())
+    assert d.timestep_probs().max() > 2 * d.timestep_probs().min()
+    unset = checkpoint.build_diffusion({**dataclasses.asdict(cfg), "t_sampling": None})
+    assert torch.equal(unset.timestep_probs(), torch.full((100,), 0.01, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("law", ["lognormal", "logitnormal"])
+def test_a_respaced_chain_keeps_the_law_of_t_and_its_constants(law):
+    """respace keeps the law of t with the constants given (t_mean, t_std, t_floor), not the
+    option's defaults."""
+    given = {"t_mean": 0.7, "t_std": 1.3, "t_floor": 0.2}
+    d = ddpm.GaussianDiffusion(betas(), timestep_sampling=law, **given).respace(range(0, 100, 7))
+    assert d.timestep_sampling == law and d.sampling_args == given

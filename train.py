@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -73,14 +75,14 @@ def train(given, progress=True, started=None):
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                     append_log(run, record)
                 if step % cfg.ckpt_every == 0 or at_end or stopping:
-                    save_checkpoint(run, step)
-                    meter.restart_clock()  # img/s counts training time only
+                    with aside(run, meter, "save"):
+                        save_checkpoint(run, step)
                 if run.writes and step % cfg.sample_every == 0 and not (at_end or stopping):
-                    write_grid(run, f"{step:07d}", progress=False)
-                    meter.restart_clock()
+                    with aside(run, meter, "grid"):
+                        write_grid(run, f"{step:07d}", progress=False)
                 if run.scorer and (step % cfg.eval_every == 0 or at_end) and not stopping:
-                    append_log(run, score(run, step))
-                    meter.restart_clock()
+                    with aside(run, meter, "score"):
+                        append_log(run, score(run, step))
                 if stopping:
                     raise cli.Stopped(stop["signal"], f"stopped by signal {stop['signal']} at "
                                       f"step {step}; checkpoint saved to {run.ckpt_path}; "
@@ -319,8 +321,8 @@ def announce_default(cfg, given, state):
 
 
 def remeasure(run, step, bar):
-    """A --minutes run measures its own steps: a wsd run re-estimates its count at every step
-    until it fixes it where the decay begins; the others fix it once (budget.py)."""
+    """A --minutes run measures its own steps: it re-estimates its count after every step until
+    the count starts to matter, and fixes it there (budget.py)."""
     fixed = run.budget.measure(step)
     run.cfg.steps = run.budget.steps
     if fixed is not None or abs(bar.total - run.cfg.steps) > 0.005 * bar.total:
@@ -328,6 +330,17 @@ def remeasure(run, step, bar):
         bar.refresh()
     if fixed is not None:
         run.budget = None
+
+
+@contextlib.contextmanager
+def aside(run, meter, kind):
+    """A save, grid or score (`kind`) beside the training steps: img/s counts training time
+    only, and a --minutes run still sizing its count learns what the work cost (budget.py)."""
+    start = time.perf_counter()
+    yield
+    if run.budget is not None:
+        run.budget.aside(kind, time.perf_counter() - start)
+    meter.restart_clock()
 
 
 def make_scorer(cfg, train_set, device):
