@@ -179,12 +179,15 @@ def test_fid_scores_are_counted_in_the_step_count(monkeypatch):
                            score_s=score_s)
         return plan.steps
 
-    def closed_form(score_s):  # the plan's arithmetic, with the score's extra seconds
+    def closed_form(score_s):  # the largest n whose steps, periodic work and end fit
         grid = 20 * call_s * 64 / 64
         score = 20 * call_s * samples / 64 + 5.0 + score_s
-        return (minutes * 60 - grid - 2.0 - score) / (step_s + grid / 1000 + 2.0 / 1000
-                                                       + score / every)
 
-    for score_s in (0.0, 30.0):
-        assert count(score_s) == pytest.approx(closed_form(score_s), rel=0.01)  # periodic work counted per multiple, not averaged
+        def need(n):  # periodic grids/saves every 1000 and scores every E before the end, then the end's
+            return (n * step_s + (grid + 2.0) * ((n - 1) // 1000) + score * ((n - 1) // every)
+                    + grid + 2.0 + score)
+        return max(n for n in range(1, 10**5) if need(n) <= minutes * 60)
+
+    for score_s in (0.0, 30.0):  # within one periodic score's worth of steps
+        assert abs(count(score_s) - closed_form(score_s)) <= every
     assert count(30.0) < 0.9 * count(0.0)
