@@ -106,9 +106,9 @@ def peak_memory(device):
 
 def row_config(preset, batch, precision, channels_last, compile_):
     """The training config of a bench row: Ho et al.'s recipe at this preset, batch and options."""
-    cfg = config.Config(**{**config.RECIPES["ho"], "warmup": 1000, "batch_size": batch},
-                        preset=preset, precision=precision, channels_last=channels_last,
-                        compile=compile_)
+    recipe = {k: v for k, v in config.RECIPES["ho"].items() if hasattr(config.Train, k)}
+    cfg = config.Train(**{**recipe, "warmup": 1000, "batch_size": batch}, preset=preset,
+                       precision=precision, channels_last=channels_last, compile=compile_)
     return cfg, dict(unet.PRESETS[preset])
 
 

@@ -150,7 +150,7 @@ def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):
         long_cfg = dataclasses.replace(cfg, steps=10**9)
         g = torch.Generator(device).manual_seed(0)
         x0 = torch.rand((cfg.batch_size, *shape), generator=g, device=device) * 2 - 1
-        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
         sample = hardware.as_called(ema, cfg.precision, device, cfg.channels_last)
 

@@ -170,6 +170,18 @@ def _choice(value, options, what):
     return value
 
 
+def _check_number(name, value, *bounds):
+    """ValueError unless `value` is a finite number within `bounds`, pairs of a comparison
+    ("<", "<=", ">", ">=") and a limit: "snr_gamma must be a finite number > 0, got 0.0"."""
+    compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}
+    pairs = list(zip(bounds[::2], bounds[1::2]))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and all(compare[op](float(value), float(limit)) for op, limit in pairs)
+    if not ok:
+        ends = " and ".join(f"{op} {limit:g}" for op, limit in pairs)
+        raise ValueError(f"{name} must be a finite number{' ' + ends if ends else ''}, got {value}")
+
+
 def _progress(iterable, progress, desc):
     """Wrap `iterable` in a progress bar: `progress` is False, True (tqdm) or a callable."""
     if not progress:
@@ -206,6 +218,8 @@ class GaussianDiffusion:
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple",
                  loss_weighting="none", snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0,
                  timestep_sampling="uniform", t_mean=None, t_std=None, t_floor=TIMESTEP_FLOOR):
+        # every option as given, so that respace() builds its chain with the same ones
+        self.options = {k: v for k, v in locals().items() if k not in ("self", "betas")}
         self.mean_type = _choice(mean_type, MEAN_TYPES, "mean_type")
         self.var_type = _choice(var_type, VAR_TYPES, "var_type")
         self.loss_type = _choice(loss_type, LOSS_TYPES, "loss_type")
@@ -219,9 +233,9 @@ class GaussianDiffusion:
         if loss_weighting != "none" and loss_type == "vlb":
             raise ValueError("loss_weighting weights L_simple's squared error; loss_type 'vlb' "
                              "has none (use 'simple' or 'hybrid')")
-        if not (snr_gamma > 0 and p2_k > 0 and p2_gamma >= 0):
-            raise ValueError(f"need snr_gamma > 0, p2_k > 0 and p2_gamma >= 0, got {snr_gamma}, "
-                             f"{p2_k} and {p2_gamma}")
+        _check_number("snr_gamma", snr_gamma, ">", 0)
+        _check_number("p2_k", p2_k, ">", 0)
+        _check_number("p2_gamma", p2_gamma, ">=", 0)
         self.weighting_args = {"snr_gamma": snr_gamma, "p2_k": p2_k, "p2_gamma": p2_gamma}
         self._set_timestep_sampling(timestep_sampling, t_mean, t_std, t_floor)
         betas = _check_betas(betas)
@@ -284,9 +298,9 @@ class GaussianDiffusion:
     def _set_timestep_sampling(self, name, t_mean, t_std, t_floor):
         self.timestep_sampling = _choice(name, tuple(TIMESTEP_SAMPLINGS), "timestep_sampling")
         if name == "uniform":
-            if t_mean is not None or t_std is not None:
-                raise ValueError("t_mean and t_std shape a non-uniform timestep_sampling; "
-                                 "choose 'lognormal' or 'logitnormal' to use them")
+            if t_mean is not None or t_std is not None or t_floor != TIMESTEP_FLOOR:
+                raise ValueError("t_mean, t_std and t_floor shape a non-uniform "
+                                 "timestep_sampling; choose 'lognormal' or 'logitnormal' to use them")
             self.sampling_args = {}
             return
         if self.loss_type != "simple":
@@ -294,9 +308,9 @@ class GaussianDiffusion:
                              f"loss_type {self.loss_type!r} would be biased (use 'simple')")
         mean, std = TIMESTEP_SAMPLINGS[name]
         mean, std = (mean if t_mean is None else t_mean), (std if t_std is None else t_std)
-        if not (math.isfinite(mean) and std > 0 and 0 < t_floor <= 1):
-            raise ValueError(f"need a finite t_mean, t_std > 0 and 0 < t_floor <= 1, got "
-                             f"{mean}, {std} and {t_floor}")
+        _check_number("t_mean", mean)
+        _check_number("t_std", std, ">", 0)
+        _check_number("t_floor", t_floor, ">", 0, "<=", 1)
         self.sampling_args = {"t_mean": mean, "t_std": std, "t_floor": t_floor}
 
     def __repr__(self):
@@ -345,9 +359,7 @@ class GaussianDiffusion:
         log_ac = torch.log(self.alphas_cumprod[keep])
         log_ac_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_ac[:-1]])
         betas = -torch.expm1(log_ac - log_ac_prev)
-        new = GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type,
-                                self.loss_weighting, **self.weighting_args,
-                                timestep_sampling=self.timestep_sampling, **self.sampling_args)
+        new = GaussianDiffusion(betas, **self.options)
         new.timestep_map = self.timestep_map[keep]
         new._tables["timestep_map"] = new.timestep_map
         return new

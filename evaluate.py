@@ -126,7 +126,8 @@ def parse_args(argv=None):
 def evaluate(args, path, device, progress=True):
     """The results dict for the checkpoint at `path` (see the module docstring)."""
     model = checkpoint.load_model(path, device, args.precision)
-    diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
+    trained_on = model.config.get("train", {}).get("dataset")
+    diffusion, name = model.diffusion, args.dataset or trained_on
     cli.check(name is not None, f"{path} names no dataset (an imported model); give "
               "--dataset NAME for its test set")
     if args.samples or args.nearest:
@@ -139,7 +140,7 @@ def evaluate(args, path, device, progress=True):
     cli.check(not args.nearest or not name.startswith("npz:"), f"--nearest compares with held-out "
               f"images, and {name} has none; give a folder: dataset or a named one")
     # A folder is read as the run read it; one the model did not train on, at the model's shape.
-    folder = userdata.options_of(model.config) if name == model.config.get("dataset") else \
+    folder = userdata.options_of(model.config["train"]) if name == trained_on else \
         userdata.FolderOptions(image_size=want[1], channels=want[0])
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress, folder=folder)
     cli.check(test_set.images.shape[1:] == want, f"{name} images are "
@@ -203,11 +204,11 @@ def evaluate(args, path, device, progress=True):
 def asked_classes(args, config, count):
     """The labels a class-conditional model is asked for (--class; by default every class, each
     count // K times, K the number of classes) in order; None for an unconditional model."""
-    if config["unet"].get("num_classes") is None:
+    if config["net"].get("num_classes") is None:
         return sampling.class_labels(args.classes, count, config, args.seed)[0]  # refuses --class
     asked = args.classes or "all"
     several = asked.strip() == "all" or "," in asked
-    per = max(1, count // (config["unet"]["num_classes"] if asked.strip() == "all"
+    per = max(1, count // (config["net"]["num_classes"] if asked.strip() == "all"
                            else len(asked.split(","))) if several else count)
     return sampling.class_labels(asked, per, config, args.seed)[0]
 

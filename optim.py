@@ -44,13 +44,12 @@ def _generator(cfg, step, device, stream=0):
     return torch.Generator(device).manual_seed(base if stream == 0 else base * 4 + stream)
 
 
-def step_noise(cfg, step, shape, device, diffusion=None):
+def step_noise(cfg, step, shape, device, diffusion):
     """Algorithm 1's t ~ Uniform({1..T}) (or the diffusion's importance-sampled law, --t-sampling)
     and ε ~ N(0, I) for the global batch of `step`, from (seed, step) alone: the same draws after
     a resume and in every process."""
     g = _generator(cfg, step, device)
-    t = (torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
-         if diffusion is None else diffusion.sample_timesteps(cfg.batch_size, g, device))
+    t = diffusion.sample_timesteps(cfg.batch_size, g, device)
     noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
     return t, noise
 
@@ -117,13 +116,14 @@ class Trainee(NamedTuple):
     scaler: torch.amp.GradScaler
 
 
-def build(cfg, unet_kwargs, device):
-    """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
-    frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
+def build(cfg, net, device):
+    """(model, ema, optimizer, scaler) for the training settings `cfg` and the network's kwargs
+    `net`: the model in its memory format, the EMA a frozen copy, Adam fused on CUDA and foreach
+    on the CPU, a GradScaler for fp16."""
     torch.manual_seed(cfg.seed)
     layout = hardware.memory_format(cfg.channels_last)
-    model = unet.UNet(**unet_kwargs).to(device, memory_format=layout)
-    ema = unet.UNet(**unet_kwargs).to(device, memory_format=layout).eval()
+    model = unet.UNet(**net).to(device, memory_format=layout)
+    ema = unet.UNet(**net).to(device, memory_format=layout).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,

@@ -68,7 +68,7 @@ def class_labels(asked, n, config, seed):
     config `config`: None draws n classes uniformly from the seed, sorted (the grid ordered by
     class); "all" or a list gives n of each class asked, in the order asked. UserError for
     --class on a model without classes, or a class it does not have."""
-    num_classes = config["unet"].get("num_classes")
+    num_classes = config["net"].get("num_classes")
     if num_classes is None:
         check(asked is None, "--class asks for a class, and this model is not class-conditional "
               "(train one with --class-cond)")

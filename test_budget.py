@@ -35,7 +35,7 @@ def test_a_wsd_run_ends_within_five_percent_of_its_budget(after, fraction):
     """The probe said 0.1 s a step; after 30 steps they take `after` s (faster, the same,
     slower). The count is fixed where the decay begins, from the stable phase's rate, and the
     run (plus its 2 s tail) ends within 5% of the 120 s budget."""
-    cfg = config.Config(minutes=2.0, warmup=20, lr=1e-3, lr_schedule="wsd",
+    cfg = config.Train(minutes=2.0, warmup=20, lr=1e-3, lr_schedule="wsd",
                         decay_fraction=fraction)
     clock = Clock()
     plan = budget.Plan(cfg, steps=int(118 / 0.1), end=120.0, tail_s=2.0, extra_s=0.0, speak=False,
@@ -58,7 +58,7 @@ def dataclass_with(cfg, steps):
 def test_a_count_fixed_early_misses_a_later_change_of_speed(after):
     """The older sizing (the count fixed at step 60, before the speed changed) is where the
     wsd plan does better: it misses the budget by far more than 5%."""
-    cfg = config.Config(minutes=2.0, warmup=100, lr=1e-3, lr_schedule="cosine")
+    cfg = config.Train(minutes=2.0, warmup=100, lr=1e-3, lr_schedule="cosine")
     clock = Clock()
     plan = budget.Plan(cfg, steps=1180, end=120.0, tail_s=2.0, extra_s=0.0, speak=False,
                        first=20, at=60, clock=clock)
@@ -67,7 +67,7 @@ def test_a_count_fixed_early_misses_a_later_change_of_speed(after):
 
 
 def test_decay_starting_at_gives_a_count_whose_decay_begins_there():
-    cfg = config.Config(warmup=10, decay_fraction=0.2)
+    cfg = config.Train(warmup=10, decay_fraction=0.2)
     for step, estimate in [(80, 100), (80, 90), (80, 130), (400, 500), (11, 12)]:
         n = budget.decay_starting_at(cfg, step, estimate)
         assert optim.decay_start(cfg, n) == step and n > step

@@ -53,16 +53,16 @@ def world(tmp_path_factory):
     torch.save({**state, "format_version": 99}, bad / "future.pt")
     torch.save({k: v for k, v in state.items() if k != "ema"}, bad / "no_ema.pt")
     torch.save({**state, "config": {**state["config"], "schedule": "bogus"}}, bad / "bad_config.pt")
-    torch.save({**state, "config": {**state["config"], "unet": "x"}}, bad / "bad_unet.pt")
+    torch.save({**state, "config": {**state["config"], "net": "x"}}, bad / "bad_unet.pt")
     torch.save({**state, "ema": 5}, bad / "bad_weights.pt")
     torch.save({**state, "config": {**state["config"],
-                                    "unet": {**state["config"]["unet"], "base_channels": 16}}},
+                                    "net": {**state["config"]["net"], "base_channels": 16}}},
                bad / "other_arch.pt")
     torch.save({"format_version": 1, "model": {}, "test_accuracy": 0.5}, bad / "classifier.pt")
     (bad / "garbage.pt").write_bytes(b"not a checkpoint at all")
     (bad / "resume_unknown_unet").mkdir()
     torch.save({**state, "config": {**state["config"],
-                                    "unet": {**state["config"]["unet"], "future_field": 1}}},
+                                    "net": {**state["config"]["net"], "future_field": 1}}},
                bad / "resume_unknown_unet" / "ckpt.pt")
     logs = root / "logs"
     logs.mkdir()

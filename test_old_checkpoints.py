@@ -84,6 +84,10 @@ def test_an_old_checkpoint_samples_and_resumes_as_2a0f094_did(name, tmp_path, mo
     expected = np.load(os.path.join(FIXTURES, f"expected_{name}.npz"))
 
     state = checkpoint.load("run/ckpt.pt")  # the one door: today's shape, whatever wrote it
+    assert state["format_version"] == checkpoint.FORMAT_VERSION
+    assert set(state["config"]) >= {"net", "diffusion", "schedule", "timesteps", "train"}
+
+    state = checkpoint.load("run/ckpt.pt")  # the one door: today's shape, whatever wrote it
 
     sample.main(["--ckpt", "run"] + SAMPLE)
     np.testing.assert_array_equal(samples("samples.npz"), expected["samples"])
