@@ -287,11 +287,13 @@ FLAG_OF = {f.name: f for f in FLAGS}
 
 
 def saved_value(saved, name):
-    """The value a flag had in a checkpoint's config (a network field it leaves out: UNet's)."""
+    """The value a flag had in a checkpoint's config (an argument it leaves out: the
+    constructor's default)."""
     part, key = FLAG_OF[name].metadata["part"], FLAG_OF[name].metadata["key"] or name
-    if part == "net":
-        return saved["net"].get(key, inspect.signature(unet.UNet).parameters[key].default)
-    return saved[key] if part == "process" else saved[part if part == "diffusion" else "train"][key]
+    if part in ("net", "diffusion"):
+        made = unet.UNet if part == "net" else ddpm.GaussianDiffusion
+        return saved[part].get(key, inspect.signature(made).parameters[key].default)
+    return saved[key] if part == "process" else saved["train"][key]
 
 
 def resumed(flags, saved):
