@@ -137,6 +137,13 @@ class Flags:
                             "the loss weighted by (1/T)/P(t), so the objective stays the same",
                             choices=tuple(ddpm.TIMESTEP_SAMPLINGS), auto="the recipe's",
                             key="timestep_sampling")
+    t_mean: float = _flag("diffusion", None, "--t-sampling lognormal or logitnormal: the mean of "
+                          "ln sigma", auto="the option's paper value, -1.2 or 0")
+    t_std: float = _flag("diffusion", None, "--t-sampling lognormal or logitnormal: the standard "
+                         "deviation of ln sigma", auto="the option's paper value, 1.2 or 1")
+    t_floor: float = _flag("diffusion", ddpm.TIMESTEP_FLOOR, "--t-sampling lognormal or "
+                           "logitnormal: the share of the draws kept uniform over all T steps "
+                           "(the loss weight stays <= 1/t_floor)")
     p2_k: float = _flag("diffusion", 1.0, "P2's k")
     p2_gamma: float = _flag("diffusion", 1.0, "P2's gamma (0: no weighting)")
     var_type: str = _flag("diffusion", "fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
