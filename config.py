@@ -25,7 +25,7 @@ import hardware
 import sampling
 import unet
 import userdata
-from cli import ArgumentParser, UserError, check, check_number
+from cli import MAX_COUNT, ArgumentParser, UserError, check, check_number
 
 CPU_MINUTES = 17.0  # no --steps or --preset on a CPU: a run sized to this wall time
 GPU_STEPS = 30000
@@ -361,7 +361,6 @@ def automatic(flags, device, image_shape, num_classes):
     return Config(net, diffusion, f["schedule"], f["timesteps"], train)
 
 
-MAX_COUNT = 2 ** 31 - 1  # the largest step, batch, interval or seed a flag may give
 MAX_MINUTES = 1_000_000  # about two years
 
 

@@ -524,7 +524,8 @@ def scheduler_from_diffusion_config(config):
            "prediction_type": {v: k for k, v in PREDICTION.items()}[config["diffusion"]["mean_type"]]}
     if config["schedule"] == "linear":
         scale = 1000.0 / T
-        out.update(beta_schedule="linear", beta_start=scale * 1e-4, beta_end=scale * 0.02)
+        out.update(beta_schedule="linear", beta_start=scale * ddpm.LINEAR_BETAS[0],
+                   beta_end=scale * ddpm.LINEAR_BETAS[1])
     elif config["schedule"] == "cosine":
         out.update(beta_schedule="squaredcos_cap_v2")
     else:

@@ -11,6 +11,11 @@ import torch
 import hardware
 import unet
 
+# The seed of one generator of a run: seed * SEED_STRIDE + k for its k-th epoch or step, so the
+# seeds of two runs' generators differ while k < SEED_STRIDE (a prime).
+SEED_STRIDE = 1_000_003
+
+
 # ---- the data order -------------------------------------------------------------------------
 
 class Batches:
@@ -24,7 +29,7 @@ class Batches:
 
     def _permutation(self, epoch):
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
         return self._perm
 
@@ -40,7 +45,7 @@ class Batches:
 
 def _generator(cfg, step, device, stream=0):
     """The generator of one stream of draws of `step`, seeded by (seed, step, stream) alone."""
-    base = cfg.seed * 1_000_003 + step
+    base = cfg.seed * SEED_STRIDE + step
     return torch.Generator(device).manual_seed(base if stream == 0 else base * 4 + stream)
 
 

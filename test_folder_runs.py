@@ -57,8 +57,8 @@ def test_a_64x64_rgb_folder_trains_samples_and_evaluates(rgb64, tmp_path, monkey
     assert "2 classes: 0 cats, 1 dogs" in err
     assert "will likely learn to copy them" in err and "--nearest" in err
     state = checkpoint.load(out)
-    c = state["config"]
-    assert (c["image_size"], c["channels"], c["labels"], c["val_fraction"], c["hflip"]) == \
+    c, t = state["config"], state["config"]["train"]
+    assert (t["image_size"], t["channels"], t["labels"], t["val_fraction"], t["hflip"]) == \
         (None, None, "subfolders", 0.25, True)  # size and channels as found: 64, 3
     assert (c["net"]["image_size"], c["net"]["in_channels"]) == (64, 3)
     assert c["class_names"] == ["cats", "dogs"]
@@ -74,7 +74,7 @@ def test_a_64x64_rgb_folder_trains_samples_and_evaluates(rgb64, tmp_path, monkey
                                    "--samples", "0", "--nearest", "4", "--steps", "2",
                                    "--json", str(tmp_path / "e.json")])
     results = evaluate_json(tmp_path / "e.json")
-    held_out = len(data.load_dataset(f"folder:{rgb64}", "test", folder=config_options(c)).images)
+    held_out = len(data.load_dataset(f"folder:{rgb64}", "test", folder=config_options(t)).images)
     assert 0 < held_out < 48
     assert results["nll"]["split"] == "held-out" and results["nll"]["images"] == min(3, held_out)
     assert results["copies"]["heldout"] == held_out and results["copies"]["train"] == 48 - held_out
@@ -207,9 +207,14 @@ def test_a_run_saved_before_these_options_resumes_as_it_was(tmp_path):
     train.train({**given, "out": str(tmp_path / "a"), "steps": 6}, progress=False)
     train.train({**given, "out": str(tmp_path / "b"), "steps": 3}, progress=False)
     state = checkpoint.load(tmp_path / "b", required=checkpoint.RUN_KEYS)
-    for key in ("hflip", "image_size", "channels", "labels", "val_fraction", "class_names"):
-        state["config"].pop(key)
-    torch.save(state, tmp_path / "b" / "ckpt.pt")
+    c = state["config"]  # as format 1 wrote it: flat, the network's kwargs under "unet"
+    flat = {**c["train"], "unet": c["net"], "schedule": c["schedule"], "timesteps": c["timesteps"],
+            "t_sampling": c["diffusion"]["timestep_sampling"],
+            **{k: c["diffusion"][k] for k in ("mean_type", "var_type", "loss_type",
+                                              "loss_weighting", "snr_gamma", "p2_k", "p2_gamma")}}
+    for key in ("hflip", "image_size", "channels", "labels", "val_fraction"):
+        flat.pop(key)
+    torch.save({**state, "config": flat, "format_version": 1}, tmp_path / "b" / "ckpt.pt")
     del given["hflip"]
     train.train({**given, "out": str(tmp_path / "b"), "steps": 6, "resume": True}, progress=False)
     a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
