@@ -25,7 +25,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -154,18 +153,7 @@ def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):
         noise = torch.randn(x0.shape, generator=g, device=device)
         sample = hardware.as_called(ema, cfg.precision, device, cfg.channels_last)
 
-        def timed_median(fn):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(timed):
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            return float(np.median(times))
-
+        timed_median = lambda fn: hardware.median_seconds(fn, device, warmup, timed)
         step_s = timed_median(lambda: optim.train_step(trainee, diffusion, long_cfg, x0, t, noise, 0))
         with torch.no_grad():
             call_s = timed_median(lambda: sample(x0, t))

@@ -84,7 +84,8 @@ def load(path, map_location="cpu", required=RUN_KEYS):
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is damaged or not a "
                               "checkpoint of a training run")
     if "config" in state:
-        state = {**state, "config": upgrade(state["config"], version), "format_version": FORMAT_VERSION}
+        state = {**state, "config": upgrade(state["config"], version),
+                 "format_version": FORMAT_VERSION}
         net = state["config"].get("net")
         unknown = sorted(set(net) - set(inspect.signature(unet.UNet).parameters)) \
             if isinstance(net, dict) else []

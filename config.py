@@ -47,88 +47,109 @@ def _flag(part, default, help, choices=None, auto=None, key=None):
 @dataclass
 class Flags:
     """Every flag of train.py; defaults follow Ho et al. 2020 (App. B) where it gives one."""
-    dataset: str = _flag("data", "mnist", "mnist, fashion-mnist, cifar10, npz:PATH (a uint8 array N x H x "
-                         "W or N x H x W x C of your own, with its labels in an array named "
-                         "labels, if any) or folder:DIR (every image under DIR)")
-    data_dir: str = _flag("train", None, "local copies of the dataset files", auto="$DDPM_DATA, then the "
-                          "cache $DDPM_CACHE or ~/.cache/ddpm, then the network")
-    image_size: int = _flag("data", None, userdata.HELP["image_size"][0], auto=userdata.HELP["image_size"][1])
+    dataset: str = _flag(
+        "data", "mnist", "mnist, fashion-mnist, cifar10, npz:PATH (a uint8 array N x H x "
+        "W or N x H x W x C of your own, with its labels in an array named "
+        "labels, if any) or folder:DIR (every image under DIR)")
+    data_dir: str = _flag(
+        "train", None, "local copies of the dataset files", auto="$DDPM_DATA, then the "
+        "cache $DDPM_CACHE or ~/.cache/ddpm, then the network")
+    image_size: int = _flag(
+        "data", None, userdata.HELP["image_size"][0], auto=userdata.HELP["image_size"][1])
     channels: int = _flag("data", None, userdata.HELP["channels"][0], choices=(1, 3),
                           auto=userdata.HELP["channels"][1])
     labels: str = _flag("data", None, userdata.HELP["labels"][0], choices=userdata.LABEL_MODES,
                         auto=userdata.HELP["labels"][1])
     val_fraction: float = _flag("data", None, userdata.HELP["val_fraction"][0],
                                 auto=userdata.HELP["val_fraction"][1])
-    class_cond: bool = _flag("data", False, "a class-conditional model (classifier-free guidance, Ho & "
-                             "Salimans 2022): the label is a learned embedding added to the time "
-                             "embedding, replaced by the null label with probability --cond-drop; "
-                             "needs labelled data")
-    cond_drop: float = _flag("data", 0.1, "--class-cond: the probability that a training image's label is "
-                             "replaced by the null label, so that one network learns the "
-                             "conditional and the unconditional model")
-    hflip: bool = _flag("data", None, "flip each training image left-right with probability 1/2 (Ho et "
-                        "al. App. B), a function of the seed, the step and its place in the batch",
-                        auto="on for cifar10 and folder: datasets, off for the others")
-    preset: str = _flag("data", None, "the network (a preset's size fitted to the images' side: levels "
-                        "down to 4-8 pixels)", choices=tuple(unet.PRESETS),
-                        auto="mnist-stem on a CPU; on a GPU mnist at 28x28, else the network of "
-                        "Ho et al. (or improved-diffusion) for the nearest of 32, 64, 256")
+    class_cond: bool = _flag(
+        "data", False, "a class-conditional model (classifier-free guidance, Ho & "
+        "Salimans 2022): the label is a learned embedding added to the time "
+        "embedding, replaced by the null label with probability --cond-drop; "
+        "needs labelled data")
+    cond_drop: float = _flag(
+        "data", 0.1, "--class-cond: the probability that a training image's label is "
+        "replaced by the null label, so that one network learns the "
+        "conditional and the unconditional model")
+    hflip: bool = _flag(
+        "data", None, "flip each training image left-right with probability 1/2 (Ho et "
+        "al. App. B), a function of the seed, the step and its place in the batch",
+        auto="on for cifar10 and folder: datasets, off for the others")
+    preset: str = _flag(
+        "data", None, "the network (a preset's size fitted to the images' side: levels "
+        "down to 4-8 pixels)", choices=tuple(unet.PRESETS),
+        auto="mnist-stem on a CPU; on a GPU mnist at 28x28, else the network of "
+        "Ho et al. (or improved-diffusion) for the nearest of 32, 64, 256")
     base_channels: int = _flag("net", None, "channels at the first level", auto="the preset's")
     channel_mult: tuple = _flag("net", None, "channel multiplier of each level (space-separated)",
                                 auto="the preset's")
     num_res_blocks: int = _flag("net", None, "residual blocks per level", auto="the preset's")
-    attn_resolutions: tuple = _flag("net", None, "resolutions with self-attention (space-separated)",
-                                    auto="the preset's")
+    attn_resolutions: tuple = _flag(
+        "net", None, "resolutions with self-attention (space-separated)",
+        auto="the preset's")
     dropout: float = _flag("net", None, "dropout in the residual blocks", auto="the preset's")
-    norm_groups: int = _flag("net", None, "GroupNorm groups in every layer (must divide every width); 0: "
-                             "per layer, the most groups <= 32 of >= 4 channels (not exportable "
-                             "to diffusers)", auto="the preset's")
-    space_to_depth: int = _flag("net", None, "a space-to-depth stem (Hoogeboom et al. 2023): 2 folds each "
-                                "2x2 block of pixels into channels before the first level and "
-                                "back after the last, so every level runs at half the side (not "
-                                "exportable to diffusers); 1: none", auto="the preset's")
-    downsample_padding: str = _flag("net", None, "tf_same: Ho et al.'s (zeros at the bottom and right); "
-                                    "symmetric: zeros on every side", auto="the preset's",
-                                    choices=unet.DOWNSAMPLE_PADDINGS)
-    steps: int = _flag("train", None, "training steps", auto="as many as fit in --minutes on a CPU without "
-                       f"--preset, else {GPU_STEPS}")
-    minutes: float = _flag("train", None, "size the run to this many minutes of wall time in all: the "
-                           "step count is chosen from the throughput measured in the first "
-                           "seconds, printed and stored in the checkpoint (give it as --steps to "
-                           "repeat the run exactly)", auto=f"{CPU_MINUTES} on a CPU without "
-                           "--steps or --preset, else off")
-    recipe: str = _flag("train", "auto", "the defaults of the training settings marked 'the recipe's' "
-                        "(each flag still overrides): ho, Ho et al. 2020's; cpu, tuned for a "
-                        "good model within --minutes on a CPU (docs/results.md); auto: cpu on a "
-                        "CPU, ho elsewhere", choices=("auto", "ho", "cpu"))
-    batch_size: int = _flag("data", None, "global batch size (split over the processes under torchrun)",
-                            auto="the recipe's")
+    norm_groups: int = _flag(
+        "net", None, "GroupNorm groups in every layer (must divide every width); 0: "
+        "per layer, the most groups <= 32 of >= 4 channels (not exportable "
+        "to diffusers)", auto="the preset's")
+    space_to_depth: int = _flag(
+        "net", None, "a space-to-depth stem (Hoogeboom et al. 2023): 2 folds each "
+        "2x2 block of pixels into channels before the first level and "
+        "back after the last, so every level runs at half the side (not "
+        "exportable to diffusers); 1: none", auto="the preset's")
+    downsample_padding: str = _flag(
+        "net", None, "tf_same: Ho et al.'s (zeros at the bottom and right); "
+        "symmetric: zeros on every side", auto="the preset's",
+        choices=unet.DOWNSAMPLE_PADDINGS)
+    steps: int = _flag(
+        "train", None, "training steps", auto="as many as fit in --minutes on a CPU without "
+        f"--preset, else {GPU_STEPS}")
+    minutes: float = _flag(
+        "train", None, "size the run to this many minutes of wall time in all: the "
+        "step count is chosen from the throughput measured in the first "
+        "seconds, printed and stored in the checkpoint (give it as --steps to "
+        "repeat the run exactly)", auto=f"{CPU_MINUTES} on a CPU without "
+        "--steps or --preset, else off")
+    recipe: str = _flag(
+        "train", "auto", "the defaults of the training settings marked 'the recipe's' "
+        "(each flag still overrides): ho, Ho et al. 2020's; cpu, tuned for a "
+        "good model within --minutes on a CPU (docs/results.md); auto: cpu on a "
+        "CPU, ho elsewhere", choices=("auto", "ho", "cpu"))
+    batch_size: int = _flag(
+        "data", None, "global batch size (split over the processes under torchrun)",
+        auto="the recipe's")
     lr: float = _flag("train", None, "peak Adam learning rate", auto="the recipe's")
     warmup: int = _flag("train", None, "steps of linear learning-rate warmup", auto="the recipe's")
     grad_clip: float = _flag("train", 1.0, "clip the gradient's global norm to this")
-    lr_schedule: str = _flag("train", None, "after the warmup: constant (Ho et al.); decay to 0 at the "
-                             "last step along a cosine or a line; or wsd (warmup-stable-decay): "
-                             "constant, then a line to 0 over the last --decay-fraction of the "
-                             "steps (a --minutes run fixes its step count when the decay begins, "
-                             "from its own steps' rate)",
-                             choices=("constant", "cosine", "linear", "wsd"), auto="the recipe's")
-    decay_fraction: float = _flag("train", 0.2, "wsd: the share of the steps, at the end, over which the "
-                                  "learning rate decays to 0")
+    lr_schedule: str = _flag(
+        "train", None, "after the warmup: constant (Ho et al.); decay to 0 at the "
+        "last step along a cosine or a line; or wsd (warmup-stable-decay): "
+        "constant, then a line to 0 over the last --decay-fraction of the "
+        "steps (a --minutes run fixes its step count when the decay begins, "
+        "from its own steps' rate)",
+        choices=("constant", "cosine", "linear", "wsd"), auto="the recipe's")
+    decay_fraction: float = _flag(
+        "train", 0.2, "wsd: the share of the steps, at the end, over which the "
+        "learning rate decays to 0")
     ema_decay: float = _flag("train", None, "EMA decay, warmed up as min(decay, (1 + step) / "
                              "(--ema-warmup + step))", auto="the recipe's")
-    ema_warmup: float = _flag("train", None, "the EMA warmup's constant (larger: the average forgets the "
-                              "early weights more slowly)", auto="the recipe's")
-    schedule: str = _flag("process", None, "beta schedule", choices=("linear", "cosine"), auto="the recipe's")
+    ema_warmup: float = _flag(
+        "train", None, "the EMA warmup's constant (larger: the average forgets the "
+        "early weights more slowly)", auto="the recipe's")
+    schedule: str = _flag(
+        "process", None, "beta schedule", choices=("linear", "cosine"), auto="the recipe's")
     timesteps: int = _flag("process", 1000, "diffusion steps T")
-    loss_type: str = _flag("diffusion", "simple", "simple: L_simple (Ho Eq. 14); vlb: the bound; hybrid: "
-                           "L_simple + L_vlb/1000 (needs --var-type learned_range)",
-                           choices=ddpm.LOSS_TYPES)
+    loss_type: str = _flag(
+        "diffusion", "simple", "simple: L_simple (Ho Eq. 14); vlb: the bound; hybrid: "
+        "L_simple + L_vlb/1000 (needs --var-type learned_range)",
+        choices=ddpm.LOSS_TYPES)
     mean_type: str = _flag("diffusion", None, "what the network predicts: eps, x0 or v",
                            choices=ddpm.MEAN_TYPES, auto="the recipe's")
-    loss_weighting: str = _flag("diffusion", None, "weight of L_simple's squared error over t: none, min_snr "
-                                "(Hang et al. 2023: min(SNR, --snr-gamma) in x_0's terms) or p2 "
-                                "(Choi et al. 2022: 1/(--p2-k + SNR)^--p2-gamma in eps's terms)",
-                                choices=ddpm.LOSS_WEIGHTINGS, auto="the recipe's")
+    loss_weighting: str = _flag(
+        "diffusion", None, "weight of L_simple's squared error over t: none, min_snr "
+        "(Hang et al. 2023: min(SNR, --snr-gamma) in x_0's terms) or p2 "
+        "(Choi et al. 2022: 1/(--p2-k + SNR)^--p2-gamma in eps's terms)",
+        choices=ddpm.LOSS_WEIGHTINGS, auto="the recipe's")
     snr_gamma: float = _flag("diffusion", 5.0, "Min-SNR's gamma")
     t_sampling: str = _flag("diffusion", None, "how training draws t: uniform (Ho et al.), or "
                             "lognormal (Karras "
@@ -146,13 +167,16 @@ class Flags:
                            "(the loss weight stays <= 1/t_floor)")
     p2_k: float = _flag("diffusion", 1.0, "P2's k")
     p2_gamma: float = _flag("diffusion", 1.0, "P2's gamma (0: no weighting)")
-    var_type: str = _flag("diffusion", "fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
-                          "CIFAR-10 sampler), fixed_small (posterior beta~_t) or learned_range",
-                          choices=ddpm.VAR_TYPES)
-    precision: str = _flag("train", "auto", hardware.PRECISION_HELP, choices=("auto",) + hardware.PRECISIONS)
+    var_type: str = _flag(
+        "diffusion", "fixed_large", "reverse-process variance: fixed_large (beta_t, Ho's "
+        "CIFAR-10 sampler), fixed_small (posterior beta~_t) or learned_range",
+        choices=ddpm.VAR_TYPES)
+    precision: str = _flag(
+        "train", "auto", hardware.PRECISION_HELP, choices=("auto",) + hardware.PRECISIONS)
     compile: bool = _flag("train", False, "torch.compile the network")
-    channels_last: bool = _flag("train", None, "channels_last memory layout", auto="on for CUDA, off on "
-                                "the CPU")
+    channels_last: bool = _flag(
+        "train", None, "channels_last memory layout", auto="on for CUDA, off on "
+        "the CPU")
     seed: int = _flag("data", 0, "seed of the initial weights, the data order, t and the noise")
     out: str = _flag("train", None, "run directory", auto="runs/<dataset>")
     device: str = _flag("train", "auto", hardware.DEVICE_HELP)
@@ -160,17 +184,21 @@ class Flags:
     sample_every: int = _flag("train", 1000, "steps between sample grids")
     ckpt_every: int = _flag("train", 1000, "steps between checkpoints")
     num_samples: int = _flag("train", 64, "images in each sample grid")
-    eval_every: int = _flag("train", 0, "steps between scores of the EMA model (0: off): --eval-samples "
-                            "DDIM samples scored by the evaluation classifier (confident, FD, "
-                            "entropy, precision, recall) into log.jsonl; 28x28 labelled data only")
+    eval_every: int = _flag(
+        "train", 0, "steps between scores of the EMA model (0: off): --eval-samples "
+        "DDIM samples scored by the evaluation classifier (confident, FD, "
+        "entropy, precision, recall) into log.jsonl; 28x28 labelled data only")
     eval_samples: int = _flag("train", 500, "samples per score of --eval-every")
-    sampler: str = _flag("train", sampling.DEFAULT_SAMPLER, "sampler of the grids: ddim (--sample-steps "
-                         "steps, --sample-eta) or ddpm (Ho's Algorithm 2, all T steps)",
-                         choices=sampling.SAMPLERS)
-    sample_steps: int = _flag("train", sampling.DEFAULT_STEPS, "DDIM steps of the sample grids and scores")
-    sample_eta: float = _flag("train", sampling.DEFAULT_ETA, "DDIM eta of the grids and scores: 1 is "
-                              "Algorithm 2 on the --sample-steps chain, 0 the deterministic DDIM "
-                              "(docs/results.md, the sampler table)")
+    sampler: str = _flag(
+        "train", sampling.DEFAULT_SAMPLER, "sampler of the grids: ddim (--sample-steps "
+        "steps, --sample-eta) or ddpm (Ho's Algorithm 2, all T steps)",
+        choices=sampling.SAMPLERS)
+    sample_steps: int = _flag(
+        "train", sampling.DEFAULT_STEPS, "DDIM steps of the sample grids and scores")
+    sample_eta: float = _flag(
+        "train", sampling.DEFAULT_ETA, "DDIM eta of the grids and scores: 1 is "
+        "Algorithm 2 on the --sample-steps chain, 0 the deterministic DDIM "
+        "(docs/results.md, the sampler table)")
 
 
 # Flags about the invocation, not the run: they are not stored in its checkpoint.
@@ -339,7 +367,8 @@ def automatic(flags, device, image_shape, num_classes):
         f["hflip"] = folder or f["dataset"] == "cifar10"
     if folder:  # how the folder is read, stored so that --resume and evaluate.py read it so (an
         f["labels"] = f["labels"] or "none"  # image size or channels left out stay automatic)
-        f["val_fraction"] = userdata.VAL_FRACTION if f["val_fraction"] is None else f["val_fraction"]
+        if f["val_fraction"] is None:
+            f["val_fraction"] = userdata.VAL_FRACTION
     check(H == W, f"images must be square, got {H}x{W}")
     net = dict(unet.PRESETS[f["preset"]])
     resized = H != net["image_size"]

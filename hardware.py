@@ -11,6 +11,8 @@ One policy, used by training and sampling alike:
              many times slower on channels_last tensors).
 """
 import os
+import statistics
+import time
 
 import torch
 
@@ -129,3 +131,23 @@ def broadcast_int(value):
         tensor = tensor.cuda()
     torch.distributed.broadcast(tensor, 0)
     return int(tensor.item())
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, warmup, iters):
+    """Median wall time of fn() in seconds over `iters` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

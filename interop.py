@@ -475,8 +475,8 @@ def diffusion_config_from_scheduler(config, where="scheduler_config.json"):
                      if _same_table(betas, _named_betas(name, T))), "custom")
     out = {"schedule": schedule, "timesteps": T,
            "diffusion": {"mean_type": PREDICTION[c["prediction_type"]],
-                         "var_type": VARIANCE[c["variance_type"]],
-                         "loss_type": "hybrid" if c["variance_type"] == "learned_range" else "simple"},
+                         "var_type": VARIANCE[c["variance_type"]], "loss_type":
+                         "hybrid" if c["variance_type"] == "learned_range" else "simple"},
            "clip_denoised": c["clip_sample"]}
     if schedule == "custom":
         out["betas"] = betas.tolist()
@@ -521,7 +521,8 @@ def scheduler_from_diffusion_config(config):
            "variance_type": config["diffusion"]["var_type"],
            "clip_sample": config.get("clip_denoised", True),
            "clip_sample_range": 1.0,
-           "prediction_type": {v: k for k, v in PREDICTION.items()}[config["diffusion"]["mean_type"]]}
+           "prediction_type": {v: k for k, v in PREDICTION.items()}[
+               config["diffusion"]["mean_type"]]}
     if config["schedule"] == "linear":
         scale = 1000.0 / T
         out.update(beta_schedule="linear", beta_start=scale * ddpm.LINEAR_BETAS[0],

@@ -131,10 +131,15 @@ def build(cfg, net, device):
     ema = unet.UNet(**net).to(device, memory_format=layout).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    optimizer = adam(model.parameters(), cfg.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return model, ema, optimizer, scaler
+
+
+def adam(parameters, lr, device):
+    """Adam, fused on CUDA and foreach (one kernel per step for all tensors) elsewhere."""
+    return torch.optim.Adam(parameters, lr=lr,
+                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
 def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None):
