@@ -316,7 +316,7 @@ def class_rows(cfg, n):
     if not cfg.train.class_cond or not classes:
         return None, None
     per = max(1, n // classes)
-    return torch.arange(classes).repeat_interleave(per), per
+    return sampling.class_labels("all", per, {"net": cfg.net}, cfg.train.seed)[0], per
 
 
 def ema_network(run):
