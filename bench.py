@@ -18,9 +18,8 @@ torch.compile (and CUDA graphs for sampling on CUDA).
 import copy
 import importlib.util
 import json
-import resource
 import os
-import statistics
+import resource
 import sys
 import time
 
@@ -42,25 +41,6 @@ import optim
 import unet
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn, device, warmup, iters):
-    """Median wall time of fn() in seconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matmul_peak(device, dtype, sizes):
     """The best FLOP/s of n x n x n matmuls in `dtype` over `sizes` (each: 5 warm-up calls, then the
     best of 5 timed rounds of 10 calls): the machine's dense-matmul limit for that dtype."""
@@ -71,11 +51,11 @@ def matmul_peak(device, dtype, sizes):
         for _ in range(5):
             a @ b
         for _ in range(5):
-            sync(device)
+            hardware.sync(device)
             start = time.perf_counter()
             for _ in range(10):
                 a @ b
-            sync(device)
+            hardware.sync(device)
             best = max(best, 2 * n ** 3 * 10 / (time.perf_counter() - start))
     return best
 
@@ -109,9 +89,9 @@ def peak_memory(device):
 
 def row_config(preset, batch, precision, channels_last, compile_):
     """The training config of a bench row: Ho et al.'s recipe at this preset, batch and options."""
-    cfg = config.Config(**{**config.RECIPES["ho"], "warmup": 1000, "batch_size": batch},
-                        preset=preset, precision=precision, channels_last=channels_last,
-                        compile=compile_)
+    recipe = {k: v for k, v in config.RECIPES["ho"].items() if hasattr(config.Train, k)}
+    cfg = config.Train(**{**recipe, "warmup": 1000, "batch_size": batch}, preset=preset,
+                       precision=precision, channels_last=channels_last, compile=compile_)
     return cfg, dict(unet.PRESETS[preset])
 
 
@@ -146,8 +126,7 @@ def build_peer(cfg, kwargs, device):
     layout = hardware.memory_format(cfg.channels_last)
     model = DiffusersPeer(kwargs).to(device, memory_format=layout)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    optimizer = optim.adam(model.parameters(), cfg.lr, device)
     return model, ema, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
 
@@ -175,7 +154,7 @@ def bench_train(preset, batch, precision, channels_last, compile_, device, iters
         counter["step"] += 1
 
     reset_peak_memory(device)
-    seconds = median_time(run, device, warmup=3 if not compile_ else 5, iters=iters)
+    seconds = hardware.median_seconds(run, device, warmup=3 if not compile_ else 5, iters=iters)
     peak = peak_memory(device)  # before the FLOP-counting pass below, which runs uncompiled
     with FlopCounterMode(display=False) as flops:
         losses = diffusion.training_losses(as_called(model, cfg, device), x0, t, noise=noise)
@@ -200,8 +179,8 @@ def bench_sample(preset, batch, precision, channels_last, graphs, device, iters)
     x = torch.randn(shape, device=device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     with torch.no_grad():
-        ddpm_step = median_time(lambda: diffusion.p_sample(fn, x, t), device, 3, iters)
-        ddim_step = median_time(lambda: diffusion.ddim_sample(fn, x, t, 480), device, 3, iters)
+        ddpm_step = hardware.median_seconds(lambda: diffusion.p_sample(fn, x, t), device, 3, iters)
+        ddim_step = hardware.median_seconds(lambda: diffusion.ddim_sample(fn, x, t, 480), device, 3, iters)
     return {"ddpm1000_img_s": batch / (1000 * ddpm_step), "ddim50_img_s": batch / (50 * ddim_step)}
 
 
@@ -238,7 +217,7 @@ def bench_convs(preset, batch, precision, channels_last, device, iters):
 
         def run():
             torch.autograd.grad(forward(), wrt, grad_out)
-        total_seconds += median_time(run, device, warmup=2, iters=iters)
+        total_seconds += hardware.median_seconds(run, device, warmup=2, iters=iters)
         with FlopCounterMode(display=False) as flops:
             run()
         total_flops += flops.get_total_flops()

@@ -36,7 +36,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -205,22 +204,11 @@ def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):
         long_cfg = dataclasses.replace(cfg, steps=10**9)
         g = torch.Generator(device).manual_seed(0)
         x0 = torch.rand((cfg.batch_size, *shape), generator=g, device=device) * 2 - 1
-        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
+        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=g, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
         sample = hardware.as_called(ema, cfg.precision, device, cfg.channels_last)
 
-        def timed_median(fn):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(timed):
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            return float(np.median(times))
-
+        timed_median = lambda fn: hardware.median_seconds(fn, device, warmup, timed)
         step_s = timed_median(lambda: optim.train_step(trainee, diffusion, long_cfg, x0, t, noise, 0))
         with torch.no_grad():
             call_s = timed_median(lambda: sample(x0, t))

@@ -2,27 +2,33 @@
 
 A training checkpoint holds {"format_version", "step", "config", "model", "ema", "optimizer",
 "scaler", "rng", "elapsed" (the run's seconds so far), "train_images" (how many images it trained
-on), "sizing" (true while a --minutes run's count is not fixed)}; "config" is a plain dict (the
-training Config plus the resolved UNet kwargs under "unet"), enough to rebuild the network and
-the diffusion with no flags. Writing goes through a temporary file in the same directory and
-os.replace, so an interrupted write never damages the previous checkpoint. Reading uses
-torch.load(weights_only=True): a checkpoint from elsewhere cannot execute code.
+on), "sizing" (true while a --minutes run's count is not fixed)}; "config" is config.Config as a
+plain dict ({"net", "diffusion", "schedule", "timesteps", "train", "class_names"}), enough to
+rebuild the network and the diffusion with no flags. A checkpoint of an older format comes in
+through one door, upgrade(), which turns its config into today's shape on load. Writing goes
+through a temporary file in the same directory and os.replace, so an interrupted write never
+damages the previous checkpoint. Reading uses torch.load(weights_only=True): a checkpoint from
+elsewhere cannot execute code.
 """
+import dataclasses
+import inspect
 import os
 from typing import NamedTuple
 
 import torch
 
 import cli
+import config as configs
 import ddpm
 import files
 import hardware
 import rundir
 import unet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the flags flat beside the network's kwargs ("unet"); 2: config.Config
 RUN_KEYS = ("step", "config", "model", "ema")  # what sampling and evaluation need of a run
-CONFIG_KEYS = ("unet", "schedule", "timesteps", "mean_type", "var_type", "loss_type")
+CONFIG_KEYS = {1: ("unet", "schedule", "timesteps", "mean_type", "var_type", "loss_type"),
+               2: ("net", "diffusion", "schedule", "timesteps")}
 
 
 class CheckpointError(cli.UserError):
@@ -66,19 +72,58 @@ def load(path, map_location="cpu", required=RUN_KEYS):
                               "pass a ckpt.pt written by train.py") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py (no format_version)")
-    if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {state['format_version']!r}, this code "
-                              f"reads format {FORMAT_VERSION}; use the version of this code that "
-                              "wrote it")
+    version = state["format_version"]
+    if version not in CONFIG_KEYS:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}, this code reads formats "
+                              f"1 to {FORMAT_VERSION}; use the version of this code that wrote it")
     missing = [k for k in required if k not in state]
     if "config" in required and not missing:
         config = state["config"]
-        missing = [f"config.{k}" for k in CONFIG_KEYS
+        missing = [f"config.{k}" for k in CONFIG_KEYS[version]
                    if not isinstance(config, dict) or k not in config]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is damaged or not a "
                               "checkpoint of a training run")
+    if "config" in state:
+        state = {**state, "config": upgrade(state["config"], version),
+                 "format_version": FORMAT_VERSION}
+        net = state["config"].get("net")
+        unknown = sorted(set(net) - set(inspect.signature(unet.UNet).parameters)) \
+            if isinstance(net, dict) else []
+        if unknown:
+            raise CheckpointError(f"{path}: the checkpoint's network config has "
+                                  f"{', '.join(unknown)}, which this version's unet.py does not "
+                                  "know; use it with the version of this code that wrote it")
     return state
+
+
+def upgrade(config, version):
+    """The config of a checkpoint of format `version` in today's shape (config.Config as a dict):
+    the one place that knows older formats. Format 1 kept the flags flat beside the network's
+    kwargs ("unet"); runs saved before a field existed resume as they ran then (Ho et al.'s
+    recipe where a recipe field is missing, no flips, unconditional), and networks saved before
+    norm_groups and downsample_padding were stored have per-layer groups and symmetric padding."""
+    if version == 1:
+        old = config
+        net = old["unet"]
+        if isinstance(net, dict):
+            net = {"norm_groups": None, "downsample_padding": "symmetric", **net}
+        diffusion = {"mean_type": old["mean_type"], "var_type": old["var_type"],
+                     "loss_type": old["loss_type"],
+                     "loss_weighting": old.get("loss_weighting") or "none",
+                     **{k: old[k] for k in ("snr_gamma", "p2_k", "p2_gamma")
+                        if old.get(k) is not None},
+                     "timestep_sampling": old.get("t_sampling") or "uniform"}
+        fields = {f.name for f in dataclasses.fields(configs.Train)}
+        train = {k: v for k, v in old.items() if k in fields}
+        for key, value in {**configs.RECIPES["ho"], "hflip": False, "class_cond": False}.items():
+            if key in fields and train.get(key) is None and old.get("dataset") is not None:
+                train[key] = value
+        config = {"net": net, "diffusion": diffusion, "schedule": old["schedule"],
+                  "timesteps": old["timesteps"], "train": train,
+                  "class_names": old.get("class_names"),
+                  **{k: old[k] for k in ("betas", "clip_denoised", "imported_from") if k in old}}
+    return config
 
 
 def load_weights(model, weights, path):
@@ -93,23 +138,6 @@ def load_weights(model, weights, path):
 
 
 # ---- the model from a checkpoint ------------------------------------------------------------
-
-def build_diffusion(config):
-    """The GaussianDiffusion a config describes ({"schedule", "timesteps", "mean_type",
-    "var_type", "loss_type", ...}; schedule "custom" with the table under "betas", as imported
-    models have it); ValueError for a combination ddpm.py refuses."""
-    if config["schedule"] == "custom":
-        betas = torch.tensor(config["betas"], dtype=torch.float64)
-        if betas.shape != (config["timesteps"],):
-            raise ValueError(f"{len(betas)} betas for T = {config['timesteps']}")
-    else:
-        betas = ddpm.make_beta_schedule(config["schedule"], config["timesteps"])
-    weighting = {k: config[k] for k in ("snr_gamma", "p2_k", "p2_gamma") if config.get(k) is not None}
-    return ddpm.GaussianDiffusion(betas, config["mean_type"], config["var_type"],
-                                  config["loss_type"], config.get("loss_weighting", "none"),
-                                  timestep_sampling=config.get("t_sampling") or "uniform",
-                                  **weighting)
-
 
 class Model(NamedTuple):
     """A network ready to sample from: `network(x, t)` runs in `precision` and `layout` and
@@ -130,8 +158,8 @@ def load_model(path, device, precision="auto", use_ema=True, compile=False):
     state = load(path, map_location=device)
     config = state["config"]
     try:
-        diffusion = build_diffusion(config)
-        module = unet.UNet(**config["unet"])
+        diffusion = configs.build_diffusion(config)
+        module = unet.UNet(**config["net"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} has a config this code cannot build ({e})") from None
     channels_last = hardware.channels_last_default(device)

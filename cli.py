@@ -75,6 +75,9 @@ def check(ok, message):
         raise UserError(message)
 
 
+MAX_COUNT = 2 ** 31 - 1  # the largest step, batch, interval or seed a flag may give
+
+
 def check_number(flag, value, low=None, high=None, open_low=False, open_high=False):
     """UserError unless `value` (a flag's int or float) is finite and within the range: [low,
     high], open at an end where asked; None leaves an end unbounded. Every number a flag takes is

@@ -54,9 +54,10 @@ def main(argv=None):
     say = lambda line: print(line, file=sys.stderr)
     if args.from_diffusers:
         config = interop.import_diffusers(args.from_diffusers, args.out, say)
-        say(f"wrote {args.out}: {config['unet']['image_size']}x{config['unet']['image_size']} "
-            f"network, {config['schedule']} schedule, T = {config['timesteps']}, "
-            f"{config['mean_type']}, {config['var_type']}")
+        size = config["net"]["image_size"]
+        say(f"wrote {args.out}: {size}x{size} network, {config['schedule']} schedule, "
+            f"T = {config['timesteps']}, {config['diffusion']['mean_type']}, "
+            f"{config['diffusion']['var_type']}")
     else:
         path = checkpoint.resolve(args.to_diffusers)
         interop.export_diffusers(path, args.out, use_ema=not args.no_ema, progress=say)

@@ -50,6 +50,9 @@ def _cosine_alpha_bar(t, num_timesteps, s=0.008):
     return f(np.asarray(t, dtype=np.float64)) / f(0.0)
 
 
+LINEAR_BETAS = (1e-4, 0.02)  # [Ho] §4: β_1 and β_T of the linear schedule at T = 1000
+
+
 def make_beta_schedule(name, num_timesteps):
     """β_1..β_T as a float64 tensor [T].
 
@@ -66,7 +69,7 @@ def make_beta_schedule(name, num_timesteps):
     T = int(num_timesteps)
     if name == "linear":
         scale = 1000.0 / T
-        betas = np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+        betas = np.linspace(scale * LINEAR_BETAS[0], scale * LINEAR_BETAS[1], T, dtype=np.float64)
     elif name == "cosine":
         abar = _cosine_alpha_bar(np.arange(T + 1), T)
         betas = np.minimum(1.0 - abar[1:] / abar[:-1], 0.999)
@@ -170,10 +173,48 @@ TIMESTEP_SAMPLINGS = {"uniform": None,
 TIMESTEP_FLOOR = 0.1  # the share of draws kept uniform over all T steps
 
 
+# The per-timestep tables, float64 [T] (the _ext ones [T + 1]), each an attribute of a diffusion.
+TABLES = ("betas", "log_betas", "alphas_cumprod", "alphas_cumprod_prev", "one_minus_alphas_cumprod",
+          "log_alphas_cumprod_ext", "one_minus_alphas_cumprod_ext", "sqrt_alphas_cumprod",
+          "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+          "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+          "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+          "fixed_large_log_variance", "loss_weight", "timestep_cdf")
+
+
+def _broadcast(c, x):
+    """A per-example factor c [B] as [B, 1, ..., 1] in x's dtype, to broadcast against x."""
+    return c.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _check_t_prev(t_prev, t, sampler):
+    """t_prev (an int or [B]) as a LongTensor like t; ValueError unless -1 <= t_prev < t, checked
+    on the CPU only (a CUDA check would cost a host sync per step)."""
+    t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=t.device).expand(t.shape)
+    if t_prev.device.type == "cpu" and ((t_prev < -1) | (t_prev >= t)).any():
+        raise ValueError(f"{sampler} needs -1 <= t_prev < t (t_prev = -1 is the final step to x_0)")
+    return t_prev
+
+
 def _choice(value, options, what):
     if value not in options:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
     return value
+
+
+def _check_number(name, value, *bounds, infinite=False):
+    """ValueError unless `value` is a number (finite unless `infinite`) within `bounds`, pairs of
+    a comparison ("<", "<=", ">", ">=") and a limit: "p2_k must be a finite number > 0, got 0.0"."""
+    compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}
+    pairs = list(zip(bounds[::2], bounds[1::2]))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (math.isfinite(value) or (infinite and value == math.inf)) and \
+        all(compare[op](float(value), float(limit)) for op, limit in pairs)
+    if not ok:
+        ends = "".join(f" {op} {limit:g}" if i == 0 else f" and {op} {limit:g}"
+                       for i, (op, limit) in enumerate(pairs))
+        raise ValueError(f"{name} must be {'a' if infinite else 'a finite'} number{ends}, "
+                         f"got {value}")
 
 
 def _progress(iterable, progress, desc):
@@ -214,6 +255,8 @@ class GaussianDiffusion:
     def __init__(self, betas, mean_type="eps", var_type="fixed_small", loss_type="simple",
                  loss_weighting="none", snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0,
                  timestep_sampling="uniform", t_mean=None, t_std=None, t_floor=TIMESTEP_FLOOR):
+        # every option as given, so that respace() builds its chain with the same ones
+        self.options = {k: v for k, v in locals().items() if k not in ("self", "betas")}
         self.mean_type = _choice(mean_type, MEAN_TYPES, "mean_type")
         self.var_type = _choice(var_type, VAR_TYPES, "var_type")
         self.loss_type = _choice(loss_type, LOSS_TYPES, "loss_type")
@@ -227,9 +270,9 @@ class GaussianDiffusion:
         if loss_weighting != "none" and loss_type == "vlb":
             raise ValueError("loss_weighting weights L_simple's squared error; loss_type 'vlb' "
                              "has none (use 'simple' or 'hybrid')")
-        if not (snr_gamma > 0 and p2_k > 0 and p2_gamma >= 0):
-            raise ValueError(f"need snr_gamma > 0, p2_k > 0 and p2_gamma >= 0, got {snr_gamma}, "
-                             f"{p2_k} and {p2_gamma}")
+        _check_number("snr_gamma", snr_gamma, ">", 0, infinite=True)  # ∞: L_simple
+        _check_number("p2_k", p2_k, ">", 0)
+        _check_number("p2_gamma", p2_gamma, ">=", 0)
         self.weighting_args = {"snr_gamma": snr_gamma, "p2_k": p2_k, "p2_gamma": p2_gamma}
         self._set_timestep_sampling(timestep_sampling, t_mean, t_std, t_floor)
         betas = _check_betas(betas)
@@ -254,47 +297,38 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = torch.sqrt(self.alphas_cumprod_prev) * betas / one_minus_ac
         self.posterior_mean_coef2 = torch.sqrt(1.0 - betas) * one_minus_ac_prev / one_minus_ac
 
-        self._tables = {
-            "betas": betas,
-            "log_betas": torch.log(betas),
-            "alphas_cumprod": self.alphas_cumprod,
-            "one_minus_alphas_cumprod": one_minus_ac,
-            # log ᾱ and 1 - ᾱ of the step before index i are entry i; entry 0 is ᾱ = 1, the
-            # target of DDIM's last step.
-            "log_alphas_cumprod_ext": torch.cat([torch.zeros(1, dtype=torch.float64),
-                                                 log_alphas_cumprod]),
-            "one_minus_alphas_cumprod_ext": torch.cat([torch.zeros(1, dtype=torch.float64),
-                                                       one_minus_ac]),
-            "sqrt_alphas_cumprod": torch.sqrt(self.alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": torch.sqrt(one_minus_ac),
-            "log_one_minus_alphas_cumprod": torch.log(one_minus_ac),
-            "sqrt_recip_alphas_cumprod": torch.exp(-0.5 * log_alphas_cumprod),   # 1/√ᾱ_t
-            "sqrt_recipm1_alphas_cumprod": torch.sqrt(torch.expm1(-log_alphas_cumprod)),  # √(1/ᾱ_t - 1)
-            "posterior_variance": self.posterior_variance,
-            "posterior_log_variance_clipped": self.posterior_log_variance_clipped,
-            "posterior_mean_coef1": self.posterior_mean_coef1,
-            "posterior_mean_coef2": self.posterior_mean_coef2,
-            # fixed_large: β_t, with β̃_2 at the first step ([Ho]'s code; a better decoder).
-            "fixed_large_log_variance": torch.log(torch.cat([first.reshape(1), betas[1:]])),
-        }
-        self._tables["loss_weight"] = self.loss_weights()
+        self.log_betas = torch.log(betas)
+        self.one_minus_alphas_cumprod = one_minus_ac
+        # log ᾱ and 1 - ᾱ of the step before index i are entry i; entry 0 is ᾱ = 1, the target
+        # of DDIM's last step.
+        self.log_alphas_cumprod_ext = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                 log_alphas_cumprod])
+        self.one_minus_alphas_cumprod_ext = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                       one_minus_ac])
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(one_minus_ac)
+        self.log_one_minus_alphas_cumprod = torch.log(one_minus_ac)
+        self.sqrt_recip_alphas_cumprod = torch.exp(-0.5 * log_alphas_cumprod)          # 1/√ᾱ_t
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(torch.expm1(-log_alphas_cumprod))  # √(1/ᾱ_t - 1)
+        # fixed_large: β_t, with β̃_2 at the first step ([Ho]'s code; a better decoder).
+        self.fixed_large_log_variance = torch.log(torch.cat([first.reshape(1), betas[1:]]))
         probs = self.timestep_probs()
-        if self.timestep_sampling != "uniform":  # importance weight (1/T)/P[t]
-            self._tables["loss_weight"] = self._tables["loss_weight"] / (T * probs)
-        self._tables["timestep_cdf"] = torch.cumsum(probs, 0)
-        bad = [k for k, v in self._tables.items() if not torch.isfinite(v).all()]
+        # w_t, times the importance weight (1/T)/P[t] when t is not drawn uniformly
+        self.loss_weight = self.loss_weights() if self.timestep_sampling == "uniform" else \
+            self.loss_weights() / (T * probs)
+        self.timestep_cdf = torch.cumsum(probs, 0)
+        bad = [k for k in TABLES if not torch.isfinite(getattr(self, k)).all()]
         if bad:
             raise ValueError(f"betas give non-finite {', '.join(bad)}; betas this close to 0 or 1 "
                              "cannot be represented in float64")
-        self._tables["timestep_map"] = self.timestep_map
-        self._device_tables = {}
+        self._device_copies = {}
 
     def _set_timestep_sampling(self, name, t_mean, t_std, t_floor):
         self.timestep_sampling = _choice(name, tuple(TIMESTEP_SAMPLINGS), "timestep_sampling")
         if name == "uniform":
-            if t_mean is not None or t_std is not None:
-                raise ValueError("t_mean and t_std shape a non-uniform timestep_sampling; "
-                                 "choose 'lognormal' or 'logitnormal' to use them")
+            if t_mean is not None or t_std is not None or t_floor != TIMESTEP_FLOOR:
+                raise ValueError("t_mean, t_std and t_floor shape a non-uniform "
+                                 "timestep_sampling; choose 'lognormal' or 'logitnormal' to use them")
             self.sampling_args = {}
             return
         if self.loss_type != "simple":
@@ -302,9 +336,9 @@ class GaussianDiffusion:
                              f"loss_type {self.loss_type!r} would be biased (use 'simple')")
         mean, std = TIMESTEP_SAMPLINGS[name]
         mean, std = (mean if t_mean is None else t_mean), (std if t_std is None else t_std)
-        if not (math.isfinite(mean) and std > 0 and 0 < t_floor <= 1):
-            raise ValueError(f"need a finite t_mean, t_std > 0 and 0 < t_floor <= 1, got "
-                             f"{mean}, {std} and {t_floor}")
+        _check_number("t_mean", mean)
+        _check_number("t_std", std, ">", 0)
+        _check_number("t_floor", t_floor, ">", 0, "<=", 1)
         self.sampling_args = {"t_mean": mean, "t_std": std, "t_floor": t_floor}
 
     def __repr__(self):
@@ -313,16 +347,19 @@ class GaussianDiffusion:
 
     # ---- tables --------------------------------------------------------------------------------
 
-    def _table(self, name, device):
-        """The float64 table `name`, from the copy kept on `device` (made on first use)."""
-        tables = self._device_tables.get(device)
-        if tables is None:
-            tables = self._device_tables[device] = {k: v.to(device) for k, v in self._tables.items()}
-        return tables[name]
+    def _on(self, table, device):
+        """One of the tables (float64, on the CPU) as the copy kept on `device`, made on first
+        use: no table is copied to the device per call."""
+        if table.device == torch.device(device):
+            return table
+        key = (id(table), torch.device(device))
+        if key not in self._device_copies:
+            self._device_copies[key] = table.to(device)
+        return self._device_copies[key]
 
-    def _extract(self, name, t, x):
+    def _extract(self, table, t, x):
         """table[t] as a [B, 1, ..., 1] factor in x's dtype, ready to broadcast against x."""
-        return self._table(name, x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return _broadcast(self._on(table, x.device)[t], x)
 
     def _check_t(self, t, x):
         """t must be a LongTensor [B] on x's device; its range is checked on the CPU only (a CUDA
@@ -355,11 +392,8 @@ class GaussianDiffusion:
         log_ac = torch.log(self.alphas_cumprod[keep])
         log_ac_prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_ac[:-1]])
         betas = -torch.expm1(log_ac - log_ac_prev)
-        new = GaussianDiffusion(betas, self.mean_type, self.var_type, self.loss_type,
-                                self.loss_weighting, **self.weighting_args,
-                                timestep_sampling=self.timestep_sampling, **self.sampling_args)
+        new = GaussianDiffusion(betas, **self.options)
         new.timestep_map = self.timestep_map[keep]
-        new._tables["timestep_map"] = new.timestep_map
         return new
 
     # ---- forward process q -------------------------------------------------------------------
@@ -372,9 +406,9 @@ class GaussianDiffusion:
         Checked by test_math.py section 1 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x0)
-        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0,
-                self._extract("one_minus_alphas_cumprod", t, x0),
-                self._extract("log_one_minus_alphas_cumprod", t, x0))
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0,
+                self._extract(self.one_minus_alphas_cumprod, t, x0),
+                self._extract(self.log_one_minus_alphas_cumprod, t, x0))
 
     def q_sample(self, x0, t, noise=None):
         """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε, a draw from q(x_t | x_0) ([Ho] Eq. 4). Shapes as x0.
@@ -385,8 +419,8 @@ class GaussianDiffusion:
         noise = torch.randn_like(x0) if noise is None else noise
         if noise.shape != x0.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, x0 has {tuple(x0.shape)}")
-        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) ([Ho] Eq. 6-7):
@@ -399,10 +433,10 @@ class GaussianDiffusion:
         Checked by test_math.py sections 2, 3 and 6 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
-        mean = (self._extract("posterior_mean_coef1", t, x_t) * x0
-                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
-        return (mean, self._extract("posterior_variance", t, x_t),
-                self._extract("posterior_log_variance_clipped", t, x_t))
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x0
+                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, self._extract(self.posterior_variance, t, x_t),
+                self._extract(self.posterior_log_variance_clipped, t, x_t))
 
     # ---- the three parameterisations ----------------------------------------------------------
 
@@ -412,20 +446,20 @@ class GaussianDiffusion:
         Checked by test_math.py sections 1 and 3 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """ε̂ = (x_t - √ᾱ_t x̂_0) / √(1-ᾱ_t), the inverse of predict_x0_from_eps."""
         t = self._check_t(t, x_t)
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def predict_x0_from_v(self, x_t, t, v):
         """x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v̂ ([Salimans] §4, with v = √ᾱ_t ε - √(1-ᾱ_t) x_0)."""
         t = self._check_t(t, x_t)
-        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
-                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
 
     def _eps_from_output(self, mean_out, x_t, t):
         """ε̂ implied by the network's (unclipped) output, whatever it predicts."""
@@ -433,8 +467,8 @@ class GaussianDiffusion:
             return mean_out
         if self.mean_type == "x0":
             return self.predict_eps_from_x0(x_t, t, mean_out)
-        return (self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
-                + self._extract("sqrt_alphas_cumprod", t, x_t) * mean_out)
+        return (self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+                + self._extract(self.sqrt_alphas_cumprod, t, x_t) * mean_out)
 
     def _target(self, x0, t, noise):
         """What the network is trained to output for x_t = q_sample(x0, t, noise)."""
@@ -442,8 +476,8 @@ class GaussianDiffusion:
             return noise
         if self.mean_type == "x0":
             return x0
-        return (self._extract("sqrt_alphas_cumprod", t, x0) * noise
-                - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * noise
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
     # ---- reverse process p_θ ------------------------------------------------------------------
 
@@ -465,14 +499,14 @@ class GaussianDiffusion:
     def _model_variance(self, var_out, x_t, t):
         """(σ², log σ²) of p_θ(x_{t-1} | x_t) for the chosen var_type."""
         if self.var_type == "fixed_small":
-            log_var = self._extract("posterior_log_variance_clipped", t, x_t)
-            return self._extract("posterior_variance", t, x_t), log_var
+            log_var = self._extract(self.posterior_log_variance_clipped, t, x_t)
+            return self._extract(self.posterior_variance, t, x_t), log_var
         if self.var_type == "fixed_large":
-            log_var = self._extract("fixed_large_log_variance", t, x_t)
+            log_var = self._extract(self.fixed_large_log_variance, t, x_t)
             return torch.exp(log_var), log_var
         u = (var_out + 1) / 2                                     # [Nichol] Eq. 15
-        log_var = (u * self._extract("log_betas", t, x_t)
-                   + (1 - u) * self._extract("posterior_log_variance_clipped", t, x_t))
+        log_var = (u * self._extract(self.log_betas, t, x_t)
+                   + (1 - u) * self._extract(self.posterior_log_variance_clipped, t, x_t))
         return torch.exp(log_var), log_var
 
     def _p_from_output(self, output, x_t, t, clip_denoised):
@@ -492,7 +526,7 @@ class GaussianDiffusion:
                 "pred_x0": pred_x0, "model_output": mean_out}
 
     def _call_model(self, model, x_t, t):
-        return model(x_t, self._table("timestep_map", x_t.device)[t])
+        return model(x_t, self._on(self.timestep_map, x_t.device)[t])
 
     def p_mean_variance(self, model, x_t, t, clip_denoised=True):
         """p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ) ([Ho] Eq. 1), with μ_θ = μ̃_t(x_t, x̂_0) ([Ho] Eq. 11
@@ -518,7 +552,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x_t, t, clip_denoised)
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        nonzero = _broadcast(t != 0, x_t)
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_x0": out["pred_x0"]}
 
@@ -608,25 +642,23 @@ class GaussianDiffusion:
         Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
         t = self._check_t(t, x_t)
-        t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
-        if t_prev.device.type == "cpu" and ((t_prev < -1) | (t_prev >= t)).any():
-            raise ValueError("DDIM needs -1 <= t_prev < t (t_prev = -1 is the final step to x_0)")
+        t_prev = _check_t_prev(t_prev, t, "DDIM")
         out = self.p_mean_variance(model, x_t, t, clip_denoised)
         eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
         # The coefficients in float64 from the tables, cast once: in fp16/bf16 1 - ᾱ rounds to 0.
-        log_ac = self._table("log_alphas_cumprod_ext", x_t.device)
-        one_minus = self._table("one_minus_alphas_cumprod_ext", x_t.device)
+        log_ac = self._on(self.log_alphas_cumprod_ext, x_t.device)
+        one_minus = self._on(self.one_minus_alphas_cumprod_ext, x_t.device)
         log_ac_t, log_ac_prev = log_ac[t + 1], log_ac[t_prev + 1]
         om_t, om_prev = one_minus[t + 1], one_minus[t_prev + 1]
         var = eta ** 2 * om_prev / om_t * -torch.expm1(log_ac_t - log_ac_prev)   # σ², Eq. 16
-        cast = lambda c: c.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        mean = (cast(torch.exp(0.5 * log_ac_prev)) * out["pred_x0"]
-                + cast(torch.sqrt((om_prev - var).clamp(min=0))) * eps)
+        mean = (_broadcast(torch.exp(0.5 * log_ac_prev), x_t) * out["pred_x0"]
+                + _broadcast(torch.sqrt((om_prev - var).clamp(min=0)), x_t) * eps)
         if eta == 0:
             return {"sample": mean, "pred_x0": out["pred_x0"]}
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return {"sample": mean + cast(torch.sqrt(var)) * noise, "pred_x0": out["pred_x0"]}
+        return {"sample": mean + _broadcast(torch.sqrt(var), x_t) * noise,
+                "pred_x0": out["pred_x0"]}
 
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, steps, eta, noise=None, clip_denoised=True,
@@ -681,8 +713,8 @@ class GaussianDiffusion:
 
     def _half_logsnr(self, t, device):
         """λ_t = log(√ᾱ_t/√(1-ᾱ_t)) in float64 for indices t >= -1 (-1: ᾱ = 1, λ = +∞)."""
-        log_ac = self._table("log_alphas_cumprod_ext", device)[t + 1]
-        one_minus = self._table("one_minus_alphas_cumprod_ext", device)[t + 1]
+        log_ac = self._on(self.log_alphas_cumprod_ext, device)[t + 1]
+        one_minus = self._on(self.one_minus_alphas_cumprod_ext, device)[t + 1]
         return 0.5 * (log_ac - torch.log(one_minus))
 
     def dpm_solver_step(self, x_t, t, t_prev, pred_x0, older=None):
@@ -698,22 +730,19 @@ class GaussianDiffusion:
         t: [B]; t_prev: an int or [B]. Returns x_prev, [B, ...].
         """
         t = self._check_t(t, x_t)
-        t_prev = torch.as_tensor(t_prev, dtype=torch.long, device=x_t.device).expand(t.shape)
-        if t_prev.device.type == "cpu" and ((t_prev < -1) | (t_prev >= t)).any():
-            raise ValueError("DPM-Solver needs -1 <= t_prev < t (t_prev = -1 is the final step "
-                             "to x_0)")
+        t_prev = _check_t_prev(t_prev, t, "DPM-Solver")
         lam_t, lam_prev = self._half_logsnr(t, x_t.device), self._half_logsnr(t_prev, x_t.device)
-        cast = lambda c: c.to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         D = pred_x0
         if older is not None:
             s, x0_s = older
             half_inv_r = (lam_prev - lam_t) / (2 * (lam_t - self._half_logsnr(s, x_t.device)))
             half_inv_r = torch.where(t_prev >= 0, half_inv_r, torch.zeros_like(half_inv_r))
-            D = pred_x0 + cast(half_inv_r) * (pred_x0 - x0_s)
-        one_minus = self._table("one_minus_alphas_cumprod_ext", x_t.device)
+            D = pred_x0 + _broadcast(half_inv_r, x_t) * (pred_x0 - x0_s)
+        one_minus = self._on(self.one_minus_alphas_cumprod_ext, x_t.device)
         sigma_ratio = torch.sqrt(one_minus[t_prev + 1] / one_minus[t + 1])
-        alpha_prev = torch.exp(0.5 * self._table("log_alphas_cumprod_ext", x_t.device)[t_prev + 1])
-        return cast(sigma_ratio) * x_t - cast(alpha_prev * torch.expm1(lam_t - lam_prev)) * D
+        alpha_prev = torch.exp(0.5 * self._on(self.log_alphas_cumprod_ext, x_t.device)[t_prev + 1])
+        return (_broadcast(sigma_ratio, x_t) * x_t
+                - _broadcast(alpha_prev * torch.expm1(lam_t - lam_prev), x_t) * D)
 
     @torch.no_grad()
     def dpm_solver_sample_loop(self, model, shape, steps, noise=None, clip_denoised=True,
@@ -770,7 +799,7 @@ class GaussianDiffusion:
             terms["mse"] = mean_flat((self._target(x0, t, noise) - mean_out) ** 2)
             unweighted = self.loss_weighting == "none" and self.timestep_sampling == "uniform"
             weighted = terms["mse"] if unweighted else \
-                self._table("loss_weight", x0.device)[t].to(terms["mse"].dtype) * terms["mse"]
+                self._on(self.loss_weight, x0.device)[t].to(terms["mse"].dtype) * terms["mse"]
         if self.loss_type != "simple":
             if self.loss_type == "hybrid":  # L_vlb trains the variance only ([Nichol] §3.1)
                 output = mean_out.detach() if var_out is None else \
@@ -845,7 +874,7 @@ class GaussianDiffusion:
             return torch.randint(0, self.num_timesteps, (batch,), generator=generator,
                                  device=device)
         u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
-        cdf = self._table("timestep_cdf", device)
+        cdf = self._on(self.timestep_cdf, device)
         return torch.searchsorted(cdf, u, right=True).clamp(max=self.num_timesteps - 1)
 
     def prior_bpd(self, x0):

@@ -57,14 +57,9 @@ def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu
     bar = tqdm(total=len(batches) * diffusion.num_timesteps, desc="NLL", unit="step",
                disable=not progress)
 
-    def ticking(iterable, desc):
-        for item in iterable:
-            yield item
-            bar.update(1)
-
     for i in batches:
         x0 = imaging.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
-        out = diffusion.calc_bpd_loop(network, x0, clip_denoised=True, generator=g, progress=ticking)
+        out = diffusion.calc_bpd_loop(network, x0, clip_denoised=True, generator=g, progress=sampling.ticking(bar))
         for key, value in (("total", out["total_bpd"]), ("prior", out["prior_bpd"]),
                            ("denoising", out["vb"][:, 1:].sum(1)), ("decoder", out["vb"][:, 0])):
             parts[key].append(value.double().cpu().numpy())
@@ -76,16 +71,23 @@ def mean_and_se(x):
     return float(np.mean(x)), float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
+# Defaults that finish in minutes on a CPU; the full test set and 10,000 samples are one flag away.
+DEFAULT_NLL_IMAGES = 100
+DEFAULT_SAMPLES = 1000
+
+
 def parse_args(argv=None):
     """The flags, every one checked before any checkpoint, data or model is touched."""
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: the newest "
                    "ckpt.pt under runs/)")
-    p.add_argument("--n", type=int, default=None,
-                   help="test images for the NLL; 0 skips the NLL (default: all of them)")
+    p.add_argument("--n", type=int, default=DEFAULT_NLL_IMAGES,
+                   help="test images for the NLL, 0 skips it (default: %(default)s, minutes on a "
+                   "CPU; 10000 for all of MNIST's, which is hours on a CPU)")
     p.add_argument("--nll-batch-size", type=int, default=250, help="images per NLL batch")
-    p.add_argument("--samples", type=int, default=10000,
-                   help="generated images for sample quality; 0 skips it")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help="generated images for sample quality, 0 skips it (default: %(default)s; "
+                   "10000 for the tables of docs/results.md)")
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     sampling.add_arguments(p)
     sampling.add_class_arguments(p)
@@ -128,7 +130,7 @@ def parse_args(argv=None):
                                    ("--batch-size", args.batch_size, 1, 1_000_000),
                                    ("--fid", args.fid, 0, 10_000_000),
                                    ("--fid-batch-size", args.fid_batch_size, 1, 100_000),
-                                   ("--seed", args.seed, 0, 2 ** 31 - 1)):
+                                   ("--seed", args.seed, 0, cli.MAX_COUNT)):
         if value is not None:
             cli.check_number(flag, value, low, high)
     cli.check(not 0 < args.samples <= 3, "--samples must be 0 or at least 4 (precision/recall "
@@ -160,7 +162,8 @@ def parse_args(argv=None):
 def evaluate(args, path, device, progress=True):
     """The results dict for the checkpoint at `path` (see the module docstring)."""
     model = checkpoint.load_model(path, device, args.precision)
-    diffusion, name = model.diffusion, args.dataset or model.config.get("dataset")
+    trained_on = model.config.get("train", {}).get("dataset")
+    diffusion, name = model.diffusion, args.dataset or trained_on
     cli.check(name is not None, f"{path} names no dataset (an imported model); give "
               "--dataset NAME for its test set")
     if args.samples or args.nearest:
@@ -175,7 +178,7 @@ def evaluate(args, path, device, progress=True):
     cli.check(not args.nearest or not name.startswith("npz:"), f"--nearest compares with held-out "
               f"images, and {name} has none; give a folder: dataset or a named one")
     # A folder is read as the run read it; one the model did not train on, at the model's shape.
-    folder = userdata.options_of(model.config) if name == model.config.get("dataset") else \
+    folder = userdata.options_of(model.config["train"]) if name == trained_on else \
         userdata.FolderOptions(image_size=want[1], channels=want[0])
     test_set = load_test_set(name, args.data_dir, progress, folder)
     cli.check(test_set.images.shape[1:] == want, f"{name} images are "
@@ -183,11 +186,14 @@ def evaluate(args, path, device, progress=True):
               "trained on")
     results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device)}
 
-    n = len(test_set.images) if args.n is None else min(args.n, len(test_set.images))
+    n = min(args.n, len(test_set.images))
     if n:
-        start = time.perf_counter()
         fp32 = hardware.as_called(model.module, "fp32", device,
                                   hardware.channels_last_default(device))
+        batch = min(n, args.nll_batch_size)
+        sampling.expected_time(f"the NLL of {n} images", fp32, want, batch,
+                               math.ceil(n / batch) * diffusion.num_timesteps, device)
+        start = time.perf_counter()
         parts = nll_bits_per_dim(fp32, diffusion, test_set.images[:n], args.nll_batch_size,
                                  args.seed, device, progress)
         results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
@@ -208,6 +214,10 @@ def evaluate(args, path, device, progress=True):
     train_set = data.load_dataset(name, "train", args.data_dir, progress=progress, folder=folder)
     classifier, accuracy = metrics.classifier_for(name, train_set, test_set, device,
                                                   progress=progress) if labelled_28 else (None, None)
+    batch = min(count, args.batch_size)
+    sampling.expected_time(f"{count} samples", model.network, want, batch, math.ceil(count / batch)
+                           * sampling.network_calls(args.sampler, args.steps, diffusion), device,
+                           guided=labels is not None)
     start = time.perf_counter()
     x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], count,
                              args.batch_size, args.sampler, args.steps, args.eta, args.seed,
@@ -272,15 +282,15 @@ def fid_of(args, weights, name, samples, train_set, test_set, device, progress=T
 def evaluate_saved(args, path, device, progress=True):
     """The FID of the saved samples at --fid-of against a dataset's training set: --dataset, or
     the dataset of the checkpoint at `path`, read as its run read it."""
-    config = checkpoint.load(path)["config"] if path else {}
-    name = args.dataset or config.get("dataset")
+    trained = checkpoint.load(path)["config"]["train"] if path else {}
+    name = args.dataset or trained.get("dataset")
     cli.check(name is not None, f"{path} names no dataset (an imported model); give --dataset NAME")
     weights = fid_network(args, device)
     samples = saved_samples(args.fid_of, progress)
     cli.check(len(samples) >= 2, f"--fid-of: {args.fid_of} holds {len(samples)} image(s); FID "
               "needs at least 2")
     # A folder is read as the run read it; without the run, at the samples' side.
-    folder = userdata.options_of(config) if name == config.get("dataset") else \
+    folder = userdata.options_of(trained) if name == trained.get("dataset") else \
         userdata.FolderOptions(image_size=samples.shape[2])
     train_set = data.load_dataset(name, "train", args.data_dir, progress=progress, folder=folder)
     test_set = data.load_dataset(name, "test", args.data_dir, progress=progress, folder=folder)
@@ -330,11 +340,11 @@ def nearest_png(args, path):
 def asked_classes(args, config, count):
     """The labels a class-conditional model is asked for (--class; by default every class, each
     count // K times, K the number of classes) in order; None for an unconditional model."""
-    if config["unet"].get("num_classes") is None:
+    if config["net"].get("num_classes") is None:
         return sampling.class_labels(args.classes, count, config, args.seed)[0]  # refuses --class
     asked = args.classes or "all"
     several = asked.strip() == "all" or "," in asked
-    per = max(1, count // (config["unet"]["num_classes"] if asked.strip() == "all"
+    per = max(1, count // (config["net"]["num_classes"] if asked.strip() == "all"
                            else len(asked.split(","))) if several else count)
     return sampling.class_labels(asked, per, config, args.seed)[0]
 

@@ -17,6 +17,8 @@ One policy, used by training and sampling alike:
              GOMP_SPINCOUNT=300000 (libgomp's default without a policy) turn it back.
 """
 import os
+import statistics
+import time
 
 import torch
 
@@ -135,3 +137,23 @@ def broadcast_int(value):
         tensor = tensor.cuda()
     torch.distributed.broadcast(tensor, 0)
     return int(tensor.item())
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, warmup, iters):
+    """Median wall time of fn() in seconds over `iters` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import cli
+import config as configs
 import ddpm
 import files
 import unet
@@ -335,7 +336,7 @@ def class_names_to_diffusers(config):
     """{CLASS_NAMES: names} for a checkpoint config whose network has classes and names them;
     {} otherwise."""
     names = config.get("class_names")
-    return {CLASS_NAMES: list(names)} if config["unet"].get("num_classes") and names else {}
+    return {CLASS_NAMES: list(names)} if config["net"].get("num_classes") and names else {}
 
 
 def class_names_from_diffusers(unet_config, kwargs, where="config.json"):
@@ -491,22 +492,23 @@ def _undeprecate(name):
 
 def diffusion_config_from_scheduler(config, where="scheduler_config.json"):
     """ddpm.py's settings for a diffusers DDPMScheduler (or DDIMScheduler) config, checked first
-    (check_scheduler_config): {"schedule", "timesteps", "mean_type", "var_type", "loss_type",
-    "clip_denoised"} and, when the β table is not one of ddpm.py's named schedules, "betas" (the
-    table itself)."""
+    (check_scheduler_config), in the shape of a checkpoint's config: {"schedule", "timesteps",
+    "diffusion": GaussianDiffusion's kwargs, "clip_denoised"} and, when the β table is not one of
+    ddpm.py's named schedules, "betas" (the table itself)."""
     c = check_scheduler_config(config, where)
     T = c["num_train_timesteps"]
     betas = diffusers_betas(c)
     schedule = next((name for name in ("linear", "cosine")
                      if _same_table(betas, _named_betas(name, T))), "custom")
-    out = {"schedule": schedule, "timesteps": T, "mean_type": PREDICTION[c["prediction_type"]],
-           "var_type": VARIANCE[c["variance_type"]],
-           "loss_type": "hybrid" if c["variance_type"] == "learned_range" else "simple",
+    out = {"schedule": schedule, "timesteps": T,
+           "diffusion": {"mean_type": PREDICTION[c["prediction_type"]],
+                         "var_type": VARIANCE[c["variance_type"]], "loss_type":
+                         "hybrid" if c["variance_type"] == "learned_range" else "simple"},
            "clip_denoised": c["clip_sample"]}
     if schedule == "custom":
         out["betas"] = betas.tolist()
     try:
-        checkpoint.build_diffusion(out)
+        configs.build_diffusion(out)
     except ValueError as e:
         raise ConvertError(f"{where}: num_train_timesteps, beta_schedule, beta_start, beta_end "
                            f"and trained_betas give a β table ddpm.py cannot use ({e})") from None
@@ -543,12 +545,15 @@ def scheduler_from_diffusion_config(config):
     """The DDPMScheduler config of a checkpoint's diffusion settings."""
     T = config["timesteps"]
     out = {"_class_name": "DDPMScheduler", "num_train_timesteps": T, "trained_betas": None,
-           "variance_type": config["var_type"], "clip_sample": config.get("clip_denoised", True),
+           "variance_type": config["diffusion"]["var_type"],
+           "clip_sample": config.get("clip_denoised", True),
            "clip_sample_range": 1.0,
-           "prediction_type": {v: k for k, v in PREDICTION.items()}[config["mean_type"]]}
+           "prediction_type": {v: k for k, v in PREDICTION.items()}[
+               config["diffusion"]["mean_type"]]}
     if config["schedule"] == "linear":
         scale = 1000.0 / T
-        out.update(beta_schedule="linear", beta_start=scale * 1e-4, beta_end=scale * 0.02)
+        out.update(beta_schedule="linear", beta_start=scale * ddpm.LINEAR_BETAS[0],
+                   beta_end=scale * ddpm.LINEAR_BETAS[1])
     elif config["schedule"] == "cosine":
         out.update(beta_schedule="squaredcos_cap_v2")
     else:
@@ -657,12 +662,12 @@ def import_diffusers(folder, out, progress=print):
     unet_config, unet_path, unet_dir, scheduler, sched_path = read_folder(folder)
     kwargs = unet_kwargs_from_diffusers(unet_config, unet_path)
     diffusion = diffusion_config_from_scheduler(scheduler, sched_path)
-    _check_variance_output(kwargs, diffusion["var_type"], unet_path, sched_path)
+    _check_variance_output(kwargs, diffusion["diffusion"]["var_type"], unet_path, sched_path)
     with torch.device("meta"):  # the parameters' names and shapes, nothing allocated
         model = unet.UNet(**kwargs)
     weights_path, theirs = read_weights(unet_dir)
     weights = weights_from_diffusers(theirs, model, weights_path)
-    config = {**diffusion, "unet": kwargs, "dataset": None,
+    config = {**diffusion, "net": kwargs, "train": {"dataset": None},
               "imported_from": os.path.abspath(folder),
               "class_names": class_names_from_diffusers(unet_config, kwargs, unet_path)}
     checkpoint.save(out, {"step": None, "config": config, "model": weights, "ema": weights})
@@ -713,7 +718,7 @@ def export_diffusers(path, out, use_ema=True, progress=print):
         raise ConvertError(f"{path}: the {'EMA' if use_ema else 'raw (--no-ema)'} weight {bad[0]} "
                            f"holds non-finite values (NaN or inf), as do {len(bad) - 1} more; "
                            "the run diverged: export an earlier checkpoint")
-    unet_config = {**diffusers_unet_config(model.config["unet"], path),
+    unet_config = {**diffusers_unet_config(model.config["net"], path),
                    **class_names_to_diffusers(model.config)}
     scheduler = scheduler_from_diffusion_config(model.config)
     weights = weights_to_diffusers(state)
@@ -744,8 +749,8 @@ def _check_reads_back(unet_config, scheduler, weights, path):
     where = f"{path} exported"
     kwargs = unet_kwargs_from_diffusers(unet_config, f"{where} as a UNet2DModel config")
     diffusion = diffusion_config_from_scheduler(scheduler, f"{where} as a DDPMScheduler config")
-    _check_variance_output(kwargs, diffusion["var_type"], f"{where} as a UNet2DModel config",
-                           f"{where} as a DDPMScheduler config")
+    _check_variance_output(kwargs, diffusion["diffusion"]["var_type"],
+                           f"{where} as a UNet2DModel config", f"{where} as a DDPMScheduler config")
     with torch.device("meta"):
         model = unet.UNet(**kwargs)
     weights_from_diffusers(weights, model, f"{where} as diffusers weights")

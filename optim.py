@@ -11,6 +11,11 @@ import torch
 import hardware
 import unet
 
+# The seed of one generator of a run: seed * SEED_STRIDE + k for its k-th epoch or step, so the
+# seeds of two runs' generators differ while k < SEED_STRIDE (a prime).
+SEED_STRIDE = 1_000_003
+
+
 # ---- the data order -------------------------------------------------------------------------
 
 class Batches:
@@ -24,7 +29,7 @@ class Batches:
 
     def _permutation(self, epoch):
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
         return self._perm
 
@@ -40,17 +45,16 @@ class Batches:
 
 def _generator(cfg, step, device, stream=0):
     """The generator of one stream of draws of `step`, seeded by (seed, step, stream) alone."""
-    base = cfg.seed * 1_000_003 + step
+    base = cfg.seed * SEED_STRIDE + step
     return torch.Generator(device).manual_seed(base if stream == 0 else base * 4 + stream)
 
 
-def step_noise(cfg, step, shape, device, diffusion=None):
+def step_noise(cfg, step, shape, device, diffusion):
     """Algorithm 1's t ~ Uniform({1..T}) (or the diffusion's importance-sampled law, --t-sampling)
     and ε ~ N(0, I) for the global batch of `step`, from (seed, step) alone: the same draws after
     a resume and in every process."""
     g = _generator(cfg, step, device)
-    t = (torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=g, device=device)
-         if diffusion is None else diffusion.sample_timesteps(cfg.batch_size, g, device))
+    t = diffusion.sample_timesteps(cfg.batch_size, g, device)
     noise = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
     return t, noise
 
@@ -117,19 +121,25 @@ class Trainee(NamedTuple):
     scaler: torch.amp.GradScaler
 
 
-def build(cfg, unet_kwargs, device):
-    """(model, ema, optimizer, scaler) for a config: the model in its memory format, the EMA a
-    frozen copy, Adam fused on CUDA and foreach on the CPU, a GradScaler for fp16."""
+def build(cfg, net, device):
+    """(model, ema, optimizer, scaler) for the training settings `cfg` and the network's kwargs
+    `net`: the model in its memory format, the EMA a frozen copy, Adam fused on CUDA and foreach
+    on the CPU, a GradScaler for fp16."""
     torch.manual_seed(cfg.seed)
     layout = hardware.memory_format(cfg.channels_last)
-    model = unet.UNet(**unet_kwargs).to(device, memory_format=layout)
-    ema = unet.UNet(**unet_kwargs).to(device, memory_format=layout).eval()
+    model = unet.UNet(**net).to(device, memory_format=layout)
+    ema = unet.UNet(**net).to(device, memory_format=layout).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                 **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    optimizer = adam(model.parameters(), cfg.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return model, ema, optimizer, scaler
+
+
+def adam(parameters, lr, device):
+    """Adam, fused on CUDA and foreach (one kernel per step for all tensors) elsewhere."""
+    return torch.optim.Adam(parameters, lr=lr,
+                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
 def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None):

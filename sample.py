@@ -46,7 +46,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cli.check_number("--n", args.n, 1, 10_000_000)
     cli.check_number("--batch-size", args.batch_size, 1, 1_000_000)
-    cli.check_number("--seed", args.seed, 0, 2 ** 31 - 1)
+    cli.check_number("--seed", args.seed, 0, cli.MAX_COUNT)
     sampling.check_arguments(args)
     sampling.check_class_arguments(args)
     cli.check_number("--trajectory", args.trajectory, 0, 100_000)

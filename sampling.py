@@ -3,6 +3,9 @@ images drawn batch by batch from one seeded generator with Ho et al.'s Algorithm
 guided towards classes for a class-conditional model; the sampler's flags and its defaults,
 written here once.
 """
+import sys
+import time
+
 import torch
 from tqdm import tqdm
 
@@ -75,7 +78,7 @@ def guidance_for(guidance, config):
     """The guidance weight for a model with config `config`: --guidance (None: DEFAULT_GUIDANCE);
     UserError for --guidance on a model that is not class-conditional, where it would do
     nothing."""
-    conditional = config["unet"].get("num_classes") is not None
+    conditional = config["net"].get("num_classes") is not None
     check(guidance is None or conditional, "--guidance weighs a class-conditional model's "
           "classes, and this model is not class-conditional; drop --guidance")
     return DEFAULT_GUIDANCE if guidance is None else guidance
@@ -86,7 +89,7 @@ def class_labels(asked, n, config, seed):
     config `config`: None draws n classes uniformly from the seed, sorted (the grid ordered by
     class); "all" or a list gives n of each class asked, in the order asked. UserError for
     --class on a model without classes, or a class it does not have."""
-    num_classes = config["unet"].get("num_classes")
+    num_classes = config["net"].get("num_classes")
     if num_classes is None:
         check(asked is None, "--class asks for a class, and this model is not class-conditional "
               "(train one with --class-cond)")
@@ -131,6 +134,40 @@ def clips(config, args):
     return config.get("clip_denoised", True) and not args.no_clip
 
 
+def ticking(bar):
+    """A `progress` for ddpm.py's loops that moves `bar` one step per item, so that one bar spans
+    every batch of a long job and shows its time estimate from the start."""
+    def progress(iterable, desc):
+        for item in iterable:
+            yield item
+            bar.update(1)
+    return progress
+
+
+def expected_time(what, network, shape, batch, calls, device, guided=False):
+    """Before a long job starts, one line saying about how long it will take: `calls` network
+    calls at `batch` images, timed from one call (after one to warm up)."""
+    batch = batch * (2 if guided else 1)  # guidance doubles each call's batch
+    x = torch.zeros((batch, *shape), device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    with torch.no_grad():
+        network(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        network(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) * calls
+    if seconds > LONG_S:
+        print(f"{what}: about {seconds / 60:.0f} minutes here ({calls} network calls of "
+              f"{batch} images)", file=sys.stderr)
+    return seconds
+
+
+LONG_S = 60  # a job longer than this says how long it will take before it starts
+
+
 def network_calls(sampler, steps, diffusion):
     """The steps of a sampling loop, one network call each: T for Algorithm 2, the respaced
     chain's length for DDIM."""
@@ -166,16 +203,11 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
     bar = tqdm(total=len(starts) * calls, desc=f"sampling {n} images", unit="step",
                disable=not progress, leave=False)
 
-    def ticking(iterable, desc):
-        for item in iterable:
-            yield item
-            bar.update(1)
-
     images, snaps = [], []
     with torch.no_grad(), bar:
         for start in starts:
             b = min(batch_size, n - start)
-            kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking,
+            kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking(bar),
                       clip_denoised=clip_denoised)
             model = network if labels is None else conditioned(
                 network, labels[start:start + b], null_label, guidance, diffusion)

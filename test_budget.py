@@ -55,7 +55,7 @@ def make_plan(cfg, clock, probe_step_s, probe_call_s=0.0):
 
 def quiet(**kw):
     """A config with the periodic work far apart (none within a 2-minute test run)."""
-    return config.Config(**{"minutes": 2.0, "lr": 1e-3, "sample_every": 10**6,
+    return config.Train(**{"minutes": 2.0, "lr": 1e-3, "sample_every": 10**6,
                             "ckpt_every": 10**6, "eval_every": 0, "sampler": "ddpm",
                             "sample_steps": 10, "batch_size": 64, **kw})
 
@@ -145,8 +145,8 @@ def test_a_guided_conditional_model_s_grids_cost_twice_the_calls():
     times the seconds per call (per batch) in training steps."""
     diffusion = types.SimpleNamespace(num_timesteps=100)
     base = dict(sampler="ddpm", sample_steps=50, num_samples=128, batch_size=64, eval_samples=640)
-    plain = budget.first_costs(config.Config(**base), diffusion, 0.5, 0.01)
-    guided = budget.first_costs(config.Config(**base, class_cond=True), diffusion, 0.5, 0.01)
+    plain = budget.first_costs(config.Train(**base), diffusion, 0.5, 0.01)
+    guided = budget.first_costs(config.Train(**base, class_cond=True), diffusion, 0.5, 0.01)
     assert plain["grid"][0] == pytest.approx(100 * 0.01 * 128 / 64 / 0.5)
     assert plain["score"][0] == pytest.approx(50 * 0.01 * 640 / 64 / 0.5)
     assert guided["grid"][0] == pytest.approx(2 * plain["grid"][0])
@@ -154,7 +154,7 @@ def test_a_guided_conditional_model_s_grids_cost_twice_the_calls():
 
 
 def test_decay_starting_at_gives_a_count_whose_decay_begins_there():
-    cfg = config.Config(warmup=10, decay_fraction=0.2)
+    cfg = config.Train(warmup=10, decay_fraction=0.2)
     for step, estimate in [(80, 100), (80, 90), (80, 130), (400, 500), (11, 12)]:
         n = budget.decay_starting_at(cfg, step, estimate)
         assert optim.decay_start(cfg, n) == step and n > step
@@ -169,9 +169,9 @@ def test_fid_scores_are_counted_in_the_step_count(monkeypatch):
     step_s, call_s, minutes, every, samples = 0.1, 0.01, 10.0, 50, 100
     monkeypatch.setattr(budget, "probe", lambda *a, **k: (step_s, call_s))
     monkeypatch.setattr(budget.sampling, "network_calls", lambda *a: 20)
-    cfg = config.Config(minutes=minutes, eval_every=every, eval_samples=samples, batch_size=64,
+    cfg = config.Train(minutes=minutes, eval_every=every, eval_samples=samples, batch_size=64,
                         sample_every=1000, ckpt_every=1000, num_samples=64, lr_schedule="constant",
-                        sampler="ddim", sample_steps=20, timesteps=1000)
+                        sampler="ddim", sample_steps=20)
     started = time.perf_counter()
 
     def count(score_s):

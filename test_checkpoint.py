@@ -16,9 +16,34 @@ SMALL = dict(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks
 
 
 def run_state(model):
-    config = {"unet": SMALL, "schedule": "linear", "timesteps": 100, "mean_type": "eps",
-              "var_type": "fixed_large", "loss_type": "simple", "dataset": "mnist"}
+    config = {"net": SMALL, "schedule": "linear", "timesteps": 100,
+              "diffusion": {"mean_type": "eps", "var_type": "fixed_large", "loss_type": "simple"},
+              "train": {"dataset": "mnist"}}
     return {"step": 7, "config": config, "model": model.state_dict(), "ema": model.state_dict()}
+
+
+def test_a_format_1_config_comes_in_today_s_shape(tmp_path):
+    """Format 1 kept the flags flat beside the network's kwargs; load() hands every reader the
+    parts (net, diffusion beside schedule and T, train), with what format 1's missing fields
+    meant: no network field left out, Ho et al.'s recipe, uniform t, no flips, unconditional."""
+    model = unet.UNet(**SMALL)
+    flat = {"unet": SMALL, "schedule": "linear", "timesteps": 100, "mean_type": "eps",
+            "var_type": "fixed_large", "loss_type": "simple", "dataset": "mnist", "lr": 1e-3,
+            "base_channels": 8, "resume": False}
+    torch.save({"step": 7, "config": flat, "model": model.state_dict(), "ema": model.state_dict(),
+                "format_version": 1}, tmp_path / "old.pt")
+    state = checkpoint.load(tmp_path / "old.pt")
+    assert state["format_version"] == checkpoint.FORMAT_VERSION
+    config = state["config"]
+    assert config["net"] == {**SMALL, "norm_groups": None, "downsample_padding": "symmetric"}
+    assert config["diffusion"] == {"mean_type": "eps", "var_type": "fixed_large",
+                                   "loss_type": "simple", "loss_weighting": "none",
+                                   "timestep_sampling": "uniform"}
+    assert (config["schedule"], config["timesteps"]) == ("linear", 100)
+    assert config["train"] == {"dataset": "mnist", "lr": 1e-3, "batch_size": 128, "warmup": 5000,
+                               "lr_schedule": "constant", "ema_decay": 0.9999,
+                               "ema_warmup": 10.0, "hflip": False, "class_cond": False}
+    assert checkpoint.load_model(tmp_path / "old.pt", torch.device("cpu")).diffusion.num_timesteps == 100
 
 
 def test_other_format_versions_are_refused(tmp_path):

@@ -53,16 +53,16 @@ def world(tmp_path_factory):
     torch.save({**state, "format_version": 99}, bad / "future.pt")
     torch.save({k: v for k, v in state.items() if k != "ema"}, bad / "no_ema.pt")
     torch.save({**state, "config": {**state["config"], "schedule": "bogus"}}, bad / "bad_config.pt")
-    torch.save({**state, "config": {**state["config"], "unet": "x"}}, bad / "bad_unet.pt")
+    torch.save({**state, "config": {**state["config"], "net": "x"}}, bad / "bad_unet.pt")
     torch.save({**state, "ema": 5}, bad / "bad_weights.pt")
     torch.save({**state, "config": {**state["config"],
-                                    "unet": {**state["config"]["unet"], "base_channels": 16}}},
+                                    "net": {**state["config"]["net"], "base_channels": 16}}},
                bad / "other_arch.pt")
     torch.save({"format_version": 1, "model": {}, "test_accuracy": 0.5}, bad / "classifier.pt")
     (bad / "garbage.pt").write_bytes(b"not a checkpoint at all")
     (bad / "resume_unknown_unet").mkdir()
     torch.save({**state, "config": {**state["config"],
-                                    "unet": {**state["config"]["unet"], "future_field": 1}}},
+                                    "net": {**state["config"]["net"], "future_field": 1}}},
                bad / "resume_unknown_unet" / "ckpt.pt")
     logs = root / "logs"
     logs.mkdir()
@@ -128,6 +128,10 @@ def train_cases(w):
         ([*new, "--ema-decay=-inf"], "--ema-decay must be a finite number in [0, 1), got -inf"),
         ([*new, "--p2-gamma=-1"], "--p2-gamma must be a finite number >= 0, got -1.0"),
         ([*new, "--p2-k", "nan"], "--p2-k must be a finite number > 0, got nan"),
+        ([*new, "--t-sampling", "lognormal", "--t-std", "0"], "--t-std must be a finite number > 0, got 0.0"),
+        ([*new, "--t-mean", "inf"], "--t-mean must be a finite number, got inf"),
+        ([*new, "--t-floor", "1.5"], "--t-floor must be a finite number > 0 and <= 1, got 1.5"),
+        ([*new, "--t-sampling", "uniform", "--t-mean", "1"], "--t-mean, --t-std and --t-floor shape a non-uniform"),
         ([*new, "--dropout", "nan"], "--dropout must be a finite number in [0, 1), got nan"),
         ([*new, "--lr", "1e400"], "--lr must be a finite number > 0, got inf"),
         ([*new, "--seed", "-1"], "--seed must be an integer in [0, 2147483647], got -1"),
@@ -137,7 +141,7 @@ def train_cases(w):
         ([*new, "--log-every", "99999999999999999999"], "--log-every must be an integer"),
         ([*new, "--lr-schedule", "step"], "invalid choice: 'step'"),
         ([*new, "--loss-weighting", "snr"], "invalid choice: 'snr'"),
-        ([*new, "--loss-weighting", "min_snr", "--snr-gamma", "0"], "--snr-gamma must be a finite number > 0, got 0.0"),
+        ([*new, "--loss-weighting", "min_snr", "--snr-gamma", "0"], "--snr-gamma must be a number > 0, got 0.0"),
         ([*new, "--eval-every", "-1"], "--eval-every must be an integer in [0, 2147483647], got -1"),
         ([*new, "--eval-every", "5"], "--eval-every scores 28x28 datasets with labels"),
         ([*new, "--resume", "--overwrite"], "give one of them"),
@@ -177,6 +181,7 @@ def train_cases(w):
         (["--dataset", npz, "--out", str(root / "empty_run"), "--resume"], "no checkpoint"),
         (["--dataset", npz, "--out", run, "--resume", "--base-channels", "16"],
          "cannot change base_channels"),
+        (["--dataset", npz, "--out", run, "--resume", "--t-mean", "0.5"], "cannot change t_mean"),
         (["--dataset", npz, "--out", str(bad / "resume_version_only"), "--resume"], "lacks"),
         (["--dataset", npz, "--out", str(bad / "resume_unknown_unet"), "--resume"],
          "has future_field, which this version's unet.py does not know"),

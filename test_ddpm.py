@@ -211,9 +211,9 @@ def test_dtype_and_device_follow_the_input(device, dtype, cosine100):
     loss = d.training_losses(lambda x, t: torch.zeros_like(x), x0, t)["loss"]
     for v in (x_t, out["mean"], out["log_variance"], loss):
         assert v.dtype == dtype and v.device.type == device
-    table = d._table("alphas_cumprod", x0.device)
+    table = d._on(d.alphas_cumprod, x0.device)
     d.q_sample(x0, t)
-    assert d._table("alphas_cumprod", x0.device) is table
+    assert d._on(d.alphas_cumprod, x0.device) is table
     assert table.dtype == F64
 
 

@@ -283,16 +283,20 @@ def test_a_full_disk_while_the_lock_records_its_holder_is_one_line(npz, tmp_path
     assert checkpoint.load(tmp_path / "run")["step"] == 2
 
 
-def test_config_fields_of_a_newer_version_survive_a_resume(npz, tmp_path):
-    """A checkpoint whose config holds a field this version does not know (written by a newer
-    one) resumes, and every checkpoint the run then writes keeps the field as it was."""
+def test_a_checkpoint_of_a_newer_format_is_refused_and_kept(npz, tmp_path):
+    """A checkpoint written by a newer version (a format this code does not read, whose config
+    may hold fields it does not know) is refused on --resume in one line, before anything is
+    written: nothing of it is lost."""
     run_train(npz, tmp_path, steps=4)
-    state = checkpoint.load(tmp_path, required=checkpoint.RUN_KEYS)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     state["config"]["a_newer_field"] = {"kept": [1, 2]}
-    torch.save(state, tmp_path / "ckpt.pt")
-    run_train(npz, tmp_path, steps=8, resume=True)
-    after = checkpoint.load(tmp_path)
-    assert after["step"] == 8 and after["config"]["a_newer_field"] == {"kept": [1, 2]}
+    newer = {**state, "format_version": checkpoint.FORMAT_VERSION + 1}
+    torch.save(newer, tmp_path / "ckpt.pt")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint format") as excinfo:
+        run_train(npz, tmp_path, steps=8, resume=True)
+    assert "\n" not in str(excinfo.value)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_plot_skips_damaged_lines_and_says_so(npz, tmp_path, capsys):

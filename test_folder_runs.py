@@ -17,6 +17,7 @@ import checkpoint
 import cli
 import config
 import data
+import ddpm
 import evaluate
 import imaging
 import optim
@@ -59,15 +60,15 @@ def test_a_64x64_rgb_folder_trains_samples_and_evaluates(rgb64, tmp_path, monkey
     assert "2 classes: 0 cats, 1 dogs" in err
     assert "will likely learn to copy them" in err and "--nearest" in err
     state = checkpoint.load(out)
-    c = state["config"]
-    assert (c["image_size"], c["channels"], c["labels"], c["val_fraction"], c["hflip"]) == \
+    c, t = state["config"], state["config"]["train"]
+    assert (t["image_size"], t["channels"], t["labels"], t["val_fraction"], t["hflip"]) == \
         (None, None, "subfolders", 0.25, True)  # size and channels as found: 64, 3
-    assert (c["unet"]["image_size"], c["unet"]["in_channels"]) == (64, 3)
+    assert (c["net"]["image_size"], c["net"]["in_channels"]) == (64, 3)
     assert c["class_names"] == ["cats", "dogs"]
     # the CPU's network, fitted to 64 pixels: after its 2x2 stem, levels 32, 16, 8, attention
     # where mnist-stem's second level had it
-    assert c["unet"]["channel_mult"] == (1, 2, 2) and c["unet"]["attn_resolutions"] == (16,)
-    assert c["unet"]["space_to_depth"] == 2
+    assert c["net"]["channel_mult"] == (1, 2, 2) and c["net"]["attn_resolutions"] == (16,)
+    assert c["net"]["space_to_depth"] == 2
     cli.run_script(sample.main, ["--ckpt", str(out), "--n", "2", "--steps", "2", "--out",
                                  str(tmp_path / "s.png")])
     with Image.open(tmp_path / "s.png") as grid:
@@ -76,7 +77,7 @@ def test_a_64x64_rgb_folder_trains_samples_and_evaluates(rgb64, tmp_path, monkey
                                    "--samples", "0", "--nearest", "4", "--steps", "2",
                                    "--json", str(tmp_path / "e.json")])
     results = evaluate_json(tmp_path / "e.json")
-    held_out = len(data.load_dataset(f"folder:{rgb64}", "test", folder=config_options(c)).images)
+    held_out = len(data.load_dataset(f"folder:{rgb64}", "test", folder=config_options(t)).images)
     assert 0 < held_out < 48
     assert results["nll"]["split"] == "held-out" and results["nll"]["images"] == min(3, held_out)
     assert results["copies"]["heldout"] == held_out and results["copies"]["train"] == 48 - held_out
@@ -157,22 +158,24 @@ def test_a_gpu_gets_the_network_of_the_nearest_resolution(size, preset):
 def test_flips_are_a_function_of_seed_step_and_position():
     """Half the images flipped on average; the same (seed, step) gives the same flips, another
     step or seed others; draw_batch flips exactly the images marked, each process its slice."""
-    cfg = config.Config(seed=5, batch_size=64)
+    cfg = config.Train(seed=5, batch_size=64)
     flips = optim.step_flips(cfg, 3, "cpu")
     assert torch.equal(flips, optim.step_flips(cfg, 3, "cpu"))
     assert not torch.equal(flips, optim.step_flips(cfg, 4, "cpu"))
-    assert not torch.equal(flips, optim.step_flips(config.Config(seed=6, batch_size=64), 3, "cpu"))
+    assert not torch.equal(flips, optim.step_flips(config.Train(seed=6, batch_size=64), 3, "cpu"))
     share = torch.stack([optim.step_flips(cfg, s, "cpu") for s in range(200)]).float().mean()
     assert abs(share - 0.5) < 4 * (0.25 / (200 * 64)) ** 0.5
     images = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8)
     for world, rank in ((1, 0), (2, 1)):
-        run = SimpleNamespace(cfg=config.Config(seed=5, batch_size=64, timesteps=10, hflip=True),
-                              world=world, rank=rank, images=images, device="cpu",
-                              batches=optim.Batches(64, 64, 5, "cpu"), diffusion=None)
+        opts = config.Train(seed=5, batch_size=64, hflip=True)
+        run = SimpleNamespace(cfg=config.Config({}, {}, "linear", 10, opts), world=world,
+                              rank=rank, device="cpu", diffusion=ddpm.GaussianDiffusion(
+                                  ddpm.make_beta_schedule("cosine", 10)),
+                              data=train.Data(images, None, optim.Batches(64, 64, 5, "cpu")))
         x0, y, _, _ = train.draw_batch(run, 3)
         assert y is None
         mine = slice(rank * 64 // world, (rank + 1) * 64 // world)
-        idx = run.batches.indices(3)[mine]
+        idx = run.data.batches.indices(3)[mine]
         plain = imaging.to_model_range(images[idx])
         want = torch.where(flips[mine, None, None, None], plain.flip(-1), plain)
         assert torch.equal(x0, want)
@@ -187,7 +190,7 @@ def test_resume_with_flips_is_bit_exact(tmp_path, monkeypatch):
     train.train({**given, "out": str(tmp_path / "b"), "steps": 4}, progress=False)
     train.train({**given, "out": str(tmp_path / "b"), "steps": 8, "resume": True}, progress=False)
     a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
-    assert a["config"]["hflip"] is True and a["config"]["unet"]["in_channels"] == 1
+    assert a["config"]["train"]["hflip"] is True and a["config"]["net"]["in_channels"] == 1
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     train.train({**given, "out": str(tmp_path / "c"), "steps": 8, "hflip": False}, progress=False)
@@ -207,13 +210,18 @@ def test_a_run_saved_before_these_options_resumes_as_it_was(tmp_path):
     train.train({**given, "out": str(tmp_path / "a"), "steps": 6}, progress=False)
     train.train({**given, "out": str(tmp_path / "b"), "steps": 3}, progress=False)
     state = checkpoint.load(tmp_path / "b", required=checkpoint.RUN_KEYS)
-    for key in ("hflip", "image_size", "channels", "labels", "val_fraction", "class_names"):
-        state["config"].pop(key)
-    torch.save(state, tmp_path / "b" / "ckpt.pt")
+    c = state["config"]  # as format 1 wrote it: flat, the network's kwargs under "unet"
+    flat = {**c["train"], "unet": c["net"], "schedule": c["schedule"], "timesteps": c["timesteps"],
+            "t_sampling": c["diffusion"]["timestep_sampling"],
+            **{k: c["diffusion"][k] for k in ("mean_type", "var_type", "loss_type",
+                                              "loss_weighting", "snr_gamma", "p2_k", "p2_gamma")}}
+    for key in ("hflip", "image_size", "channels", "labels", "val_fraction"):
+        flat.pop(key)
+    torch.save({**state, "config": flat, "format_version": 1}, tmp_path / "b" / "ckpt.pt")
     del given["hflip"]
     train.train({**given, "out": str(tmp_path / "b"), "steps": 6, "resume": True}, progress=False)
     a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
-    assert b["config"]["hflip"] is False
+    assert b["config"]["train"]["hflip"] is False
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -286,7 +294,7 @@ def test_a_folder_of_mixed_sizes_starts_at_a_side_chosen_for_the_machine(tmp_pat
     line = [s for s in err.splitlines() if "not all one square size" in s]
     assert len(line) == 1 and "32x32" in line[0] and "--image-size N" in line[0]
     assert cfg.image_size == 32 and model.image_size == 32
-    assert checkpoint.load(out)["config"]["image_size"] == 32
+    assert checkpoint.load(out)["config"]["train"]["image_size"] == 32
     train.train({**run, "steps": 3, "resume": True}, progress=False)
     assert "not all one square size" not in capsys.readouterr().err
     assert checkpoint.load(out)["step"] == 3

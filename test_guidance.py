@@ -89,7 +89,7 @@ def test_the_null_label_of_sampling_is_the_one_trained_as_null(conditional_run, 
     """Training replaces a dropped label by the network's null index (num_classes); the model
     rebuilt from the checkpoint samples with that same index."""
     state = checkpoint.load(conditional_run)
-    classes = state["config"]["unet"]["num_classes"]
+    classes = state["config"]["net"]["num_classes"]
     assert classes == 3 and state["config"]["class_names"] == ["0", "1", "2"]
     model = checkpoint.load_model(str(conditional_run), torch.device("cpu"), "fp32")
     assert model.module.null_label == classes
@@ -105,11 +105,12 @@ def test_the_null_label_of_sampling_is_the_one_trained_as_null(conditional_run, 
                                  "--steps", "2", "--out", str(conditional_run / "s.png")])
     assert seen == [classes, classes]  # sample.py's too
     images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
-    run = type("Run", (), dict(cfg=config.Config(seed=0, batch_size=4, timesteps=10,
-                                                 class_cond=True, cond_drop=1.0, hflip=False),
-                               world=1, rank=0, images=images, device="cpu",
-                               labels=torch.tensor([0, 1, 2, 0]), unet_kwargs={"num_classes": 3},
-                               batches=optim.Batches(4, 4, 0, "cpu"), diffusion=None))
+    opts = config.Train(seed=0, batch_size=4, class_cond=True, cond_drop=1.0, hflip=False)
+    cfg = config.Config({"num_classes": 3}, {}, "linear", 10, opts)
+    run = type("Run", (), dict(cfg=cfg, world=1, rank=0, device="cpu",
+                               data=train.Data(images, torch.tensor([0, 1, 2, 0]),
+                                               optim.Batches(4, 4, 0, "cpu")),
+                               diffusion=ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 10))))
     _, y, _, _ = train.draw_batch(run, 0)
     assert y.tolist() == [classes] * 4
 
@@ -118,7 +119,7 @@ def test_the_null_label_of_sampling_is_the_one_trained_as_null(conditional_run, 
 def test_label_dropout_is_drawn_at_the_rate_asked(rate):
     """Over 300 steps of 64 labels, the share replaced by the null label agrees with --cond-drop
     (a two-sided binomial test); the draws of a step repeat, and differ from step to step."""
-    cfg = config.Config(seed=0, batch_size=64, cond_drop=rate)
+    cfg = config.Train(seed=0, batch_size=64, cond_drop=rate)
     drops = torch.stack([optim.step_label_drops(cfg, s, "cpu") for s in range(300)])
     assert scipy.stats.binomtest(int(drops.sum()), drops.numel(), rate).pvalue > 1e-3
     assert torch.equal(drops[7], optim.step_label_drops(cfg, 7, "cpu"))
@@ -180,7 +181,7 @@ def test_a_conditional_model_goes_to_diffusers_and_back_bit_for_bit(conditional_
     cli.run_script(convert.main, ["--from-diffusers", str(tmp_path / "pipe"), "--out",
                                   str(tmp_path / "back.pt")])
     before, after = checkpoint.load(conditional_run), checkpoint.load(tmp_path / "back.pt")
-    assert after["config"]["unet"]["num_classes"] == 3
+    assert after["config"]["net"]["num_classes"] == 3
     assert before["ema"].keys() == after["ema"].keys()
     assert all(torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])
 

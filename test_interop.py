@@ -21,6 +21,7 @@ import diffusers.models.embeddings as diffusers_embeddings  # noqa: E402
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import checkpoint  # noqa: E402
+import config as config_module  # noqa: E402  (the tests name their dicts "config")
 import convert  # noqa: E402
 import interop  # noqa: E402
 import cli  # noqa: E402
@@ -78,9 +79,16 @@ def import_model(theirs, tmp_path, name="model"):
     theirs.save_pretrained(tmp_path / name)
     interop.import_diffusers(str(tmp_path / name), str(tmp_path / f"{name}.pt"), progress=lambda s: None)
     state = checkpoint.load(tmp_path / f"{name}.pt")
-    ours = unet.UNet(**state["config"]["unet"])
+    ours = unet.UNet(**state["config"]["net"])
     ours.load_state_dict(state["ema"])
     return ours.eval(), state
+
+
+def run_config(net, dataset=None):
+    """A checkpoint's config (config.Config as saved) for the network `net`: the linear schedule,
+    T = 1000, ε, β_t."""
+    return {"net": net, "schedule": "linear", "timesteps": 1000, "train": {"dataset": dataset},
+            "diffusion": {"mean_type": "eps", "var_type": "fixed_large", "loss_type": "simple"}}
 
 
 def compare(ours, theirs, batch, size, channels, monkeypatch, seed=0):
@@ -106,7 +114,7 @@ def test_ho_cifar10_network_is_the_cifar10_preset(tmp_path, monkeypatch):
     torch.manual_seed(0)
     theirs = UNet2DModel(**HO_CIFAR10)
     ours, state = import_model(theirs, tmp_path)
-    kwargs = state["config"]["unet"]
+    kwargs = state["config"]["net"]
     assert {k: kwargs[k] for k in unet.PRESETS["cifar10"]} == {**unet.PRESETS["cifar10"],
                                                                "channel_mult": (1, 2, 2, 2)}
     assert unet.count_parameters(ours) == 35_746_307 == sum(p.numel() for p in theirs.parameters())
@@ -123,9 +131,9 @@ def test_ho_256_structure_at_small_width_as_a_pipeline_folder(tmp_path, monkeypa
     pipeline.save_pretrained(tmp_path / "pipe")
     interop.import_diffusers(str(tmp_path / "pipe"), str(tmp_path / "pipe.pt"))
     state = checkpoint.load(tmp_path / "pipe.pt")
-    assert state["config"]["unet"]["attn_resolutions"] == (16,)
-    assert state["config"]["var_type"] == "fixed_small" and state["config"]["schedule"] == "linear"
-    ours = unet.UNet(**state["config"]["unet"])
+    assert state["config"]["net"]["attn_resolutions"] == (16,)
+    assert state["config"]["diffusion"]["var_type"] == "fixed_small" and state["config"]["schedule"] == "linear"
+    ours = unet.UNet(**state["config"]["net"])
     ours.load_state_dict(state["ema"])
     err32, err64 = compare(ours, theirs, 1, 256, 3, monkeypatch)
     assert err32 < 1e-5 and err64 < 1e-9, (err32, err64)
@@ -137,9 +145,7 @@ def test_presets_export_and_round_trip_bit_exact(preset, tmp_path, monkeypatch):
     again: the same config and bit-identical weights."""
     torch.manual_seed(2)
     model = randomise(unet.build_unet(preset))
-    config = {"unet": dict(unet.PRESETS[preset]), "schedule": "linear", "timesteps": 1000,
-              "mean_type": "eps", "var_type": "fixed_large", "loss_type": "simple",
-              "dataset": "mnist"}
+    config = run_config(dict(unet.PRESETS[preset]), "mnist")
     checkpoint.save(tmp_path / "ours.pt", {"step": 5, "config": config,
                                           "model": model.state_dict(), "ema": model.state_dict()})
     interop.export_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
@@ -149,7 +155,7 @@ def test_presets_export_and_round_trip_bit_exact(preset, tmp_path, monkeypatch):
     interop.import_diffusers(str(tmp_path / "pipe"), str(tmp_path / "back.pt"))
     back = checkpoint.load(tmp_path / "back.pt")
     defaults = interop.unet_defaults()
-    assert {**defaults, **back["config"]["unet"]} == {**defaults, **unet.PRESETS[preset],
+    assert {**defaults, **back["config"]["net"]} == {**defaults, **unet.PRESETS[preset],
                                                       "out_channels": 1}
     for name, tensor in model.state_dict().items():
         assert torch.equal(back["ema"][name], tensor), name
@@ -161,8 +167,7 @@ def test_ddpm_pipeline_samples_what_ddpm_py_samples(tmp_path):
     on [-1, 1] images."""
     torch.manual_seed(3)
     model = randomise(unet.UNet(**TINY))
-    config = {"unet": TINY, "schedule": "linear", "timesteps": 1000, "mean_type": "eps",
-              "var_type": "fixed_large", "loss_type": "simple", "dataset": None}
+    config = run_config(TINY)
     checkpoint.save(tmp_path / "ours.pt", {"step": 1, "config": config, "model": model.state_dict(),
                                           "ema": model.state_dict()})
     interop.export_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
@@ -184,10 +189,11 @@ def test_ddpm_pipeline_samples_what_ddpm_py_samples(tmp_path):
     {"schedule": "custom", "timesteps": 4, "betas": [0.01, 0.05, 0.2, 0.5]}])
 def test_exported_scheduler_has_our_tables(ours):
     """DDPMScheduler built from the exported config has our ᾱ (to float32, as it computes)."""
-    config = {**ours, "mean_type": "v", "var_type": "fixed_small", "loss_type": "simple"}
+    config = {**ours, "diffusion": {"mean_type": "v", "var_type": "fixed_small",
+                                    "loss_type": "simple"}}
     scheduler = DDPMScheduler(**{k: v for k, v in interop.scheduler_from_diffusion_config(
         config).items() if not k.startswith("_")})
-    diffusion = checkpoint.build_diffusion(config)
+    diffusion = config_module.build_diffusion(config)
     np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(),
                                diffusion.alphas_cumprod.numpy(), rtol=2e-5, atol=1e-7)
     assert scheduler.config.prediction_type == "v_prediction"
@@ -209,9 +215,10 @@ def test_imported_scheduler_has_diffusers_tables(theirs, schedule, var_type, mea
     """Each DDPMScheduler config maps to ddpm.py's settings whose β table is DDPMScheduler's own
     (a named schedule only where it is one)."""
     ours = interop.diffusion_config_from_scheduler(theirs)
-    assert (ours["schedule"], ours["var_type"], ours["mean_type"]) == (schedule, var_type, mean_type)
+    assert (ours["schedule"], ours["diffusion"]["var_type"], ours["diffusion"]["mean_type"]) == \
+        (schedule, var_type, mean_type)
     reference = DDPMScheduler(**theirs).betas.double().numpy()
-    np.testing.assert_allclose(checkpoint.build_diffusion(ours).betas.numpy(), reference,
+    np.testing.assert_allclose(config_module.build_diffusion(ours).betas.numpy(), reference,
                                rtol=1e-6, atol=1e-9)
 
 
@@ -239,7 +246,7 @@ def test_deprecated_attention_names_and_bin_weights(tmp_path, monkeypatch):
 def import_model_from(folder, tmp_path):
     interop.import_diffusers(str(folder), str(tmp_path / "imported.pt"), progress=lambda s: None)
     state = checkpoint.load(tmp_path / "imported.pt")
-    ours = unet.UNet(**state["config"]["unet"])
+    ours = unet.UNet(**state["config"]["net"])
     ours.load_state_dict(state["ema"])
     return ours.eval(), state
 
@@ -274,9 +281,9 @@ def test_old_per_layer_group_counts_refuse_to_export(tmp_path):
                                                                      "downsample_padding")}
     model = unet.UNet(**old)
     config = {"unet": old, "schedule": "linear", "timesteps": 1000, "mean_type": "eps",
-              "var_type": "fixed_large", "loss_type": "simple"}
-    checkpoint.save(tmp_path / "old.pt", {"step": 1, "config": config, "model": model.state_dict(),
-                                         "ema": model.state_dict()})
+              "var_type": "fixed_large", "loss_type": "simple"}  # format 1, as they were saved
+    torch.save({"step": 1, "config": config, "model": model.state_dict(),
+                "ema": model.state_dict(), "format_version": 1}, tmp_path / "old.pt")
     with pytest.raises(interop.ConvertError, match="differ from layer to layer"):
         interop.export_diffusers(str(tmp_path / "old.pt"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
@@ -618,16 +625,15 @@ def trained(tmp_path_factory):
     torch.manual_seed(7)
     model = randomise(unet.UNet(**TINY))
     raw = randomise(unet.UNet(**TINY), seed=1).state_dict()
-    config = {"unet": TINY, "schedule": "linear", "timesteps": 1000, "mean_type": "eps",
-              "var_type": "fixed_large", "loss_type": "simple", "dataset": None}
+    config = run_config(TINY)
     good = {"step": 1, "config": config, "model": raw, "ema": model.state_dict()}
     checkpoint.save(root / "ours.pt", good)
     nan = {k: v.clone() for k, v in model.state_dict().items()}
     nan["conv_in.weight"][0, 0, 0, 0] = math.nan
     checkpoint.save(root / "nan.pt", {**good, "ema": nan})
-    checkpoint.save(root / "bad_config.pt", {**good, "config": {**config, "unet": "x"}})
+    checkpoint.save(root / "bad_config.pt", {**good, "config": {**config, "net": "x"}})
     checkpoint.save(root / "bad_schedule.pt", {**good, "config": {**config, "schedule": "bogus"}})
-    checkpoint.save(root / "other_arch.pt", {**good, "config": {**config, "unet": {
+    checkpoint.save(root / "other_arch.pt", {**good, "config": {**config, "net": {
         **TINY, "base_channels": 32}}})
     (root / "a_file").write_text("")
     (root / "a_folder").mkdir()

@@ -26,6 +26,7 @@ from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
 import checkpoint  # noqa: E402
+import config as config_module  # noqa: E402  (the tests name their dicts "config")
 import interop  # noqa: E402
 import unet  # noqa: E402
 from test_interop import float64_time_embedding, randomise  # noqa: E402
@@ -87,7 +88,7 @@ def import_folder(folder):
     out = os.path.join(folder, "imported.pt")
     interop.import_diffusers(folder, out, progress=lambda s: None)
     state = checkpoint.load(out)
-    ours = unet.UNet(**state["config"]["unet"])
+    ours = unet.UNet(**state["config"]["net"])
     ours.load_state_dict(state["ema"])
     return ours.double().eval(), state["config"]
 
@@ -123,7 +124,7 @@ def assert_imports_as_diffusers_builds(unet_config, scheduler_config, folder, se
     theirs = randomise(UNet2DModel(**kwargs_of(unet_config)), seed)
     write_folder(folder, unet_config, scheduler_config, theirs)
     ours, config = import_folder(folder)
-    size = config["unet"]["image_size"]
+    size = config["net"]["image_size"]
     err = relative_error(ours, theirs, size, theirs.config.in_channels)
     assert err < 1e-9, err
     mine, other = dropouts(ours, theirs)
@@ -319,7 +320,7 @@ def test_each_variance_type_is_ddpm_schedulers_variance(variance_type, betas):
 def assert_same_variances(config):
     """σ_t of the imported settings is the one DDPMScheduler._get_variance gives, t = 1..T-1."""
     ours = interop.diffusion_config_from_scheduler(config)
-    diffusion = checkpoint.build_diffusion(ours)
+    diffusion = config_module.build_diffusion(ours)
     scheduler = float64_scheduler(config)
     T, kind = diffusion.num_timesteps, scheduler.config.variance_type
     v = torch.linspace(-1, 1, 5, dtype=torch.float64).reshape(1, 5, 1, 1)
@@ -367,7 +368,7 @@ def test_each_beta_schedule_is_ddpm_schedulers_table(config, schedule):
     ours = interop.diffusion_config_from_scheduler(config)
     assert ours["schedule"] == schedule and ours["timesteps"] == config["num_train_timesteps"]
     reference = DDPMScheduler(**config).betas.double()
-    betas = checkpoint.build_diffusion(ours).betas
+    betas = config_module.build_diffusion(ours).betas
     torch.testing.assert_close(betas, reference, rtol=1e-6, atol=1e-9)
     again = DDPMScheduler(**kwargs_of(interop.scheduler_from_diffusion_config(ours))).betas
     torch.testing.assert_close(again.double(), reference, rtol=1e-6, atol=1e-9)
@@ -401,10 +402,10 @@ def assert_same_steps(config, atol=1e-7):
         assert_same_variances(config)
         config = {**config, "variance_type": "fixed_large"}
     ours = interop.diffusion_config_from_scheduler(config)
-    diffusion = checkpoint.build_diffusion(ours)
+    diffusion = config_module.build_diffusion(ours)
     scheduler = float64_scheduler(config)
     torch.testing.assert_close(diffusion.betas, scheduler.betas.double(), rtol=1e-6, atol=1e-9)
-    T, learned = diffusion.num_timesteps, ours["var_type"] == "learned_range"
+    T, learned = diffusion.num_timesteps, ours["diffusion"]["var_type"] == "learned_range"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
     output = torch.randn(2, 6 if learned else 3, 4, 4, generator=g, dtype=torch.float64) * 1.5

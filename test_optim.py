@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import config
+import ddpm
 import optim
 import unet
 
@@ -32,7 +33,7 @@ def test_ema_update_is_the_weighted_average(decay):
 @pytest.mark.parametrize("decay, warmup", [(0.999, 10.0), (0.9999, 50.0), (0.5, 1.0), (0.9, 3.0)])
 def test_ema_decay_warms_up_as_its_formula(decay, warmup):
     """min(decay, (1 + step) / (w + step)) at the first steps, at the crossing and far out."""
-    cfg = config.Config(ema_decay=decay, ema_warmup=warmup)
+    cfg = config.Train(ema_decay=decay, ema_warmup=warmup)
     crossing = max(0, math.ceil((decay * warmup - 1) / (1 - decay)))
     for step in sorted({0, 1, 2, 5, max(crossing - 1, 0), crossing, crossing + 1, 10 ** 6}):
         assert optim.ema_decay_at(cfg, step) == pytest.approx(
@@ -48,7 +49,7 @@ def test_lr_schedule_at_its_boundaries(schedule, steps, warmup):
     at lr; a decaying schedule reaches exactly 0 at the last step when at least two steps follow
     the warmup, falls monotonically in between, and is at lr/2 half-way (cosine and line alike)."""
     lr = 1e-3
-    cfg = config.Config(lr=lr, warmup=warmup, steps=steps, lr_schedule=schedule)
+    cfg = config.Train(lr=lr, warmup=warmup, steps=steps, lr_schedule=schedule)
     lrs = [optim.lr_at(cfg, s) for s in range(steps)]
     for s in range(min(warmup, steps)):
         assert lrs[s] == pytest.approx(lr * (s + 1) / warmup, rel=1e-12)
@@ -68,17 +69,18 @@ def test_lr_schedule_at_its_boundaries(schedule, steps, warmup):
 def test_the_draws_of_each_step_repeat_and_differ():
     """t and ε of a step are functions of (seed, step): the same for the same pair, different
     for another step or another seed."""
-    cfg = config.Config(seed=3, batch_size=32, timesteps=1000)
-    draws = {s: optim.step_noise(cfg, s, (1, 4, 4), "cpu") for s in range(4)}
-    again = optim.step_noise(cfg, 2, (1, 4, 4), "cpu")
+    cfg = config.Train(seed=3, batch_size=32)
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    draws = {s: optim.step_noise(cfg, s, (1, 4, 4), "cpu", d) for s in range(4)}
+    again = optim.step_noise(cfg, 2, (1, 4, 4), "cpu", d)
     assert torch.equal(draws[2][0], again[0]) and torch.equal(draws[2][1], again[1])
     for a in range(4):
         for b in range(a + 1, 4):
             assert not torch.equal(draws[a][0], draws[b][0]), (a, b)
             assert not torch.equal(draws[a][1], draws[b][1]), (a, b)
-    other = optim.step_noise(config.Config(seed=4, batch_size=32, timesteps=1000), 2, (1, 4, 4), "cpu")
+    other = optim.step_noise(config.Train(seed=4, batch_size=32), 2, (1, 4, 4), "cpu", d)
     assert not torch.equal(other[1], draws[2][1])
-    t = torch.cat([optim.step_noise(cfg, s, (1, 1, 1), "cpu")[0] for s in range(200)])
+    t = torch.cat([optim.step_noise(cfg, s, (1, 1, 1), "cpu", d)[0] for s in range(200)])
     assert t.min() == 0 and t.max() == 999  # the whole range is drawn
 
 
@@ -101,7 +103,7 @@ def test_wsd_is_constant_then_a_line_to_zero_over_the_last_fraction(steps, warmu
     """Warmup-stable-decay: the warmup, then lr until the last round(fraction * steps) steps
     (never into the warmup), which fall along a line from lr to exactly 0 at the last step."""
     lr = 1e-3
-    cfg = config.Config(lr=lr, warmup=warmup, steps=steps, lr_schedule="wsd",
+    cfg = config.Train(lr=lr, warmup=warmup, steps=steps, lr_schedule="wsd",
                         decay_fraction=fraction)
     lrs = [optim.lr_at(cfg, s) for s in range(steps)]
     start = max(warmup, steps - round(fraction * steps))

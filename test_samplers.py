@@ -470,7 +470,7 @@ def test_timestep_probs_are_the_papers_laws(schedule, kind):
     want = reference_probs(betas, kind)
     np.testing.assert_allclose(P, want, rtol=1e-9, atol=1e-15)
     assert P.sum() == pytest.approx(1.0, abs=1e-12) and P.min() >= 0.1 / 1000 * (1 - 1e-12)
-    np.testing.assert_allclose(d._tables["loss_weight"].numpy(), 1 / (1000 * want), rtol=1e-9)
+    np.testing.assert_allclose(d.loss_weight.numpy(), 1 / (1000 * want), rtol=1e-9)
     if kind == "logitnormal":
         ac = reference(betas)["ac"]
         sigma = np.sqrt((1 - ac) / ac)
@@ -512,7 +512,7 @@ def test_uniform_sampling_is_todays_draw():
     assert torch.equal(d.sample_timesteps(64, g1), torch.randint(0, 1000, (64,), generator=g2))
     assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
     assert torch.equal(d.timestep_probs(), torch.full((1000,), 1e-3, dtype=F64))
-    assert torch.equal(d._tables["loss_weight"], torch.ones(1000, dtype=F64))
+    assert torch.equal(d.loss_weight, torch.ones(1000, dtype=F64))
 
 
 @pytest.mark.parametrize("kind", ["lognormal", "logitnormal"])

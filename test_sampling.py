@@ -1,5 +1,6 @@
 """sampling.py: the default sampler's step count on chains shorter and longer than it, the
 number of network calls a loop makes, and the one name every report gives a sampler."""
+import numpy as np
 import pytest
 import torch
 
@@ -57,11 +58,30 @@ def test_non_uniform_draws_of_t_in_training_follow_their_law():
     import optim
     d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000), loss_weighting="min_snr",
                                timestep_sampling="lognormal")
-    cfg = config.Config(seed=0, batch_size=64, timesteps=1000)
+    cfg = config.Train(seed=0, batch_size=64)
     t = torch.cat([optim.step_noise(cfg, s, (1, 1, 1), "cpu", d)[0] for s in range(300)])
     counts = torch.bincount(t // 50, minlength=20).numpy()
     expected = d.timestep_probs().view(20, 50).sum(1).numpy() * len(t)
     assert scipy.stats.chisquare(counts, expected).pvalue > 1e-3
-    uniform = optim.step_noise(cfg, 5, (1, 1, 1), "cpu")[0]
-    assert torch.equal(uniform, optim.step_noise(cfg, 5, (1, 1, 1), "cpu",
-                                                 ddpm.GaussianDiffusion(d.betas))[0])
+    uniform = optim.step_noise(cfg, 5, (1, 1, 1), "cpu", ddpm.GaussianDiffusion(d.betas))[0]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 5)  # Algorithm 1's t ~ U{0..T-1}
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=g))
+
+
+def test_the_flags_of_the_law_of_t_reach_the_diffusion():
+    """--t-mean, --t-std and --t-floor give the law of t: ln σ_t ~ N(t_mean, t_std²) over the
+    bins between neighbouring ln σ, mixed with a uniform share t_floor (SciPy's normal CDF
+    here), and the run's config stores them as GaussianDiffusion's arguments."""
+    import scipy.stats
+    import config
+    flags = config.parse_args(["--t-sampling", "lognormal", "--t-mean", "0.5", "--t-std", "0.8",
+                               "--t-floor", "0.2", "--schedule", "linear", "--preset",
+                               "mnist-tiny", "--steps", "1"])
+    cfg, d = config.settle(flags, torch.device("cpu"), (1, 28, 28))
+    assert {k: cfg.diffusion[k] for k in ("timestep_sampling", "t_mean", "t_std", "t_floor")} \
+        == {"timestep_sampling": "lognormal", "t_mean": 0.5, "t_std": 0.8, "t_floor": 0.2}
+    ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    log_sigma = 0.5 * np.log((1 - ac) / ac)
+    cdf = scipy.stats.norm.cdf((log_sigma[1:] + log_sigma[:-1]) / 2, 0.5, 0.8)
+    mass = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+    np.testing.assert_allclose(d.timestep_probs().numpy(), 0.8 * mass + 0.2 / 1000, rtol=1e-6)

@@ -73,7 +73,7 @@ def test_loss_goes_down_and_outputs_are_written(npz, tmp_path):
     first, last = np.mean([r["loss"] for r in log[:2]]), np.mean([r["loss"] for r in log[-4:]])
     assert last < 0.6 * first
     state = checkpoint.load(tmp_path)
-    assert state["step"] == 120 and state["config"]["unet"]["image_size"] == 8
+    assert state["step"] == 120 and state["config"]["net"]["image_size"] == 8
     grid = read_png(tmp_path / "samples_final.png")
     assert grid.shape == imaging.make_grid(np.zeros((4, 1, 8, 8), np.uint8)).shape
     # the grid is DDIM-50 at the default --sample-eta 1 from the EMA weights (not eta 0)
@@ -267,7 +267,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
     """Linear warmup to lr over `warmup` steps; then constant, or a half cosine / a line from lr
     at the first step after the warmup to exactly 0 at the last step."""
-    cfg = config.Config(lr=1e-3, warmup=10, steps=110)
+    cfg = config.Train(lr=1e-3, warmup=10, steps=110)
     for schedule in ("constant", "cosine", "linear"):
         cfg.lr_schedule = schedule
         lrs = [optim.lr_at(cfg, s) for s in range(110)]
@@ -281,7 +281,7 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
 
 
 def test_ema_decay_warms_up():
-    cfg = config.Config(ema_decay=0.999, ema_warmup=10)
+    cfg = config.Train(ema_decay=0.999, ema_warmup=10)
     assert optim.ema_decay_at(cfg, 0) == 0.1
     assert optim.ema_decay_at(cfg, 90) == 91 / 100
     assert optim.ema_decay_at(cfg, 100000) == 0.999
@@ -298,13 +298,13 @@ def test_a_run_sized_by_time_is_repeated_by_its_steps(npz, tmp_path, capsys, war
                              "warmup": warmup}, progress=False, started=start)
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
-    steps = cfg.steps
+    steps = cfg.train.steps
     assert f"--steps {steps} repeats this run" in err and steps >= 1
     assert ("the count is fixed when its decay begins, from" in err) == (schedule == "wsd")
     assert (f"when its decay begins (step {warmup + 1})" in err) == (schedule == "cosine")
     assert "each, the run's own steps); --steps" in err
     timed = checkpoint.load(tmp_path / "timed")
-    assert timed["config"]["steps"] == steps and timed["config"]["minutes"] == 0.25
+    assert timed["config"]["train"]["steps"] == steps and timed["config"]["train"]["minutes"] == 0.25
     assert elapsed < 0.25 * 60 * 2  # sized to the budget (with room for a slow, shared machine)
     run_train(npz, tmp_path / "fixed", steps=steps, lr_schedule=schedule, ckpt_every=100000,
               warmup=warmup)
@@ -401,12 +401,13 @@ def test_a_time_sized_run_stopped_before_its_count_is_fixed_resumes_sizing(npz, 
     monkeypatch.undo()
     state = checkpoint.load(tmp_path, required=checkpoint.RUN_KEYS)
     assert state["step"] == 5
-    state["config"]["steps"] = 8  # the provisional count of a probe slowed 50x
+    state["config"]["train"]["steps"] = 8  # the provisional count of a probe slowed 50x
     torch.save(state, tmp_path / "ckpt.pt")
     capsys.readouterr()
     cfg, _, _ = train.train({**given, "resume": True}, progress=False, started=time.perf_counter())
     err = capsys.readouterr().err
     after = checkpoint.load(tmp_path)
-    assert after["step"] == cfg.steps == after["config"]["steps"] > 30, (cfg.steps, err)
-    assert f"--steps {cfg.steps} repeats this run" in err and "the run's own steps" in err, err
+    steps = cfg.train.steps
+    assert after["step"] == steps == after["config"]["train"]["steps"] > 30, (steps, err)
+    assert f"--steps {steps} repeats this run" in err and "the run's own steps" in err, err
     assert after["sizing"] is False  # fixed: a later resume keeps the count

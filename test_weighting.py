@@ -65,31 +65,36 @@ def test_a_respaced_chain_keeps_the_weighting_and_its_constants(weighting, kwarg
 def test_a_diffusion_rebuilt_from_a_checkpoint_weights_as_it_trained(weighting, kwargs):
     """The config a run stores (dataclasses.asdict of its Config) rebuilds a diffusion whose
     weights are the formula with the run's constants; a config of a run saved before weighting
-    existed (no such fields) rebuilds L_simple."""
-    cfg = config.Config(schedule="linear", timesteps=100, mean_type="eps",
-                        loss_weighting=weighting, **kwargs)
-    d = checkpoint.build_diffusion(dataclasses.asdict(cfg))
+    existed (format 1, no such fields) rebuilds L_simple."""
+    flags = dict(schedule="linear", timesteps=100, mean_type="eps", loss_weighting=weighting,
+                 t_sampling="uniform", preset="mnist-tiny", steps=1, **kwargs)
+    cfg = config.automatic(flags, torch.device("cpu"), (1, 28, 28), None)
+    d = config.build_diffusion(dataclasses.asdict(cfg))
     args = {"gamma": kwargs.get("snr_gamma", 5.0), "k": kwargs.get("p2_k", 1.0),
             "p2_gamma": kwargs.get("p2_gamma", 1.0)}
     expected = np.ones(100) if weighting == "none" else eps_weight(snr_of(betas()), weighting, **args)
     np.testing.assert_allclose(d.loss_weights().numpy(), expected, rtol=1e-10)
-    old = {k: v for k, v in dataclasses.asdict(cfg).items()
-           if k not in ("loss_weighting", "snr_gamma", "p2_k", "p2_gamma")}
-    assert torch.equal(checkpoint.build_diffusion(old).loss_weights(), torch.ones(100, dtype=torch.float64))
+    old = {"unet": cfg.net, "schedule": "linear", "timesteps": 100, "mean_type": "eps",
+           "var_type": "fixed_large", "loss_type": "simple"}
+    rebuilt = config.build_diffusion(checkpoint.upgrade(old, 1))
+    assert torch.equal(rebuilt.loss_weights(), torch.ones(100, dtype=torch.float64))
 
 
 def test_a_diffusion_rebuilt_from_a_checkpoint_draws_t_as_it_trained():
     """The CPU recipe's logit-normal t survives the checkpoint: the config a run stores rebuilds
     a diffusion with the law of t that GaussianDiffusion gives for it directly (not uniform),
-    and t_sampling None (a config from before the option) draws t uniformly."""
-    cfg = config.Config(schedule="linear", timesteps=100, mean_type="eps", loss_weighting="none",
-                        t_sampling="logitnormal")
-    d = checkpoint.build_diffusion(dataclasses.asdict(cfg))
+    and a format-1 config from before the option draws t uniformly."""
+    flags = dict(schedule="linear", timesteps=100, mean_type="eps", loss_weighting="none",
+                 t_sampling="logitnormal", preset="mnist-tiny", steps=1)
+    cfg = config.automatic(flags, torch.device("cpu"), (1, 28, 28), None)
+    d = config.build_diffusion(dataclasses.asdict(cfg))
     direct = ddpm.GaussianDiffusion(betas(), timestep_sampling="logitnormal")
     assert d.timestep_sampling == "logitnormal"
     assert torch.equal(d.timestep_probs(), direct.timestep_probs())
     assert d.timestep_probs().max() > 2 * d.timestep_probs().min()
-    unset = checkpoint.build_diffusion({**dataclasses.asdict(cfg), "t_sampling": None})
+    old = {"unet": cfg.net, "schedule": "linear", "timesteps": 100, "mean_type": "eps",
+           "var_type": "fixed_large", "loss_type": "simple"}
+    unset = config.build_diffusion(checkpoint.upgrade(old, 1))
     assert torch.equal(unset.timestep_probs(), torch.full((100,), 0.01, dtype=torch.float64))
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
 
@@ -46,199 +46,177 @@ class TrainError(cli.UserError):
 
 
 def train(given, progress=True, started=None):
-    """Ho et al.'s Algorithm 1 for the flags in `given` ({Config field or --resume/--overwrite:
+    """Ho et al.'s Algorithm 1 for the flags in `given` ({Flags field or --resume/--overwrite:
     value}); --minutes counts from `started` (a perf_counter() reading; default: when this
     process started). Returns (cfg, model, ema); raises cli.Stopped after saving when a signal
     stops it."""
+    started = budget.process_started() if started is None else started
+    # The flags, checked before any data is read; the processes and the device.
+    flags, invocation = config.split_invocation(given)
+    config.validate(flags, resuming=invocation["resume"])
+    data.check_name(flags.get("dataset", config.Flags.dataset))
+    rank, world, local_rank = hardware.setup_distributed(flags.get("device", config.Flags.device))
+    device = hardware.pick_device(flags.get("device", config.Flags.device), local_rank)
+    out = flags.get("out") or config.default_out(flags.get("dataset", config.Flags.dataset))
+    # A resumed run's checkpoint; the data's shape (a user's file or folder is read for it).
+    state = load_resumed(out) if invocation["resume"] else None
+    saved = state["config"] if state else None
+    dataset = flags.get("dataset", saved["train"]["dataset"] if saved else config.Flags.dataset)
+    userdata.check_arguments(flags, dataset)
+    if dataset.startswith("folder:") and flags.get("image_size") is None \
+            and (saved["train"] if saved else {}).get("image_size") is None:
+        flags = {**flags, **chosen_side(dataset, device, rank)}
+    shape, train_set = data.image_shape(dataset), None
+    if shape is None:
+        train_set = load_training_set(dataset, {**(saved["train"] if saved else {}), **flags},
+                                      flags.get("data_dir"), rank)
+        shape = train_set.images.shape[1:]
+    classes = train_set.num_classes if train_set else data.num_classes(dataset)
+    # The configuration, every automatic choice made once, and the diffusion.
+    cfg, diffusion = config.settle({**flags, "out": out}, device, shape, classes, saved)
+    opts = cfg.train
+    check_processes(opts, world, shape, train_set, dataset)
+    if opts.fid and rank == 0:
+        fid.weights_path()  # found or fetched before the run directory is touched
+    if rank == 0:
+        files.check_writable_dir(opts.out)
+        rundir.refuse_existing(opts.out, state is not None, invocation["overwrite"])
+    if train_set is None:
+        train_set = load_training_set(dataset, dataclasses.asdict(opts), opts.data_dir, rank)
+    if state is not None:
+        check_resumed_data(state, train_set, dataset, speak=rank == 0)
+    cfg.class_names = class_names_of(train_set)
+    if rank == 0:
+        describe_data(dataset, train_set, state)
     with contextlib.ExitStack() as held:  # the run directory's lock and the log, until the end
-        run = prepare(given, held, budget.process_started() if started is None else started)
-        cfg, step = run.cfg, run.start_step
-        meter = Meter(cfg, run.device)
-        run.trainee.model.train()
-        with stop_on_signals() as stop, tqdm(total=cfg.steps, initial=step, unit="step",
-                                            disable=not (progress and run.writes),
-                                            dynamic_ncols=True) as bar:
-            while step < cfg.steps:
-                x0, y, t, noise = draw_batch(run, step)  # x_0, y ~ q(x_0, y), t ~ U{1..T}, ε ~ N(0, I)
-                losses, grad_norm = optim.train_step(run.trainee, run.diffusion, cfg, x0, t, noise,
-                                                     step, y)  # ∇ ‖ε - ε_θ(x_t, t[, y])‖², Adam, EMA
-                step += 1
-                meter.add(losses, grad_norm, t)
-                bar.update(1)
-                if run.budget is not None:
-                    remeasure(run, step, bar)
+        if rank == 0:
+            held.enter_context(files.DirectoryLock(opts.out))
+            rundir.take(opts.out, state["step"] if state else None, invocation["overwrite"])
+            announce_default(cfg, flags, state)
+        # The model, restored when resuming; the scorer of --eval-every.
+        parts = optim.build(opts, cfg.net, device)
+        if state is not None:
+            restore(parts, state, os.path.join(opts.out, rundir.CHECKPOINT))
+        scorer = make_scorer(opts, train_set, device) if opts.eval_every and rank == 0 else None
+        # The budget: a --minutes run's step count, measured on copies of the model (a resumed
+        # run stopped before its count was fixed goes on sizing, in the time it has left).
+        plan, start = None, state["step"] if state else 0
+        if still_sizing(state, flags):
+            opts.steps = None
+        if opts.steps is None:
+            plan = budget.plan(opts, parts, diffusion, shape, device, world,
+                               started - (state.get("elapsed", 0.0) if state else 0.0),
+                               speak=rank == 0, start=start,
+                               score_s=scorer.seconds_per_image() * opts.eval_samples
+                               if opts.fid and scorer else 0.0)
+            opts.steps = plan.steps
+        plan = plan if plan is not None and not plan.fixed else None
+        model, ema, optimizer, scaler = parts
+        trainee = optim.Trainee(model, wrap(model, opts, device, world), ema, optimizer, scaler)
+        run = Run(cfg, diffusion, trainee, device, rank, world,
+                  Data.on(train_set, opts, device),
+                  held.enter_context(rundir.Log(opts.out)) if rank == 0 else None, scorer,
+                  time.perf_counter() - (state.get("elapsed", 0.0) if state else 0.0),
+                  state["step"] if state else None)
+        loop(run, start, plan, progress)
+    return cfg, trainee.model, trainee.ema
 
-                at_end = step == cfg.steps
-                stopping = stop_requested(run, stop, step, at_end)
-                if step % cfg.log_every == 0 or at_end or stopping:
-                    record = {**meter.record(step, run), "time_s": elapsed(run)}
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-                    append_log(run, record)
-                if step % cfg.ckpt_every == 0 or at_end or stopping:
-                    with aside(run, meter, "save"):
-                        save_checkpoint(run, step)
-                if run.writes and step % cfg.sample_every == 0 and not (at_end or stopping):
-                    with aside(run, meter, "grid"):
-                        write_grid(run, f"{step:07d}", progress=False)
-                if run.scorer and (step % cfg.eval_every == 0 or at_end) and not stopping:
-                    with aside(run, meter, "score"):
-                        append_log(run, score(run, step))
-                if stopping:
-                    raise cli.Stopped(stop["signal"], f"stopped by signal {stop['signal']} at "
-                                      f"step {step}; checkpoint saved to {run.ckpt_path}; "
-                                      f"continue with --resume --out {cfg.out}")
-        if run.writes:  # the checkpoint is written: Ctrl-C here only stops the grid
-            path = write_grid(run, "final", progress=progress)
-            print(f"done: {step} steps; checkpoint {run.ckpt_path}; samples {path}",
-                  file=sys.stderr)
-    return cfg, run.trainee.model, run.trainee.ema
+
+def loop(run, step, plan, progress):
+    """Algorithm 1 from `step` to the last, with the log, checkpoints, grids and scores due."""
+    opts = run.cfg.train
+    meter = Meter(opts, run.diffusion.num_timesteps, run.device)
+    run.trainee.model.train()
+    with stop_on_signals() as stop, tqdm(total=opts.steps, initial=step, unit="step",
+                                        disable=not (progress and run.writes),
+                                        dynamic_ncols=True) as bar:
+        while step < opts.steps:
+            x0, y, t, noise = draw_batch(run, step)  # x_0, y ~ q(x_0, y), t ~ P(t), ε ~ N(0, I)
+            losses, grad_norm = optim.train_step(run.trainee, run.diffusion, opts, x0, t, noise,
+                                                 step, y)  # ∇ ‖ε - ε_θ(x_t, t[, y])‖², Adam, EMA
+            step += 1
+            meter.add(losses, grad_norm, t)
+            bar.update(1)
+            if plan is not None:
+                plan = remeasure(plan, opts, step, bar)
+
+            at_end = step == opts.steps
+            stopping = stop_requested(run, stop, step, at_end)
+            if step % opts.log_every == 0 or at_end or stopping:
+                record = {**meter.record(step, run), "time_s": elapsed(run)}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                append_log(run, record)
+            if step % opts.ckpt_every == 0 or at_end or stopping:
+                with aside(plan, meter, "save"):
+                    save_checkpoint(run, step, sizing=plan is not None)
+            if run.writes and step % opts.sample_every == 0 and not (at_end or stopping):
+                with aside(plan, meter, "grid"):
+                    write_grid(run, f"{step:07d}", progress=False)
+            if run.scorer and (step % opts.eval_every == 0 or at_end) and not stopping:
+                with aside(plan, meter, "score"):
+                    append_log(run, score(run, step))
+            if stopping:
+                raise cli.Stopped(stop["signal"], f"stopped by signal {stop['signal']} at "
+                                  f"step {step}; checkpoint saved to {run.ckpt_path}; "
+                                  f"continue with --resume --out {opts.out}")
+    if run.writes:  # the checkpoint is written: Ctrl-C here only stops the grid
+        path = write_grid(run, "final", progress=progress)
+        print(f"done: {step} steps; checkpoint {run.ckpt_path}; samples {path}",
+              file=sys.stderr)
 
 
 # ---- set-up ---------------------------------------------------------------------------------
 
+class Data(NamedTuple):
+    """The training set on the device and the order a step draws it in."""
+    images: torch.Tensor         # uint8 [N, C, H, W]
+    labels: Optional[torch.Tensor]  # int64 [N], or None
+    batches: optim.Batches
+
+    @classmethod
+    def on(cls, dataset, opts, device):
+        labels = None if dataset.labels is None else torch.from_numpy(dataset.labels).to(device)
+        return cls(torch.from_numpy(dataset.images).to(device), labels,
+                   optim.Batches(len(dataset.images), opts.batch_size, opts.seed, device))
+
+
 @dataclass
 class Run:
-    """Everything the loop needs, made once by prepare()."""
+    """What the loop and its helpers share, made once by train()."""
     cfg: config.Config
-    unet_kwargs: dict
-    carried: dict                # config fields of a newer version, kept in every checkpoint
+    diffusion: object
+    trainee: optim.Trainee       # what a step updates
     device: torch.device
     rank: int
     world: int
-    writes: bool                 # rank 0: the process that writes files
-    images: torch.Tensor         # the training set, uint8 [N, C, H, W], on the device
-    labels: Optional[torch.Tensor]  # its labels, int64 [N], on the device, or None
-    class_names: Optional[list]  # the classes' names in label order (the data's), or None
-    batches: optim.Batches
-    trainee: optim.Trainee       # what a step updates
-    diffusion: object
-    ema_network: callable        # the EMA model as the samplers call it
-    start_step: int
-    ckpt_path: str
+    data: Data
     log: Optional[rundir.Log]    # the writing process's log.jsonl
     scorer: object               # metrics.Scorer for --eval-every (writing process), else None
     clock_start: float           # perf_counter() at the run's step 0 (over resumes)
-    budget: Optional[budget.Plan]  # a --minutes run's step count, until it is fixed
-    saved_step: Optional[int] = None  # the step of the last checkpoint written
+    saved_step: Optional[int]    # the step of the last checkpoint written
+
+    @property
+    def writes(self):
+        """Rank 0: the process that writes files."""
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.cfg.train.out, rundir.CHECKPOINT)
 
 
-@dataclass
-class Settled:
-    """The run's settings, resolved once from the flags (and a resumed run's checkpoint)."""
-    cfg: config.Config
-    unet_kwargs: dict
-    invocation: dict             # {"resume": bool, "overwrite": bool}
-    state: Optional[dict]        # the resumed checkpoint
-    train_set: data.Dataset
-    device: torch.device
-    rank: int
-    world: int
-
-
-def prepare(given, held, started):
-    """Settle the configuration, take the run directory (its lock held in `held` until the run
-    ends), build the model (restored when resuming), size a --minutes run, and wrap the model for
-    the loop."""
-    s = settle(given)
-    writes = s.rank == 0
-    if writes:
-        held.enter_context(files.DirectoryLock(s.cfg.out))
-        rundir.take(s.cfg.out, s.state["step"] if s.state else None, s.invocation["overwrite"])
-        announce_default(s.cfg, given, s.state)
-    cfg, device = s.cfg, s.device
-    parts = optim.build(cfg, s.unet_kwargs, device)
-    if s.state is not None:
-        restore(parts, s.state, os.path.join(cfg.out, rundir.CHECKPOINT))
-    diffusion = checkpoint.build_diffusion(dataclasses.asdict(cfg))
-    scorer = make_scorer(cfg, s.train_set, device) if cfg.eval_every and writes else None
-    plan, start = None, s.state["step"] if s.state else 0
-    if still_sizing(s.state, given):
-        cfg.steps = None
-    if cfg.steps is None:  # --minutes: as many steps as fit (in what a resumed run has left)
-        plan = budget.plan(cfg, parts, diffusion, s.train_set.images.shape[1:], device, s.world,
-                           started - (s.state.get("elapsed", 0.0) if s.state else 0.0),
-                           speak=writes, start=start,
-                           score_s=scorer.seconds_per_image() * cfg.eval_samples
-                           if cfg.fid and scorer else 0.0)
-        cfg.steps = plan.steps
-    model, ema, optimizer, scaler = parts
-    trainee = optim.Trainee(model, wrap(model, cfg, device, s.world), ema, optimizer, scaler)
-    return Run(cfg=cfg, unet_kwargs=s.unet_kwargs,
-               carried=config.carried(s.state["config"] if s.state else None), device=device,
-               rank=s.rank, world=s.world, writes=writes,
-               images=torch.from_numpy(s.train_set.images).to(device),
-               labels=None if s.train_set.labels is None else
-               torch.from_numpy(s.train_set.labels).to(device),
-               class_names=class_names_of(s.train_set),
-               batches=optim.Batches(len(s.train_set.images), cfg.batch_size, cfg.seed, device),
-               trainee=trainee, diffusion=diffusion,
-               ema_network=hardware.as_called(ema, cfg.precision, device, cfg.channels_last),
-               start_step=start,
-               ckpt_path=os.path.join(cfg.out, rundir.CHECKPOINT),
-               log=held.enter_context(rundir.Log(cfg.out)) if writes else None, scorer=scorer,
-               clock_start=time.perf_counter() - (s.state.get("elapsed", 0.0) if s.state else 0.0),
-               budget=plan if plan is not None and not plan.fixed else None,
-               saved_step=s.state["step"] if s.state else None)
-
-
-def still_sizing(state, given):
-    """Whether a resumed --minutes run was stopped before its step count was fixed (and no
-    --steps is given now): it goes on sizing, from the time it has left, until the count is
-    fixed."""
-    return state is not None and state.get("sizing", False) and "steps" not in given
-
-
-def settle(given):
-    """The flags checked, the processes and the device set up, a resumed run's checkpoint read,
-    the training set loaded, and the Config resolved from all of them, once. Every flag is
-    checked before the data is loaded or the run directory touched."""
-    flags, invocation = config.split_invocation(given)
-    asked = config.Config(**flags)
-    config.validate(asked, resuming=invocation["resume"])
-    data.check_name(asked.dataset)
-    rank, world, local_rank = hardware.setup_distributed(asked.device)
-    device = hardware.pick_device(asked.device, local_rank)
-    out = asked.out or config.default_out(asked.dataset)
-    state = load_resumed(out) if invocation["resume"] else None
-    saved = state["config"] if state else {}
-    dataset = flags.get("dataset", saved.get("dataset", asked.dataset))
-    userdata.check_arguments(flags, dataset)
-    shape, train_set = data.image_shape(dataset), None
-    if str(dataset).startswith("folder:") and flags.get("image_size") is None \
-            and saved.get("image_size") is None:
-        flags = {**flags, **chosen_side(dataset, device, rank)}
-    if shape is None:  # a user's file or folder: its shape is in the data
-        train_set = load_training_set(dataset, {**saved, **flags}, asked.data_dir, rank)
-        shape = train_set.images.shape[1:]
-    classes = train_set.num_classes if train_set else data.num_classes(dataset)
-    cfg, unet_kwargs = config.resolve({**flags, "out": out}, device, shape,
-                                      saved if state else None, classes)
-    cli.check(cfg.batch_size % world == 0,
-              f"--batch-size {cfg.batch_size} must divide evenly over {world} processes")
+def check_processes(opts, world, shape, train_set, dataset):
+    """The batch splits evenly over the processes; --eval-every has data it can score (the
+    classifier's: 28x28 with labels; FID's: any)."""
+    cli.check(opts.batch_size % world == 0,
+              f"--batch-size {opts.batch_size} must divide evenly over {world} processes")
     scorable = (train_set.labels is not None and shape[1:] == (28, 28)) if train_set \
         else shape[1:] == (28, 28)
-    cli.check(not cfg.eval_every or scorable or cfg.fid,
+    cli.check(not opts.eval_every or scorable or opts.fid,
               f"--eval-every scores 28x28 datasets with labels with the classifier; {dataset} is "
               "not one: add --fid to score it by FID")
-    cli.check(not cfg.fid or cfg.eval_every, "--fid scores the run every --eval-every steps; "
+    cli.check(not opts.fid or opts.eval_every, "--fid scores the run every --eval-every steps; "
               "give --eval-every N (or use evaluate.py --fid after training)")
-    if cfg.fid and rank == 0:
-        fid.weights_path()  # found or fetched before the run directory is touched
-    if rank == 0:
-        files.check_writable_dir(cfg.out)
-        rundir.refuse_existing(cfg.out, state is not None, invocation["overwrite"])
-    if train_set is None:
-        train_set = load_training_set(dataset, dataclasses.asdict(cfg), cfg.data_dir, rank)
-    if state is not None:
-        check_resumed_data(state, train_set, dataset, speak=rank == 0)
-    if rank == 0 and train_set.class_names and data.user_data(dataset):
-        print(f"{train_set.num_classes} classes: " + ", ".join(
-            f"{i} {n}" for i, n in enumerate(train_set.class_names)), file=sys.stderr)
-    if rank == 0 and state is None and dataset.startswith("folder:") and len(train_set.images) < SMALL:
-        print(f"{dataset} holds {len(train_set.images)} training images: a network of this size "
-              "will likely learn to copy them; check with `python evaluate.py --nearest 100`",
-              file=sys.stderr)
-    return Settled(cfg, unet_kwargs, invocation, state, train_set, device, rank, world)
 
 
 def chosen_side(dataset, device, rank):
@@ -255,9 +233,6 @@ def chosen_side(dataset, device, rank):
     return {"image_size": side}
 
 
-SMALL = 1000  # fewer training images than this: a model will likely copy them (said once)
-
-
 def check_resumed_data(state, train_set, dataset, speak):
     """A resumed run's data against its checkpoint's: its classes must be the same
     (config.check_classes_unchanged); a training set that gained or lost images is said in one
@@ -267,6 +242,27 @@ def check_resumed_data(state, train_set, dataset, speak):
     if speak and before is not None and before != now:
         print(f"{dataset} now holds {now} training images, {before} when the checkpoint was "
               "written; the run goes on with the images as they are now", file=sys.stderr)
+
+
+def still_sizing(state, flags):
+    """Whether a resumed --minutes run was stopped before its step count was fixed (and no
+    --steps is given now): it goes on sizing, from the time it has left, until the count is
+    fixed."""
+    return state is not None and state.get("sizing", False) and "steps" not in flags
+
+
+def describe_data(dataset, train_set, state):
+    """A user's data: its classes; a new run on a small folder: the warning that it will copy."""
+    if train_set.class_names and data.user_data(dataset):
+        print(f"{train_set.num_classes} classes: " + ", ".join(
+            f"{i} {n}" for i, n in enumerate(train_set.class_names)), file=sys.stderr)
+    if state is None and dataset.startswith("folder:") and len(train_set.images) < SMALL:
+        print(f"{dataset} holds {len(train_set.images)} training images: a network of this size "
+              "will likely learn to copy them; check with `python evaluate.py --nearest 100`",
+              file=sys.stderr)
+
+
+SMALL = 1000  # fewer training images than this: a model will likely copy them (said once)
 
 
 def class_names_of(dataset):
@@ -301,63 +297,64 @@ def restore(parts, state, path):
     torch.set_rng_state(state["rng"]["torch"])
 
 
-def wrap(model, cfg, device, world):
+def wrap(model, opts, device, world):
     """The model as the loss calls it: under DDP for several processes, compiled if asked, in
     the run's precision and memory layout."""
     # DDP compares a gradient's strides literally; for 1x1 kernels the strides of the size-1 dims
     # differ between oneDNN's gradient and the bucket while the memory layout is the same.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    forward = torch.compile(net) if cfg.compile else net
-    return hardware.as_called(forward, cfg.precision, device, cfg.channels_last)
+    forward = torch.compile(net) if opts.compile else net
+    return hardware.as_called(forward, opts.precision, device, opts.channels_last)
 
 
 def announce_default(cfg, given, state):
     """The one line that says what the README's command does on a machine without a GPU."""
-    if state is None and cfg.minutes and "preset" not in given and "minutes" not in given:
-        print(f"no GPU: the {cfg.preset} preset at batch {cfg.batch_size} ({cfg.precision}), "
-              f"as many steps as fit in {cfg.minutes:g} minutes; --minutes, --steps and --preset "
+    opts = cfg.train
+    if state is None and opts.minutes and "preset" not in given and "minutes" not in given:
+        print(f"no GPU: the {opts.preset} preset at batch {opts.batch_size} ({opts.precision}), "
+              f"as many steps as fit in {opts.minutes:g} minutes; --minutes, --steps and --preset "
               "override this", file=sys.stderr)
 
 
-def remeasure(run, step, bar):
+def remeasure(plan, opts, step, bar):
     """A --minutes run measures its own steps: it re-estimates its count after every step until
-    the count starts to matter, and fixes it there (budget.py)."""
-    fixed = run.budget.measure(step)
-    run.cfg.steps = run.budget.steps
-    if fixed is not None or abs(bar.total - run.cfg.steps) > 0.005 * bar.total:
-        bar.total = run.cfg.steps
+    the count starts to matter, and fixes it there (budget.py). Returns the plan, or None once
+    the count is fixed."""
+    fixed = plan.measure(step)
+    opts.steps = plan.steps
+    if fixed is not None or abs(bar.total - opts.steps) > 0.005 * bar.total:
+        bar.total = opts.steps
         bar.refresh()
-    if fixed is not None:
-        run.budget = None
+    return None if fixed is not None else plan
 
 
 @contextlib.contextmanager
-def aside(run, meter, kind):
+def aside(plan, meter, kind):
     """A save, grid or score (`kind`) beside the training steps: img/s counts training time
     only, and a --minutes run still sizing its count learns what the work cost (budget.py)."""
     start = time.perf_counter()
     yield
-    if run.budget is not None:
-        run.budget.aside(kind, time.perf_counter() - start)
+    if plan is not None:
+        plan.aside(kind, time.perf_counter() - start)
     meter.restart_clock()
 
 
-def make_scorer(cfg, train_set, device):
+def make_scorer(opts, train_set, device):
     """The --eval-every scorer: with --fid, the FID Inception network and the training set's
     statistics (fid.Scorer, cached); else the evaluation classifier (trained once per dataset,
     cached) and the test set's features."""
-    name = cfg.dataset
-    if cfg.fid:  # against as many training images as samples: FID at N, both sides
+    name = opts.dataset
+    if opts.fid:  # against as many training images as samples: FID at N, both sides
         scorer = fid.Scorer(fid.weights_path(), name, train_set.images, device,
-                            reference_max=cfg.eval_samples)  # a bar while the reference is made
+                            reference_max=opts.eval_samples)  # a bar while the reference is made
         scorer.progress = False  # none beside the training's own bar
         return scorer
     with torch.random.fork_rng():  # the classifier's training leaves the run's generators alone
-        test_set = data.load_dataset(name, "test", cfg.data_dir, progress=False,
-                                     folder=userdata.options_of(dataclasses.asdict(cfg)))
+        test_set = data.load_dataset(name, "test", opts.data_dir, progress=False,
+                                     folder=userdata.options_of(dataclasses.asdict(opts)))
         classifier, _ = metrics.classifier_for(name, train_set, test_set, device)
-    return metrics.Scorer(classifier, test_set.images, cfg.seed)
+    return metrics.Scorer(classifier, test_set.images, opts.seed)
 
 
 def score(run, step):
@@ -365,13 +362,13 @@ def score(run, step):
     from a generator of their own (seed + 1), scored; with the seconds it took. A conditional
     model draws every class equally often, at the default guidance, and is scored on its class
     accuracy too."""
-    cfg, start = run.cfg, time.perf_counter()
-    labels = class_rows(run, cfg.eval_samples)[0]
+    cfg, start = run.cfg.train, time.perf_counter()
+    labels = class_rows(run.cfg, cfg.eval_samples)[0]
     n = cfg.eval_samples if labels is None else len(labels)
-    x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
+    x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False,
-                             labels=labels, null_label=run.unet_kwargs.get("num_classes"))
+                             labels=labels, null_label=run.cfg.net.get("num_classes"))
     samples = imaging.to_uint8(x).cpu().numpy()
     scores = {"fid": run.scorer.score(samples)} if cfg.fid else \
         run.scorer.score(samples, None if labels is None else labels.numpy())
@@ -381,15 +378,21 @@ def score(run, step):
             **scores, "eval_seconds": time.perf_counter() - start, "time_s": elapsed(run)}
 
 
-def class_rows(run, n):
+def class_rows(cfg, n):
     """(labels, per row) of about n samples of a class-conditional run: every class equally
     often, max(1, n // K) each, in order (one grid row per class); (None, None) for an
     unconditional run."""
-    classes = run.unet_kwargs.get("num_classes")
-    if not run.cfg.class_cond or not classes:
+    classes = cfg.net.get("num_classes")
+    if not cfg.train.class_cond or not classes:
         return None, None
     per = max(1, n // classes)
-    return torch.arange(classes).repeat_interleave(per), per
+    return sampling.class_labels("all", per, {"net": cfg.net}, cfg.train.seed)[0], per
+
+
+def ema_network(run):
+    """The EMA model as the samplers call it."""
+    opts = run.cfg.train
+    return hardware.as_called(run.trainee.ema, opts.precision, run.device, opts.channels_last)
 
 
 def elapsed(run):
@@ -404,19 +407,20 @@ def draw_batch(run, step):
     where --hflip draws it; its labels for a class-conditional run, the null label where
     --cond-drop draws it, else None; t; ε), from the seed and the step alone (exact resume,
     DDP); also seeds dropout for the step."""
-    cfg, local = run.cfg, run.cfg.batch_size // run.world
+    cfg, local = run.cfg.train, run.cfg.train.batch_size // run.world
     mine = slice(run.rank * local, (run.rank + 1) * local)
-    idx = run.batches.indices(step)[mine]
-    t, noise = optim.step_noise(cfg, step, run.images.shape[1:], run.device, run.diffusion)
-    torch.manual_seed(cfg.seed * 1_000_003 + step * run.world + run.rank)  # dropout
-    x0 = imaging.to_model_range(run.images[idx])
+    idx = run.data.batches.indices(step)[mine]
+    t, noise = optim.step_noise(cfg, step, run.data.images.shape[1:], run.device, run.diffusion)
+    torch.manual_seed(cfg.seed * optim.SEED_STRIDE + step * run.world + run.rank)  # dropout
+    x0 = imaging.to_model_range(run.data.images[idx])
     if cfg.hflip:  # each image of the global batch flipped or not, by (seed, step, position)
         x0 = torch.where(optim.step_flips(cfg, step, run.device)[mine, None, None, None],
                          x0.flip(-1), x0)
     y = None
     if cfg.class_cond:
-        null = run.unet_kwargs["num_classes"]  # the index the network keeps for "no class"
-        y = torch.where(optim.step_label_drops(cfg, step, run.device)[mine], null, run.labels[idx])
+        null = run.cfg.net["num_classes"]  # the index the network keeps for "no class"
+        y = torch.where(optim.step_label_drops(cfg, step, run.device)[mine], null,
+                        run.data.labels[idx])
     return x0, y, t[mine], noise[mine]
 
 
@@ -424,8 +428,8 @@ class Meter:
     """Sums of the loss, the gradient norm and the loss per quarter of the t range on the device,
     read (one host sync) when a log line is due."""
 
-    def __init__(self, cfg, device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg, timesteps, device):
+        self.cfg, self.timesteps, self.device = cfg, timesteps, device
         self.sums = torch.zeros(3 + 8, device=device)  # loss, grad norm, count, 4 quarters, 4 counts
         self.restart_clock()
 
@@ -433,7 +437,7 @@ class Meter:
         self.t_last = time.perf_counter()
 
     def add(self, losses, grad_norm, t):
-        quarter = t * 4 // self.cfg.timesteps
+        quarter = t * 4 // self.timesteps
         self.sums[:3] += torch.stack([losses.mean(), grad_norm, torch.ones((), device=self.device)])
         self.sums[3:7].index_add_(0, quarter, losses)
         self.sums[7:].index_add_(0, quarter, torch.ones_like(losses))
@@ -472,7 +476,7 @@ def stop_requested(run, stop, step, at_end):
     --log-every steps), so they all stop at the same step."""
     if run.world == 1:
         return stop["signal"] is not None
-    if step % run.cfg.log_every and not at_end:
+    if step % run.cfg.train.log_every and not at_end:
         return False
     flag = torch.tensor([float(stop["signal"] is not None)], device=run.device)
     dist.all_reduce(flag)
@@ -493,10 +497,10 @@ def diverged(run, what):
                       "or --precision fp32)")
 
 
-def save_checkpoint(run, step):
+def save_checkpoint(run, step, sizing=False):
     """Write the checkpoint of `step` (the writing process), but never one with a non-finite
     tensor: every process checks its weights, EMA and optimizer state first (they are the same
-    on all)."""
+    on all). `sizing`: a --minutes run whose count is not fixed yet (a resume goes on sizing)."""
     model, ema, optimizer = run.trainee.model, run.trainee.ema, run.trainee.optimizer
     tensors = [*model.parameters(), *ema.parameters(),
                *(v for s in optimizer.state.values() for v in s.values()
@@ -506,12 +510,11 @@ def save_checkpoint(run, step):
     if run.writes:
         checkpoint.save(run.ckpt_path, {
             "step": step,
-            "config": {**run.carried, **dataclasses.asdict(run.cfg), "unet": run.unet_kwargs,
-                       "class_names": run.class_names},
+            "config": dataclasses.asdict(run.cfg),
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run),
-            "train_images": len(run.images), "sizing": run.budget is not None})
+            "train_images": len(run.data.images), "sizing": sizing})
         run.saved_step = step
 
 
@@ -519,20 +522,20 @@ def write_grid(run, tag, progress):
     """samples_<tag>.png: cfg.num_samples images of the EMA model with the grid sampler, drawn from
     a generator of their own (the training run is the same with or without grids); for a
     class-conditional run one row per class, at the default guidance."""
-    cfg = run.cfg
-    labels, per_row = class_rows(run, cfg.num_samples)
+    cfg = run.cfg.train
+    labels, per_row = class_rows(run.cfg, cfg.num_samples)
     n = cfg.num_samples if labels is None else len(labels)
-    x, _ = sampling.generate(run.ema_network, run.diffusion, run.images.shape[1:],
+    x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, n, cfg.sampler, cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed, device=run.device, progress=progress,
-                             labels=labels, null_label=run.unet_kwargs.get("num_classes"))
+                             labels=labels, null_label=run.cfg.net.get("num_classes"))
     path = os.path.join(cfg.out, rundir.grid_name(tag))
     imaging.save_grid(path, x, nrow=per_row)
     return path
 
 
 def parse_args(argv=None):
-    """{Config field or --resume/--overwrite: value} for the flags given (see --help)."""
+    """{Flags field or --resume/--overwrite: value} for the flags given (see --help)."""
     return config.parse_args(argv, description=__doc__.split("\n\n")[0])
 
 

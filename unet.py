@@ -364,7 +364,7 @@ PRESETS = {
     "mnist-small": dict(in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attn_resolutions=(7,), dropout=0.0, image_size=28, norm_groups=8,
                         downsample_padding="tf_same"),
-    # 28x28 MNIST within the README's minutes on a 2-core CPU (the CPU default): mnist-small at
+    # 28x28 MNIST in minutes on a 2-core CPU (the CPU default before mnist-stem): mnist-small at
     # three quarters of its width, 1.6x its steps per second there; the README's table compares them
     "mnist-tiny": dict(in_channels=1, base_channels=24, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attn_resolutions=(7,), dropout=0.0, image_size=28, norm_groups=6,
