@@ -293,7 +293,7 @@ def test_a_folder_of_mixed_sizes_starts_at_a_side_chosen_for_the_machine(tmp_pat
     err = capsys.readouterr().err
     line = [s for s in err.splitlines() if "not all one square size" in s]
     assert len(line) == 1 and "32x32" in line[0] and "--image-size N" in line[0]
-    assert cfg.image_size == 32 and model.image_size == 32
+    assert cfg.train.image_size == 32 and model.image_size == 32
     assert checkpoint.load(out)["config"]["train"]["image_size"] == 32
     train.train({**run, "steps": 3, "resume": True}, progress=False)
     assert "not all one square size" not in capsys.readouterr().err
@@ -301,7 +301,7 @@ def test_a_folder_of_mixed_sizes_starts_at_a_side_chosen_for_the_machine(tmp_pat
     evaluate.main(["--ckpt", str(out), "--n", "2", "--samples", "0", "--nll-batch-size", "2"])
     cfg, model, _ = train.train({**run, "steps": 1, "image_size": 16, "overwrite": True},
                                 progress=False)
-    assert cfg.image_size == 16 and "not all one square size" not in capsys.readouterr().err
+    assert cfg.train.image_size == 16 and "not all one square size" not in capsys.readouterr().err
 
 
 def test_a_folder_of_one_square_size_keeps_it(tmp_path):

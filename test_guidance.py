@@ -130,7 +130,7 @@ def test_label_dropout_is_independent_of_the_flips():
     """The drops have a stream of their own: over 300 steps of 64 images, the share both
     dropped and flipped agrees with 0.3 x 0.5 (a two-sided binomial test); drawn on the flips'
     stream, every drop would be a flip."""
-    cfg = config.Config(seed=0, batch_size=64, cond_drop=0.3, hflip=True)
+    cfg = config.Train(seed=0, batch_size=64, cond_drop=0.3, hflip=True)
     drops = torch.stack([optim.step_label_drops(cfg, s, "cpu") for s in range(300)])
     flips = torch.stack([optim.step_flips(cfg, s, "cpu") for s in range(300)])
     assert scipy.stats.binomtest(int((drops & flips).sum()), drops.numel(), 0.15).pvalue > 1e-3
@@ -143,18 +143,19 @@ def test_two_processes_draw_one_process_s_labels_and_drops():
     labels = torch.arange(64) % 3
 
     def run(rank, world):
-        cfg = config.Config(seed=0, batch_size=64, timesteps=10, class_cond=True, cond_drop=0.3,
-                            hflip=False)
+        opts = config.Train(seed=0, batch_size=64, class_cond=True, cond_drop=0.3, hflip=False)
+        cfg = config.Config({"num_classes": 3}, {}, "linear", 10, opts)
         return type("Run", (), dict(cfg=cfg, world=world, rank=rank, device="cpu",
-                                    images=torch.zeros(64, 1, 2, 2, dtype=torch.uint8),
-                                    labels=labels, unet_kwargs={"num_classes": 3},
-                                    batches=optim.Batches(64, 64, 0, "cpu"), diffusion=None))
+                                    data=train.Data(torch.zeros(64, 1, 2, 2, dtype=torch.uint8),
+                                                    labels, optim.Batches(64, 64, 0, "cpu")),
+                                    diffusion=ddpm.GaussianDiffusion(
+                                        ddpm.make_beta_schedule("cosine", 10))))
     one, nulls = run(0, 1), 0
     for step in range(60):
         y = train.draw_batch(one, step)[1]
         halves = [train.draw_batch(run(rank, 2), step)[1] for rank in (0, 1)]
         assert [len(h) for h in halves] == [32, 32] and torch.equal(torch.cat(halves), y)
-        own = labels[one.batches.indices(step)]
+        own = labels[one.data.batches.indices(step)]
         assert bool(((y == own) | (y == 3)).all())
         nulls += int((y == 3).sum())
     assert scipy.stats.binomtest(nulls, 60 * 64, 0.3).pvalue > 1e-3

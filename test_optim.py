@@ -120,6 +120,6 @@ def test_wsd_is_constant_then_a_line_to_zero_over_the_last_fraction(steps, warmu
 def test_wsd_decays_over_the_nearest_whole_number_of_steps(fraction):
     """The decay's length is the whole number nearest fraction x steps (within half a step), for
     every count up to 300, not that number rounded down."""
-    cfg = config.Config(warmup=0, decay_fraction=fraction)
+    cfg = config.Train(warmup=0, decay_fraction=fraction)
     for steps in range(1, 301):
         assert abs((steps - optim.decay_start(cfg, steps)) - fraction * steps) <= 0.5, steps
