@@ -6,22 +6,19 @@ and the step alone, so that a resumed or distributed run draws exactly what one 
 import math
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 import hardware
 import unet
 
-# The seed of one generator of a run: seed * SEED_STRIDE + k for its k-th epoch or step, so the
-# seeds of two runs' generators differ while k < SEED_STRIDE (a prime).
-SEED_STRIDE = 1_000_003
-
-
 # ---- the data order -------------------------------------------------------------------------
 
 class Batches:
     """The global batch of step s, without state: the data stream is the concatenation of one
-    random permutation per epoch (seeded by (seed, epoch)), and step s takes positions
-    [s B, (s+1) B). Every process computes the same global batch and keeps its own slice."""
+    random permutation per epoch (seeded by (seed, epoch): stream_seed), and step s takes
+    positions [s B, (s+1) B). Every process computes the same global batch and keeps its own
+    slice."""
 
     def __init__(self, n, batch_size, seed, device):
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
@@ -29,7 +26,7 @@ class Batches:
 
     def _permutation(self, epoch):
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, EPOCH, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
         return self._perm
 
@@ -43,10 +40,24 @@ class Batches:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _generator(cfg, step, device, stream=0):
-    """The generator of one stream of draws of `step`, seeded by (seed, step, stream) alone."""
-    base = cfg.seed * SEED_STRIDE + step
-    return torch.Generator(device).manual_seed(base if stream == 0 else base * 4 + stream)
+# The run's streams of random draws: the data order of each epoch, and for each step t and ε,
+# the flips, the label drops and (per process) dropout. Each (seed, stream, step or epoch) gets a
+# seed of its own from NumPy's SeedSequence, a hash of the whole tuple: no stream of one step
+# shares a seed with another step's or another stream's.
+EPOCH, NOISE, FLIPS, LABEL_DROPS, DROPOUT = range(5)
+
+
+def stream_seed(seed, stream, index, rank=0):
+    """The 63-bit seed of `stream` at `index` (a step, or an epoch for EPOCH) of the run seeded
+    `seed`, in process `rank` (DROPOUT only): SeedSequence((seed, stream, index, rank))'s first
+    64-bit word, its top bit dropped."""
+    words = np.random.SeedSequence([seed, stream, index, rank]).generate_state(1, np.uint64)
+    return int(words[0] >> np.uint64(1))
+
+
+def _generator(cfg, step, device, stream=NOISE):
+    """The generator of one stream of draws of `step`, seeded by (seed, stream, step) alone."""
+    return torch.Generator(device).manual_seed(stream_seed(cfg.seed, stream, step))
 
 
 def step_noise(cfg, step, shape, device, diffusion):
@@ -63,7 +74,7 @@ def step_flips(cfg, step, device):
     """Which images of the global batch of `step` are flipped left-right (--hflip): a bool [B],
     each True with probability 1/2, from (seed, step) alone, on a stream of its own (the draws of
     t and ε are the same with or without flips)."""
-    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, 1),
+    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, FLIPS),
                       device=device) < 0.5
 
 
@@ -71,7 +82,7 @@ def step_label_drops(cfg, step, device):
     """Which labels of the global batch of `step` become the null label (--class-cond): a bool
     [B], each True with probability cfg.cond_drop, from (seed, step) alone on a stream of its
     own, so that one network learns ε(x_t, c) and ε(x_t, ∅) (Ho & Salimans 2022, Algorithm 1)."""
-    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, 2),
+    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, LABEL_DROPS),
                       device=device) < cfg.cond_drop
 
 

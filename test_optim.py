@@ -123,3 +123,19 @@ def test_wsd_decays_over_the_nearest_whole_number_of_steps(fraction):
     cfg = config.Train(warmup=0, decay_fraction=fraction)
     for steps in range(1, 301):
         assert abs((steps - optim.decay_start(cfg, steps)) - fraction * steps) <= 0.5, steps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_every_stream_of_every_step_has_a_seed_of_its_own(seed):
+    """Over 1,000 steps, the generators of t and ε, of the flips and of the label drops, the
+    dropout seeds of two processes and the data order of 1,000 epochs are 6,000 different seeds
+    (stream k of step s once shared the seed of stream 0 of step 4s + k, and epoch e that of step
+    e); the same (seed, stream, step) gives the same seed again."""
+    cfg = config.Train(seed=seed)
+    seeds = [optim._generator(cfg, step, "cpu", stream).initial_seed()
+             for step in range(1000) for stream in (optim.NOISE, optim.FLIPS, optim.LABEL_DROPS)]
+    seeds += [optim.stream_seed(seed, optim.DROPOUT, step, rank)
+              for step in range(1000) for rank in (0, 1)]
+    seeds += [optim.stream_seed(seed, optim.EPOCH, epoch) for epoch in range(1000)]
+    assert len(set(seeds)) == len(seeds) == 6000
+    assert optim._generator(cfg, 7, "cpu", optim.FLIPS).initial_seed() == seeds[7 * 3 + 1]

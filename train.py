@@ -411,7 +411,7 @@ def draw_batch(run, step):
     mine = slice(run.rank * local, (run.rank + 1) * local)
     idx = run.data.batches.indices(step)[mine]
     t, noise = optim.step_noise(cfg, step, run.data.images.shape[1:], run.device, run.diffusion)
-    torch.manual_seed(cfg.seed * optim.SEED_STRIDE + step * run.world + run.rank)  # dropout
+    torch.manual_seed(optim.stream_seed(cfg.seed, optim.DROPOUT, step, run.rank))  # dropout
     x0 = imaging.to_model_range(run.data.images[idx])
     if cfg.hflip:  # each image of the global batch flipped or not, by (seed, step, position)
         x0 = torch.where(optim.step_flips(cfg, step, run.device)[mine, None, None, None],
