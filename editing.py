@@ -271,11 +271,10 @@ def check_arguments(args):
     check(args.mask is None or args.inpaint, "--mask goes with --inpaint IMAGE; give the image "
           "to fill")
     check(not args.inpaint or args.mask, "--inpaint needs --mask MASK (white keeps, black fills)")
-    for flag, value, owner in (("--resample", args.resample, "--inpaint"),
-                               ("--jump-length", args.jump_length, "--inpaint"),
-                               ("--strength", args.strength, "--edit")):
-        check(value is None or (owner == "--inpaint") == (job == "inpaint") and job,
-              f"{flag} goes with {owner}; give {owner} IMAGE")
+    for flag, value, owner in (("--resample", args.resample, "inpaint"),
+                               ("--jump-length", args.jump_length, "inpaint"),
+                               ("--strength", args.strength, "edit")):
+        check(value is None or job == owner, f"{flag} goes with --{owner}; give --{owner} IMAGE")
     if job is None:
         return None
     if job == "inpaint":

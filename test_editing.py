@@ -424,9 +424,9 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
             results[name][f"r={r}"] = {"agreement": p, "se": math.sqrt(p * (1 - p) / n),
                                        "seconds_per_image": seconds}
             print(name, r, results[name][f"r={r}"], flush=True)
+            files.write_file(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
         shown += [blank[:8], filled[min(resamples)][:8], filled[max(resamples)][:8], digits[:8]]
-    files.write_file(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    # rows: per mask, the kept pixels, the smallest r's fillings, the largest r's, the digits
-    imaging.save_png(figure, imaging.make_grid(np.concatenate(shown), nrow=8))
+        # rows: per mask, the kept pixels, the smallest r's fillings, the largest r's, the digits
+        imaging.save_png(figure, imaging.make_grid(np.concatenate(shown), nrow=8))
     print(json.dumps(results, indent=1))
     return results
