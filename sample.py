@@ -8,6 +8,8 @@ the same seed gives the same images.
     python sample.py --ckpt runs/mnist --sampler ddim --steps 50 --n 16 --out ddim.png
     python sample.py --out samples.npz --n 10000          # uint8 array [N, H, W(, C)]
     python sample.py --trajectory 10 --n 8                # x_t at 10 values of t, one row a sample
+    python sample.py --inpaint digit.png --mask mask.png  # fill in where the mask is black
+    python sample.py --edit sketch.png --strength 0.5     # SDEdit: noise half-way, denoise
 """
 import os
 import sys
@@ -19,6 +21,7 @@ import torch
 
 import checkpoint
 import cli
+import editing
 import files
 import hardware
 import imaging
@@ -30,8 +33,9 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint file or run directory (default: the newest "
                    "ckpt.pt under runs/)")
-    p.add_argument("--n", type=int, default=64, help="number of images (with --class: of each "
-                   "class asked)")
+    p.add_argument("--n", type=int, help="number of images (with --class: of each class asked) "
+                   "(default: 64); with --inpaint or --edit, results for each input image "
+                   "(default: 1)")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     sampling.add_arguments(p)
     sampling.add_class_arguments(p)
@@ -42,8 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on a GPU); pays off for long runs")
+    editing.add_arguments(p)
     hardware.add_arguments(p)
     args = p.parse_args(argv)
+    job = editing.check_arguments(args)
+    args.n = args.n if args.n is not None else 1 if job else 64
     cli.check_number("--n", args.n, 1, 10_000_000)
     cli.check_number("--batch-size", args.batch_size, 1, 1_000_000)
     cli.check_number("--seed", args.seed, 0, cli.MAX_COUNT)
@@ -77,6 +84,8 @@ def main(argv=None):
                                   compile=args.compile)
     args.steps = sampling.steps_for(args.sampler, args.steps, model.diffusion)
     args.guidance = sampling.guidance_for(args.guidance, model.config)
+    if args.inpaint or args.edit:
+        return fill_or_edit(args, model, path, device)
     name = sampling.describe(args.sampler, args.steps, args.eta, model.diffusion)
     calls = sampling.network_calls(args.sampler, args.steps, model.diffusion)
     cli.check(args.trajectory <= calls, f"--trajectory {args.trajectory} asks for more snapshots "
@@ -96,6 +105,40 @@ def main(argv=None):
         rows = torch.cat([traj, x[:, None]], 1)
         x, nrow = rows.reshape(-1, *rows.shape[2:]), rows.shape[1]
     write(args.out, imaging.to_uint8(x).cpu().numpy(), nrow, labels)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def fill_or_edit(args, model, path, device):
+    """--inpaint or --edit: read the images (and masks), run editing.run, write the grid of input
+    | (mask |) results, or the results as an .npz."""
+    job = "inpaint" if args.inpaint else "edit"
+    shape = (model.module.in_channels, model.module.image_size, model.module.image_size)
+    images, given = editing.read_images(args.inpaint or args.edit, shape)
+    masks = editing.read_masks(args.mask, shape, len(images)) if job == "inpaint" else None
+    labels = editing.labels_for(args.classes, len(images), model.config, given)
+    chain = editing.chain(model.diffusion, args.sampler, args.steps)
+    if job == "inpaint":
+        editing.check_repaint(len(chain), args.resample, args.jump_length)
+        how = f"RePaint r = {args.resample}, j = {args.jump_length}"
+    else:
+        how = (f"strength {args.strength:g}: the last "
+               f"{editing.strength_steps(args.strength, len(chain))} of {len(chain)} steps")
+    name = sampling.describe(args.sampler, args.steps, args.eta, model.diffusion)
+    guided = "" if labels is None else f", guidance w = {args.guidance:g}"
+    print(f"{'filling' if job == 'inpaint' else 'editing'} {len(images)} images x {args.n} from "
+          f"{path} with {name}, {how} ({model.precision}{guided})", file=sys.stderr)
+    repeat = lambda a: None if a is None else a.repeat_interleave(args.n, 0)  # --n each, in turn
+    x = editing.run(job, model.network, model.diffusion, repeat(editing.to_model_range(images)),
+                    masks if masks is None or len(masks) == 1 else repeat(masks), repeat(labels),
+                    args.batch_size, args.sampler, args.steps, args.eta, args.resample,
+                    args.jump_length, args.strength, args.seed, device,
+                    sampling.clips(model.config, args), args.guidance, model.module.null_label)
+    out = imaging.to_uint8(x).cpu().numpy()
+    if args.out.endswith(".npz"):
+        write(args.out, out, labels=repeat(labels))
+    else:
+        grid, nrow = editing.grid_rows(images, out, args.n, masks)
+        write(args.out, grid, nrow)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

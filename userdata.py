@@ -6,6 +6,8 @@
         the first-level subfolders; a held-out part chosen by a hash of each file's path.
     load_labelled_npz(PATH) -> Labelled(images, labels)
         a .npz/.npy file's images and its `labels` (or `y`) array.
+    read_image(PATH) -> uint8 [C, H, W]
+        one image file, decoded as a folder's images are.
 
 Reading a folder, step by step:
   1. List the files: every file under DIR whose name ends in one of IMAGE_EXTENSIONS (any case);
@@ -629,6 +631,27 @@ def _no_image_message(root, listing, skipped):
     found = f" ({'; '.join(parts)})" if parts else ""
     return (f"folder {root} holds no usable image{found}; it needs image files named "
             f"*{', *'.join(IMAGE_EXTENSIONS[:6])} and the like")
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def read_image(path):
+    """One image file as uint8 [C, H, W] (C = 1 when it is grey, else 3), decoded as a folder's
+    images are (steps 3 and 4 above; never resized); DataError (one line) when it cannot be
+    used."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist; give the path of an image file (PNG)")
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise DataError(f"reading {path} needs Pillow: {PILLOW_HINT}") from None
+    try:
+        pixels = _read_pixels(Image, ImageOps, path)
+    except _Unusable as err:
+        raise DataError(f"cannot use {path}: {err}; give a PNG image") from None
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 # ----------------------------------------------------------------------------- npz with labels
