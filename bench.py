@@ -24,6 +24,7 @@ import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import torch
 import torch.nn as nn

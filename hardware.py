@@ -9,12 +9,14 @@ One policy, used by training and sampling alike:
              slower than fp32 ones.
   layout     channels_last on CUDA (cuDNN's fast kernels), NCHW on the CPU (its GroupNorm is
              many times slower on channels_last tensors).
-  threads    train.py, sample.py, evaluate.py and bench.py set OMP_WAIT_POLICY=PASSIVE before
-             torch loads OpenMP (the line at their top; a value in the environment wins): an idle
-             OpenMP thread then sleeps at once instead of spinning for milliseconds, so on a CPU
-             shared with other work the threads that wait at each parallel region's barrier
-             leave the cores to the threads that have work. OMP_WAIT_POLICY=ACTIVE or
-             GOMP_SPINCOUNT=300000 (libgomp's default without a policy) turn it back.
+  threads    train.py, sample.py, evaluate.py and bench.py set OMP_WAIT_POLICY=PASSIVE and
+             GOMP_SPINCOUNT=1000 before torch loads OpenMP (the lines at their top; a value in
+             the environment wins): an idle OpenMP thread spins briefly (libgomp: 1,000 polls,
+             where its default is 300,000), then sleeps, so on a CPU shared with other work the
+             threads that wait at each parallel region's barrier leave the cores to the threads
+             that have work, while a run alone keeps its speed (docs/benchmarks.md: alone 0.21
+             s a step either way; beside one other run 0.44 s, against 6.5 s with the default
+             spin). GOMP_SPINCOUNT=300000 turns libgomp's default back.
 """
 import os
 import statistics

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import torch
 import torch.distributed as dist

@@ -2,17 +2,21 @@
 # The median training step of `train.py --dataset mnist` (the CPU default) alone and beside one
 # and two other training runs, under three thread settings:
 #   spin     GOMP_SPINCOUNT=300000: libgomp's default without a wait policy (the scripts as they were)
-#   passive  OMP_WAIT_POLICY=PASSIVE: what train.py now sets before torch is imported
+#   passive  OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0: sleep at once
+#   short    GOMP_SPINCOUNT=10000, and shorter, GOMP_SPINCOUNT=1000 (what the scripts set before
+#            torch is imported, beside OMP_WAIT_POLICY=PASSIVE for other OpenMP runtimes): a
+#            short spin, then sleep
 #   1thread  OMP_NUM_THREADS=1 (with passive): fewer threads, as a busy machine might want
 # Every process of a cell (the timed run and its peers) runs under the cell's setting. Run it on
-# a machine with nothing else running: bash contention.sh  (about 25 minutes; STEPS=... to change)
+# a machine with nothing else running: bash contention.sh  (STEPS=40: about 12 minutes)
 set -u
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-200}
-SETTINGS=${SETTINGS:-"spin passive 1thread"}; PEERS=${PEERS:-"0 1 2"}  # fewer: only to check it works
+SETTINGS=${SETTINGS:-"spin passive shorter 1thread"}; PEERS=${PEERS:-"0 1 2"}  # fewer: only to check it works
 TMP=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$TMP"' EXIT
-declare -A ENVS=([spin]="GOMP_SPINCOUNT=300000" [passive]="OMP_WAIT_POLICY=PASSIVE"
+declare -A ENVS=([spin]="GOMP_SPINCOUNT=300000" [passive]="OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0"
+                 [short]="GOMP_SPINCOUNT=10000" [shorter]="GOMP_SPINCOUNT=1000"
                  [1thread]="OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1")
 median_step() {  # $1: the setting; $2: the number of peers. Prints the median seconds a step.
     local peers=()
