@@ -380,7 +380,7 @@ def labels_for(asked, count, config, given):
         if given is None:
             return None
         check(int(given.max()) < config["net"]["num_classes"], f"the images' labels go up to "
-              f"{int(given.max())}, and the model has {config['unet']['num_classes']} classes; "
+              f"{int(given.max())}, and the model has {config['net']['num_classes']} classes; "
               "give --class")
         return torch.as_tensor(given, dtype=torch.long)
     labels, _ = sampling.class_labels(asked, 1, config, 0)

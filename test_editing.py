@@ -270,7 +270,7 @@ def test_the_driver_with_guidance_is_the_sampling_driver_when_nothing_is_kept():
 def test_the_classes_of_the_images():
     """A class-conditional model: --class for all images or one each; else an npz's labels; else
     none (the network's "no class"). An unconditional model refuses --class."""
-    cond = {"unet": {"num_classes": 10}, "class_names": None}
+    cond = {"net": {"num_classes": 10}, "class_names": None}
     assert editing.labels_for("3", 4, cond, None).tolist() == [3, 3, 3, 3]
     assert editing.labels_for("1,2", 2, cond, np.array([5, 6])).tolist() == [1, 2]
     assert editing.labels_for(None, 2, cond, np.array([5, 6])).tolist() == [5, 6]
@@ -278,8 +278,8 @@ def test_the_classes_of_the_images():
     with pytest.raises(cli.UserError, match="names 2 classes for 3 images"):
         editing.labels_for("1,2", 3, cond, None)
     with pytest.raises(cli.UserError, match="not class-conditional"):
-        editing.labels_for("1", 3, {"unet": {}}, None)
-    assert editing.labels_for(None, 3, {"unet": {}}, np.array([1, 2, 3])) is None
+        editing.labels_for("1", 3, {"net": {}}, None)
+    assert editing.labels_for(None, 3, {"net": {}}, np.array([1, 2, 3])) is None
 
 
 # ---- sample.py -----------------------------------------------------------------------------
