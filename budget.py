@@ -155,6 +155,10 @@ def decay_starting_at(cfg, step, estimate):
                key=lambda n: abs(n - estimate), default=step + 1)
 
 
+SAVE_S = 2.0   # a first guess at a checkpoint's seconds, until the run has written one
+SCORE_S = 5.0  # and at a score's seconds beyond its sampling (the classifier's features)
+
+
 def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
     """{kind: (training steps, seconds)}: what one grid, save and score cost, from a probe's
     seconds per training step and per sampling call at batch cfg.batch_size. Only the ratio of
@@ -165,8 +169,8 @@ def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
     guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1
     grid = guided * calls * call_s * cfg.num_samples / cfg.batch_size
     score = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
-    return {"grid": (grid / step_s, 0.0), "save": (0.0, 2.0),
-            "score": (score / step_s, 5.0 + score_s)}
+    return {"grid": (grid / step_s, 0.0), "save": (0.0, SAVE_S),
+            "score": (score / step_s, SCORE_S + score_s)}
 
 
 def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, start=0, score_s=0.0,
