@@ -300,7 +300,7 @@ def main(argv=None):
                         conv_flops, conv_seconds = bench_convs(*key, device, iters)
                         ceilings[key] = conv_flops / conv_seconds
                 except Exception as e:  # e.g. out of memory, or no compiler toolchain
-                    print(f"{preset:<12} {batch:>5} {v}: failed ({str(e).splitlines()[0][:80]})")
+                    print(f"{preset:<12} {batch:>5} {v}: failed ({cli.first_line(e, 80)})")
                     continue
                 row = {"preset": preset, "batch": batch, **v, **r,
                        "frac": r["flop_s"] / peaks[v["precision"]],
@@ -324,7 +324,7 @@ def main(argv=None):
                     r = bench_train(preset, batch, base["precision"], base["channels_last"], False,
                                     device, iters, peer=True)
                 except Exception as e:
-                    print(f"{preset:<12} {batch:>5} peer: failed ({str(e).splitlines()[0][:80]})")
+                    print(f"{preset:<12} {batch:>5} peer: failed ({cli.first_line(e, 80)})")
                     continue
                 row = {"preset": preset, "batch": batch, **base, **r, "network": "diffusers",
                        "ours_img_s": ours["img_s"] if ours else None}
@@ -343,7 +343,7 @@ def main(argv=None):
                                      device, iters)
                 except Exception as e:  # e.g. out of memory, or CUDA graphs failing to capture
                     print(f"{preset:<12} {batch:>5} graphs={graphs}: failed "
-                          f"({str(e).splitlines()[0][:80]})")
+                          f"({cli.first_line(e, 80)})")
                     continue
                 samples.append({"preset": preset, "batch": batch, "precision": base["precision"],
                                 "cuda_graphs": graphs, **r})

@@ -67,8 +67,7 @@ def load(path, map_location="cpu", required=RUN_KEYS):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or objects weights_only refuses
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:160]}); "
+        raise CheckpointError(f"{path} is not a readable checkpoint ({cli.first_line(e)}); "
                               "pass a ckpt.pt written by train.py") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py (no format_version)")

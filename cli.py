@@ -92,3 +92,10 @@ def check_number(flag, value, low=None, high=None, open_low=False, open_high=Fal
         (high is None or (value < high if open_high else value <= high))
     check(ok, f"{flag} must be {'an integer' if integer else 'a finite number'} {ends}, "
           f"got {value}")
+
+
+def first_line(err, limit=160):
+    """The first line of an exception's message, cut to `limit` characters (its type's name when
+    the message is empty): what a one-line error quotes of a library's longer message."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -572,7 +572,7 @@ def read_json(path):
         raise ConvertError(f"cannot read {path}: it is not UTF-8 text (byte {e.start}); is it a "
                            "diffusers folder?") from None
     except (OSError, ValueError, RecursionError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = cli.first_line(e)
         raise ConvertError(f"cannot read {path} ({reason}); is it a diffusers folder?") from None
     if not isinstance(value, dict):
         raise ConvertError(f"{path} holds a JSON {type(value).__name__}, not the JSON object "
@@ -595,11 +595,11 @@ def read_weights(folder):
             try:
                 return path, load_file(path)
             except Exception as e:  # a damaged or foreign file
-                raise ConvertError(f"cannot read {path} ({str(e).splitlines()[0][:160]})") from None
+                raise ConvertError(f"cannot read {path} ({cli.first_line(e)})") from None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ConvertError(f"cannot read {path} ({str(e).strip().splitlines()[0][:160]}); "
+            raise ConvertError(f"cannot read {path} ({cli.first_line(e)}); "
                                "only plain tensors are read") from None
         if not isinstance(state, dict):
             raise ConvertError(f"{path} does not hold a state dict")
