@@ -425,6 +425,15 @@ def one_line_refusal(capsys, given):
     return lines[0]
 
 
+def conditional_folder_run(tmp_path, monkeypatch):
+    """(folder, flags) of a class-conditional run on 24 8x8 images in class subfolders a, b, c."""
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
+    return folder, {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
+                    "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
+                    "attn_resolutions": (4,), "space_to_depth": 1}
+
+
 @pytest.mark.parametrize("change, now", [
     ("aa", "4 (a, aa, b, c)"),     # b and c would become 2 and 3, 3 the null label
     ("d", "4 (a, b, c, d)"),       # d would train as "no class"
@@ -434,11 +443,7 @@ def test_a_conditional_run_refuses_to_resume_on_other_classes(tmp_path, monkeypa
                                                              change, now):
     """A class subfolder added or removed after a class-conditional run was saved: --resume is
     refused in one line naming both class lists, and the checkpoint stays as it was."""
-    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
-    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
-    given = {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
-             "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
-             "attn_resolutions": (4,), "space_to_depth": 1}
+    folder, given = conditional_folder_run(tmp_path, monkeypatch)
     train.train({**given, "steps": 2}, progress=False)
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
     if change.startswith("-"):
@@ -467,11 +472,7 @@ def test_a_conditional_run_refuses_to_resume_on_npz_labels_with_a_new_class(tmp_
 def test_a_folder_that_gained_images_resumes_and_says_so_once(tmp_path, monkeypatch, capsys):
     """Images added to the classes a run has: it resumes (the classes are the same), and one line
     gives the training set's size then and now."""
-    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
-    folder = write_folder(tmp_path / "images", 24, 8, rgb=False, classes=("a", "b", "c"))
-    given = {**NARROW, "dataset": f"folder:{folder}", "out": str(tmp_path / "run"),
-             "labels": "subfolders", "class_cond": True, "channel_mult": (1, 2),
-             "attn_resolutions": (4,), "space_to_depth": 1}
+    folder, given = conditional_folder_run(tmp_path, monkeypatch)
     train.train({**given, "steps": 2}, progress=False)
     before = len(data.load_dataset(f"folder:{folder}", folder=config_options(given)).images)
     for name in ("000.png", "003.png"):

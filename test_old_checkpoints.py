@@ -28,6 +28,7 @@ import torch
 import checkpoint
 import sample
 import train
+from test_train import bars
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -41,15 +42,8 @@ SAMPLE = ["--n", "4", "--out", "samples.npz"]
 
 
 def write_bars(path):
-    """48 8x8 images: a bright bar at a random row or column on a dark background."""
-    rng = np.random.default_rng(0)
-    images = np.zeros((48, 8, 8), np.uint8)
-    for k, (horizontal, pos) in enumerate(zip(rng.integers(0, 2, 48), rng.integers(0, 8, 48))):
-        if horizontal:
-            images[k, pos, :] = 255
-        else:
-            images[k, :, pos] = 255
-    np.savez(path, images=images)
+    """48 bars (test_train.bars), the data the fixtures were trained on."""
+    np.savez(path, images=bars(48))
 
 
 def digest(path):

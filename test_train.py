@@ -33,18 +33,23 @@ TINY = {"base_channels": 8, "norm_groups": 4, "channel_mult": (1, 2), "num_res_b
         "precision": "fp32", "device": "cpu", "seed": 0}
 
 
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    """96 8x8 images: a bright bar at a random row or column on a dark background."""
+def bars(n):
+    """n 8x8 uint8 images: a bright bar at a random row or column on a dark background (seed 0)."""
     rng = np.random.default_rng(0)
-    images = np.zeros((96, 8, 8), np.uint8)
-    for k, (horizontal, pos) in enumerate(zip(rng.integers(0, 2, 96), rng.integers(0, 8, 96))):
+    images = np.zeros((n, 8, 8), np.uint8)
+    for k, (horizontal, pos) in enumerate(zip(rng.integers(0, 2, n), rng.integers(0, 8, n))):
         if horizontal:
             images[k, pos, :] = 255
         else:
             images[k, :, pos] = 255
+    return images
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    """96 bars (see bars) as an npz dataset."""
     path = tmp_path_factory.mktemp("data") / "bars.npz"
-    np.savez(path, images=images)
+    np.savez(path, images=bars(96))
     return f"npz:{path}"
 
 
