@@ -294,7 +294,7 @@ def evaluate_saved(args, path, device, progress=True):
     folder = userdata.options_of(trained) if name == trained.get("dataset") else \
         userdata.FolderOptions(image_size=samples.shape[2])
     train_set = data.load_dataset(name, "train", args.data_dir, progress=progress, folder=folder)
-    test_set = data.load_dataset(name, "test", args.data_dir, progress=progress, folder=folder)
+    test_set = load_test_set(name, args.data_dir, progress, folder)
     if args.fid:
         samples = samples[:args.fid]
     return {"checkpoint": path, "dataset": name, "step": None, "device": str(device),

@@ -102,11 +102,12 @@ def train(given, progress=True, started=None):
         # The budget: a --minutes run's step count, measured on copies of the model (a resumed
         # run stopped before its count was fixed goes on sizing, in the time it has left).
         plan, start = None, state["step"] if state else 0
+        before_s = state.get("elapsed", 0.0) if state else 0.0  # the seconds it has run
         if still_sizing(state, flags):
             opts.steps = None
         if opts.steps is None:
             plan = budget.plan(opts, parts, diffusion, shape, device, world,
-                               started - (state.get("elapsed", 0.0) if state else 0.0),
+                               started - before_s,
                                speak=rank == 0, start=start,
                                score_s=scorer.seconds_per_image() * opts.eval_samples
                                if opts.fid and scorer else 0.0)
@@ -117,7 +118,7 @@ def train(given, progress=True, started=None):
         run = Run(cfg, diffusion, trainee, device, rank, world,
                   Data.on(train_set, opts, device),
                   held.enter_context(rundir.Log(opts.out)) if rank == 0 else None, scorer,
-                  time.perf_counter() - (state.get("elapsed", 0.0) if state else 0.0),
+                  time.perf_counter() - before_s,
                   state["step"] if state else None)
         loop(run, start, plan, progress)
     return cfg, trainee.model, trainee.ema
