@@ -213,7 +213,9 @@ def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):
         sample = hardware.as_called(ema, cfg.precision, device, cfg.channels_last)
 
         timed_median = lambda fn: hardware.median_seconds(fn, device, warmup, timed)
-        step_s = timed_median(lambda: optim.train_step(trainee, diffusion, long_cfg, x0, t, noise, 0))
+        share = optim.step_self_cond(cfg, 0) if model.self_cond else None  # its extra pass too
+        step_s = timed_median(lambda: optim.train_step(trainee, diffusion, long_cfg, x0, t, noise,
+                                                       0, share=share))
         with torch.no_grad():
             call_s = timed_median(lambda: sample(x0, t))
     return step_s, call_s

@@ -97,6 +97,11 @@ class Flags:
         "2x2 block of pixels into channels before the first level and "
         "back after the last, so every level runs at half the side (not "
         "exportable to diffusers); 1: none", auto="the preset's")
+    self_cond: bool = _flag(
+        "net", None, "self-conditioning (Chen et al. 2023, Analog Bits, Sec. 3): the network also "
+        "takes an estimate of x_0: in training its own, from an extra pass without gradient, "
+        "for a random half of each batch and zeros for the rest; in sampling the previous "
+        "step's (not exportable to diffusers)", auto="off")
     downsample_padding: str = _flag(
         "net", None, "tf_same: Ho et al.'s (zeros at the bottom and right); "
         "symmetric: zeros on every side", auto="the preset's",

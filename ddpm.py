@@ -1,6 +1,6 @@
 """Gaussian diffusion: the forward process, its posterior, the reverse model, the variational
 bound, the training losses (with importance-sampled timesteps), the DDPM, DDIM and
-DPM-Solver++(2M) samplers, and classifier-free guidance.
+DPM-Solver++(2M) samplers, classifier-free guidance and self-conditioning.
 
 References, cited by equation number in the docstrings below:
   [Ho]      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
@@ -16,6 +16,8 @@ References, cited by equation number in the docstrings below:
             Generative Models".
   [Esser]   Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
             Synthesis".
+  [Chen]    Chen, Zhang, Hinton 2023, "Analog Bits: Generating Discrete Data using Diffusion
+            Models with Self-Conditioning".
 
 Timestep convention (stated once, used everywhere): a timestep `t` is a LongTensor of 0-based
 indices into the schedule tables. Index 0 is the paper's t = 1 (the least noisy step, whose reverse
@@ -509,18 +511,30 @@ class GaussianDiffusion:
                    + (1 - u) * self._extract(self.posterior_log_variance_clipped, t, x_t))
         return torch.exp(log_var), log_var
 
-    def _p_from_output(self, output, x_t, t, clip_denoised):
-        """p_mean_variance for a network output already computed."""
-        mean_out, var_out = self._split_output(output, x_t)
-        variance, log_variance = self._model_variance(var_out, x_t, t)
+    def _pred_x0(self, mean_out, x_t, t, clip_denoised):
+        """x̂_0 from the mean part of the network output, whatever it predicts, clipped to
+        [-1, 1] with clip_denoised."""
         if self.mean_type == "eps":
             pred_x0 = self.predict_x0_from_eps(x_t, t, mean_out)
         elif self.mean_type == "x0":
             pred_x0 = mean_out
         else:
             pred_x0 = self.predict_x0_from_v(x_t, t, mean_out)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        return pred_x0.clamp(-1.0, 1.0) if clip_denoised else pred_x0
+
+    def pred_x0_from_output(self, output, x_t, t, clip_denoised=True):
+        """x̂_0 implied by a network output at (x_t, t) for this mean_type (ε: [Ho] Eq. 15; x_0
+        itself; v: [Salimans] §4), clipped to [-1, 1] with clip_denoised: the x̂_0 the samplers
+        use, and the one self-conditioning feeds back. output: [B, C or 2C, ...]; x_t: [B, C,
+        ...]; t: [B] -> [B, C, ...]."""
+        t = self._check_t(t, x_t)
+        return self._pred_x0(self._split_output(output, x_t)[0], x_t, t, clip_denoised)
+
+    def _p_from_output(self, output, x_t, t, clip_denoised):
+        """p_mean_variance for a network output already computed."""
+        mean_out, var_out = self._split_output(output, x_t)
+        variance, log_variance = self._model_variance(var_out, x_t, t)
+        pred_x0 = self._pred_x0(mean_out, x_t, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance,
                 "pred_x0": pred_x0, "model_output": mean_out}
@@ -944,4 +958,42 @@ def guided_model(network, labels, null_label, w, learned_variance=False):
                       torch.cat([y, torch.full_like(y, null_label)]))
         out_cond, out_null = out.chunk(2)
         return guided_output(out_cond, out_null, w, learned_variance)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-conditioning
+# ---------------------------------------------------------------------------------------------
+
+def self_conditioned(network, diffusion, clip_denoised=True):
+    """model(x_t, t, *rest) for ONE sampling chain of a self-conditioned network(x_t, t, *rest,
+    pred_x0=x̂_0) ([Chen] §3, Fig. 3's generate): each call is given the x̂_0 of the call before
+    (None, i.e. zeros, at the first) and keeps its own output's x̂_0 for the next, as
+    diffusion.pred_x0_from_output computes it (clipped with clip_denoised, as the sampler clips
+    it). It sits below guided_model, so the conditional and the null half of a guided batch
+    each keep their own x̂_0. `diffusion` is the one whose tables the network's t indexes (not
+    a respaced chain: _call_model hands the network the original timesteps). Build one per
+    chain: it carries the chain's state.
+    """
+    last = {"pred_x0": None}
+
+    def model(x_t, t, *rest):
+        out = network(x_t, t, *rest, pred_x0=last["pred_x0"])
+        last["pred_x0"] = diffusion.pred_x0_from_output(out, x_t, t, clip_denoised)
+        return out
+    return model
+
+
+def self_conditioned_twice(network, diffusion, clip_denoised=True):
+    """model(x_t, t, *rest) of a self-conditioned network that depends on x_t alone: a first
+    call with x̂_0 = 0, then a second fed the first's x̂_0 (clipped with clip_denoised), whose
+    output it returns ([Chen] §3's training forward with the self-conditioning on). Its
+    p_θ(x_{t-1} | x_t) is a Markov step, so calc_bpd_loop's bound is a bound on that model's
+    NLL; the samplers' chain (self_conditioned) feeds the previous step's x̂_0 instead, which
+    the bound cannot follow, since it draws each t's x_t independently. Two calls per t.
+    """
+    def model(x_t, t, *rest):
+        first = network(x_t, t, *rest)
+        return network(x_t, t, *rest,
+                       pred_x0=diffusion.pred_x0_from_output(first, x_t, t, clip_denoised))
     return model

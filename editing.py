@@ -203,13 +203,14 @@ def run(job, network, diffusion, images, masks=None, labels=None, batch_size=256
         sampler=sampling.DEFAULT_SAMPLER, steps=sampling.DEFAULT_STEPS, eta=sampling.DEFAULT_ETA,
         resample=DEFAULT_RESAMPLE, jump=DEFAULT_JUMP, strength=DEFAULT_STRENGTH, seed=0,
         device="cpu", clip_denoised=True, guidance=sampling.DEFAULT_GUIDANCE, null_label=None,
-        progress=True):
+        progress=True, self_cond=False):
     """inpaint or sdedit over `images` ([N, C, H, W] in [-1, 1]), batch by batch, from one
     generator on `device` seeded with `seed` (and, for inpainting, a second one for the known
     pixels), as sampling.generate draws: the same seed and batch size give the same images.
     masks: bool [N or 1, C or 1, H, W] for "inpaint". labels: LongTensor [N] for a
     class-conditional network(x, t, y), guided with weight `guidance` (sampling.conditioned);
-    None calls network(x, t). Returns [N, C, H, W]."""
+    None calls network(x, t). self_cond: a self-conditioned network, fed the previous step's x̂_0
+    (sampling.chain_model). Returns [N, C, H, W]."""
     g = torch.Generator(device).manual_seed(seed)
     g_known = torch.Generator(device).manual_seed(seed + KNOWN_SEED_OFFSET)
     starts = range(0, len(images), batch_size)
@@ -221,8 +222,9 @@ def run(job, network, diffusion, images, masks=None, labels=None, batch_size=256
     with bar:
         for start in starts:
             x0 = images[start:start + batch_size].to(device)
-            model = network if labels is None else sampling.conditioned(
-                network, labels[start:start + len(x0)], null_label, guidance, diffusion)
+            model = sampling.chain_model(
+                network, diffusion, None if labels is None else labels[start:start + len(x0)],
+                null_label, guidance, clip_denoised, self_cond)
             kw = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised,
                       generator=g, tick=lambda: bar.update(1))
             if job == "inpaint":

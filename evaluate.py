@@ -1,7 +1,9 @@
 """Evaluate a trained DDPM: `python evaluate.py --ckpt runs/mnist`.
 
 NLL: test-set bits/dim from the full variational bound (Ho et al. 2020 Eq. 5: T steps, discretized
-decoder, prior), with its standard error and its three parts L_T, Σ L_{t-1}, L_0.
+decoder, prior), with its standard error and its three parts L_T, Σ L_{t-1}, L_0. A
+self-conditioned model (--self-cond) is bounded with x̂_0 from x_t itself, two network calls per t
+(ddpm.self_conditioned_twice): the samplers' chain, fed the previous step's x̂_0, has no such bound.
 
 Sample quality (28x28 datasets with labels): a small CNN classifier trained once on the training
 split (cached under the data cache, keyed by the data's checksum) is the feature extractor. For
@@ -35,6 +37,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import ddpm
 import fid
 import files
 import hardware
@@ -191,6 +194,8 @@ def evaluate(args, path, device, progress=True):
     if n:
         fp32 = hardware.as_called(model.module, "fp32", device,
                                   hardware.channels_last_default(device))
+        if model.module.self_cond:  # x̂_0 from x_t itself: two calls per t (see ddpm.py)
+            fp32 = ddpm.self_conditioned_twice(fp32, diffusion, clip_denoised=True)
         batch = min(n, args.nll_batch_size)
         sampling.expected_time(f"the NLL of {n} images", fp32, want, batch,
                                math.ceil(n / batch) * diffusion.num_timesteps, device)
@@ -225,7 +230,8 @@ def evaluate(args, path, device, progress=True):
                              device, progress=progress,
                              clip_denoised=sampling.clips(model.config, args),
                              labels=labels, guidance=args.guidance,
-                             null_label=model.module.null_label)
+                             null_label=model.module.null_label,
+                             self_cond=model.module.self_cond)
     seconds = time.perf_counter() - start
     fakes = imaging.to_uint8(x).cpu().numpy()
     sampler = sampling.describe(args.sampler, args.steps, args.eta, diffusion)

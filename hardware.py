@@ -102,14 +102,14 @@ def autocast(precision, device):
 
 
 def as_called(network, precision, device, channels_last):
-    """fn(x, *rest) = network(x in the memory layout, *rest) under autocast, returned in float32:
-    the network as the diffusion calls it. The math around the network stays in float32 (float64
-    inputs stay float64 when precision is fp32)."""
+    """fn(x, *rest, **named) = network(x in the memory layout, *rest, **named) under autocast,
+    returned in float32: the network as the diffusion calls it. The math around the network
+    stays in float32 (float64 inputs stay float64 when precision is fp32)."""
     layout = memory_format(channels_last)
 
-    def fn(x, *rest):
+    def fn(x, *rest, **named):
         with autocast(precision, device):
-            out = network(x.contiguous(memory_format=layout), *rest)
+            out = network(x.contiguous(memory_format=layout), *rest, **named)
         return out if out.dtype == torch.float64 else out.float()
     return fn
 

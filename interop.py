@@ -283,8 +283,9 @@ def unet_kwargs_from_diffusers(config, where="config.json"):
 
 def diffusers_unet_config(kwargs, where="the checkpoint"):
     """The diffusers UNet2DModel config of unet.UNet kwargs; ConvertError when the network uses
-    per-layer GroupNorm group counts, which diffusers' single norm_num_groups cannot express, or
-    a first level wider than its input conv (channel_mult[0] != 1)."""
+    per-layer GroupNorm group counts, which diffusers' single norm_num_groups cannot express, a
+    first level wider than its input conv (channel_mult[0] != 1), a space-to-depth stem or
+    self-conditioning."""
     full = {**unet_defaults(), **kwargs}
     base, mult, size = full["base_channels"], full["channel_mult"], full["image_size"]
     widths = [base * m for m in mult]
@@ -292,6 +293,10 @@ def diffusers_unet_config(kwargs, where="the checkpoint"):
         raise ConvertError(f"{where} has a space-to-depth stem (space_to_depth = "
                            f"{full['space_to_depth']}), which diffusers' UNet2DModel cannot "
                            "express; networks without one export (docs/interop.md lists them)")
+    if full["self_cond"]:
+        raise ConvertError(f"{where} is self-conditioned (self_cond = True: x̂_0 is a second "
+                           "input), which diffusers' UNet2DModel cannot express; networks "
+                           "trained without --self-cond export")
     if mult[0] != 1:
         raise ConvertError(f"{where} has channel_mult[0] = {mult[0]}: its input conv and timestep "
                            f"embedding are {base} channels wide and its first level {widths[0]}, "

@@ -41,10 +41,11 @@ class Batches:
 
 
 # The run's streams of random draws: the data order of each epoch, and for each step t and ε,
-# the flips, the label drops and (per process) dropout. Each (seed, stream, step or epoch) gets a
-# seed of its own from NumPy's SeedSequence, a hash of the whole tuple: no stream of one step
-# shares a seed with another step's or another stream's.
-EPOCH, NOISE, FLIPS, LABEL_DROPS, DROPOUT = range(5)
+# the flips, the label drops, (per process) dropout and the self-conditioning coins. Each (seed,
+# stream, step or epoch) gets a seed of its own from NumPy's SeedSequence, a hash of the whole
+# tuple: no stream of one step shares a seed with another step's or another stream's, and a
+# stream added later changes none of the others' draws.
+EPOCH, NOISE, FLIPS, LABEL_DROPS, DROPOUT, SELF_COND = range(6)
 
 
 def stream_seed(seed, stream, index, rank=0):
@@ -84,6 +85,16 @@ def step_label_drops(cfg, step, device):
     own, so that one network learns ε(x_t, c) and ε(x_t, ∅) (Ho & Salimans 2022, Algorithm 1)."""
     return torch.rand(cfg.batch_size, generator=_generator(cfg, step, device, LABEL_DROPS),
                       device=device) < cfg.cond_drop
+
+
+def step_self_cond(cfg, step):
+    """Which examples of the global batch of `step` are trained self-conditioned (--self-cond): a
+    bool [B] on the CPU, each True with probability 1/2 (Chen et al. 2023, §3), from (seed, step)
+    alone on a stream of its own. Per example rather than Chen et al.'s one coin per batch:
+    every step's gradient mixes both inputs, and every step costs the same (the extra pass on
+    about half the batch), so the budget's probe and the logged throughput see the mean cost.
+    On the CPU, so that the share's size is known without waiting on the device."""
+    return torch.rand(cfg.batch_size, generator=_generator(cfg, step, "cpu", SELF_COND)) < 0.5
 
 
 # ---- model, optimiser and the step ----------------------------------------------------------
@@ -153,15 +164,41 @@ def adam(parameters, lr, device):
                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
-def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None):
+def self_conditioning(forward, diffusion, share, y=None):
+    """model(x_t, t) for training_losses of a self-conditioned network (Chen et al. 2023, §3,
+    Fig. 3's train_loss): for the examples in `share` (a bool [B] on the CPU), first a pass
+    without gradient with x̂_0 = 0, whose output becomes x̂_0 by the diffusion's own formula
+    (pred_x0_from_output, clipped to [-1, 1] as the samplers clip it), detached; then the
+    training pass on the whole batch, fed that x̂_0 there and zeros elsewhere. y: the labels
+    (after the label drops), given to both passes."""
+    index = share.nonzero().squeeze(1)
+
+    def model(x_t, t):
+        labels = () if y is None else (y,)
+        pred_x0 = torch.zeros_like(x_t)
+        if len(index):
+            i = index.to(x_t.device)
+            with torch.no_grad():
+                first = forward(x_t[i], t[i], *(c[i] for c in labels))
+                pred_x0[i] = diffusion.pred_x0_from_output(first, x_t[i], t[i]).to(x_t.dtype)
+        return forward(x_t, t, *labels, pred_x0=pred_x0.detach())
+    return model
+
+
+def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None, share=None):
     """One step of Ho et al.'s Algorithm 1: the gradient of the loss (L_simple: ‖ε - ε_θ(√ᾱ_t x_0
     + √(1-ᾱ_t) ε, t)‖², weighted as cfg says; ε_θ(x_t, t, y) for a class-conditional model, y
     the labels) at the learning rate of `step`, clipped, an Adam step, then the EMA update.
-    Returns (per-example losses, gradient norm), both detached, with no host sync."""
+    share: for a self-conditioned network, the bool [B] (CPU) of the examples fed its own x̂_0
+    (step_self_cond, self_conditioning); None feeds none. Returns (per-example losses, gradient
+    norm), both detached, with no host sync."""
     model, optimizer, scaler = trainee.model, trainee.optimizer, trainee.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
-    forward = trainee.forward if y is None else lambda x_t, t: trainee.forward(x_t, t, y)
+    if share is not None:
+        forward = self_conditioning(trainee.forward, diffusion, share, y)
+    else:
+        forward = trainee.forward if y is None else lambda x_t, t: trainee.forward(x_t, t, y)
     losses = diffusion.training_losses(forward, x0, t, noise=noise)["loss"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.mean()).backward()

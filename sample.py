@@ -101,7 +101,8 @@ def main(argv=None):
                                 args.sampler, args.steps, args.eta, args.seed, device,
                                 args.trajectory, clip_denoised=sampling.clips(model.config, args),
                                 labels=labels, guidance=args.guidance,
-                                null_label=model.module.null_label)
+                                null_label=model.module.null_label,
+                                self_cond=model.module.self_cond)
     if traj is not None:  # one row per image: x_t at the K snapshots, then x_0
         rows = torch.cat([traj, x[:, None]], 1)
         x, nrow = rows.reshape(-1, *rows.shape[2:]), rows.shape[1]
@@ -133,7 +134,8 @@ def fill_or_edit(args, model, path, device):
                     masks if masks is None or len(masks) == 1 else repeat(masks), repeat(labels),
                     args.batch_size, args.sampler, args.steps, args.eta, args.resample,
                     args.jump_length, args.strength, args.seed, device,
-                    sampling.clips(model.config, args), args.guidance, model.module.null_label)
+                    sampling.clips(model.config, args), args.guidance, model.module.null_label,
+                    self_cond=model.module.self_cond)
     out = imaging.to_uint8(x).cpu().numpy()
     if args.out.endswith(".npz"):
         write(args.out, out, labels=repeat(labels))

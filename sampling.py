@@ -187,7 +187,8 @@ def describe(sampler, steps, eta, diffusion):
 
 def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
              eta=DEFAULT_ETA, seed=0, device="cpu", trajectory=0, progress=True,
-             clip_denoised=True, labels=None, guidance=DEFAULT_GUIDANCE, null_label=None):
+             clip_denoised=True, labels=None, guidance=DEFAULT_GUIDANCE, null_label=None,
+             self_cond=False):
     """n images in [-1, 1] ([n, *shape]); with trajectory=K also [n, K, *shape] snapshots of x_t.
 
     network(x_t, t) is the model as the diffusion calls it (float32 out); for a class-conditional
@@ -195,7 +196,8 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
     towards them (`null_label`: the index it was trained with for "no class"). Images are drawn
     batch by batch from one generator on `device` seeded with `seed`, so the same seed and batch
     size give the same images. clip_denoised: x̂_0 clipped to [-1, 1] at each step (Ho et al.'s
-    sampler)."""
+    sampler). self_cond: a self-conditioned network (its pred_x0 argument), fed each step's x̂_0
+    at the next (chain_model)."""
     g = torch.Generator(device).manual_seed(seed)
     starts = range(0, n, batch_size)
     calls = network_calls(sampler, steps, diffusion)
@@ -209,8 +211,9 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
             b = min(batch_size, n - start)
             kw = dict(generator=g, device=device, trajectory=trajectory, progress=ticking(bar),
                       clip_denoised=clip_denoised)
-            model = network if labels is None else conditioned(
-                network, labels[start:start + b], null_label, guidance, diffusion)
+            model = chain_model(network, diffusion, None if labels is None else
+                                labels[start:start + b], null_label, guidance, clip_denoised,
+                                self_cond)
             if sampler == "ddpm":
                 out = diffusion.p_sample_loop(model, (b, *shape), **kw)
             elif sampler == "dpm":
@@ -222,6 +225,19 @@ def generate(network, diffusion, shape, n, batch_size, sampler=DEFAULT_SAMPLER, 
             if traj is not None:
                 snaps.append(traj["x_t"].transpose(0, 1))
     return torch.cat(images), (torch.cat(snaps) if snaps else None)
+
+
+def chain_model(network, diffusion, labels=None, null_label=None, guidance=DEFAULT_GUIDANCE,
+                clip_denoised=True, self_cond=False):
+    """model(x_t, t) for the samplers, for ONE chain (a batch from x_T, or an edit's): the network
+    of a self-conditioned model fed the previous step's x̂_0 (ddpm.self_conditioned, below the
+    guidance: the conditional and the null half keep their own), then guided towards `labels`
+    (conditioned) when it is class-conditional. Every sampling loop (generate, editing.run)
+    builds its model here, one per chain."""
+    if self_cond:
+        network = ddpm.self_conditioned(network, diffusion, clip_denoised)
+    return network if labels is None else conditioned(network, labels, null_label, guidance,
+                                                      diffusion)
 
 
 def conditioned(network, labels, null_label, guidance, diffusion):

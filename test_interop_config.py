@@ -242,8 +242,9 @@ OURS = dict(in_channels=1, out_channels=None, base_channels=8, channel_mult=(1, 
 
 
 def test_every_unet_setting_is_exported():
-    """Every setting but the space-to-depth stem, which diffusers cannot express (refused below)."""
-    assert {f for f, _ in OUR_CHANGES} | {"space_to_depth"} == \
+    """Every setting but the space-to-depth stem and self-conditioning, which diffusers cannot
+    express (refused below, and in test_self_cond.py)."""
+    assert {f for f, _ in OUR_CHANGES} | {"space_to_depth", "self_cond"} == \
         set(inspect.signature(unet.UNet).parameters)
 
 

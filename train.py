@@ -134,8 +134,8 @@ def loop(run, step, plan, progress):
                                         dynamic_ncols=True) as bar:
         while step < opts.steps:
             x0, y, t, noise = draw_batch(run, step)  # x_0, y ~ q(x_0, y), t ~ P(t), ε ~ N(0, I)
-            losses, grad_norm = optim.train_step(run.trainee, run.diffusion, opts, x0, t, noise,
-                                                 step, y)  # ∇ ‖ε - ε_θ(x_t, t[, y])‖², Adam, EMA
+            losses, grad_norm = optim.train_step(  # ∇ ‖ε - ε_θ(x_t, t[, y][, x̂_0])‖², Adam, EMA
+                run.trainee, run.diffusion, opts, x0, t, noise, step, y, self_cond_share(run, step))
             step += 1
             meter.add(losses, grad_norm, t)
             bar.update(1)
@@ -370,7 +370,8 @@ def score(run, step):
     x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False,
-                             labels=labels, null_label=run.cfg.net.get("num_classes"))
+                             labels=labels, null_label=run.cfg.net.get("num_classes"),
+                             self_cond=run.cfg.net.get("self_cond", False))
     samples = imaging.to_uint8(x).cpu().numpy()
     scores = {"fid": run.scorer.score(samples)} if cfg.fid else \
         run.scorer.score(samples, None if labels is None else labels.numpy())
@@ -424,6 +425,15 @@ def draw_batch(run, step):
         y = torch.where(optim.step_label_drops(cfg, step, run.device)[mine], null,
                         run.data.labels[idx])
     return x0, y, t[mine], noise[mine]
+
+
+def self_cond_share(run, step):
+    """This process's slice of the examples of `step` trained self-conditioned (--self-cond,
+    optim.step_self_cond), or None for a network without self-conditioning."""
+    if not run.cfg.net.get("self_cond"):
+        return None
+    local = run.cfg.train.batch_size // run.world
+    return optim.step_self_cond(run.cfg.train, step)[run.rank * local:(run.rank + 1) * local]
 
 
 class Meter:
@@ -530,7 +540,8 @@ def write_grid(run, tag, progress):
     x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, n, cfg.sampler, cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed, device=run.device, progress=progress,
-                             labels=labels, null_label=run.cfg.net.get("num_classes"))
+                             labels=labels, null_label=run.cfg.net.get("num_classes"),
+                             self_cond=run.cfg.net.get("self_cond", False))
     path = os.path.join(cfg.out, rundir.grid_name(tag))
     imaging.save_grid(path, x, nrow=per_row)
     return path

@@ -10,8 +10,9 @@ Shapes: x is [B, C, H, W]; t is [B] of 0-based timestep indices (the array index
 into the schedule tables, as in Ho et al.'s code); y, for a class-conditional network, is [B] of
 labels; the output is [B, out_channels, H, W].
 
-Two options, off by default: class conditioning for classifier-free guidance (num_classes) and a
-space-to-depth stem (space_to_depth); see UNet.
+Three options, off by default: class conditioning for classifier-free guidance (num_classes), a
+space-to-depth stem (space_to_depth) and self-conditioning on an estimate of x_0 (self_cond); see
+UNet.
 """
 
 import math
@@ -181,25 +182,34 @@ class UNet(nn.Module):
     input by pixel_unshuffle into [B, s²C, H/s, W/s] before conv_in and the output back by
     pixel_shuffle: the levels run at H/s, H/(2s), ... (the resolutions attn_resolutions name),
     image_size stays the input's. diffusers' UNet2DModel has no such stem: a network with one is
-    not expressible as a UNet2DModel and has no diffusers export."""
+    not expressible as a UNet2DModel and has no diffusers export.
+
+    self_cond = True (Chen, Zhang & Hinton 2023, "Analog Bits", §3) gives the network a second
+    input, an estimate x̂_0 of the clean image (forward's pred_x0; zeros when absent),
+    concatenated to x_t on channels: conv_in takes [x_t, x̂_0], 2C channels (2s²C after the
+    stem, where pixel_unshuffle of the concatenation is the concatenation of each one's, so
+    the stem needs nothing of its own). Training feeds x̂_0 = 0 or the network's own detached
+    estimate (optim.py); the samplers feed the previous step's (ddpm.self_conditioned).
+    UNet2DModel has no such input either: no diffusers export."""
 
     def __init__(self, in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
                  num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28,
                  norm_groups=None, norm_eps=GN_EPS, downsample_padding="symmetric",
-                 num_classes=None, space_to_depth=1):
+                 num_classes=None, space_to_depth=1, self_cond=False):
         """norm_groups: GroupNorm groups in every layer, or None (the default of checkpoints
         written before the option existed) for num_groups(channels) layer by layer.
         downsample_padding: "tf_same" (Ho et al.'s) or "symmetric" (see Downsample).
         num_classes: K class labels plus the null label K, or None; space_to_depth: the stem's
-        factor s (1: no stem)."""
+        factor s (1: no stem); self_cond: x̂_0 as a second input (False: none)."""
         super().__init__()
         _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size,
-                      num_classes, space_to_depth)
+                      num_classes, space_to_depth, self_cond)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
         self.image_size = image_size
         self.space_to_depth = space_to_depth
+        self.self_cond = self_cond
         self.null_label = num_classes  # the label trained as "no class"; None: unconditional
         ch, emb_dim, s2 = base_channels, 4 * base_channels, space_to_depth ** 2
 
@@ -210,7 +220,8 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_dim, dropout, norm)
 
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(s2 * in_channels, ch, 3, padding=1)
+        inputs = 2 * in_channels if self_cond else in_channels  # [x_t, x̂_0] or x_t
+        self.conv_in = nn.Conv2d(s2 * inputs, ch, 3, padding=1)
 
         def attn(c, res):
             return AttnBlock(c, norm) if res in attn_resolutions else nn.Identity()
@@ -269,17 +280,21 @@ class UNet(nn.Module):
                 zero_(m.proj)
         zero_(self.conv_out)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, pred_x0=None):
         """x: [B, in_channels, image_size, image_size] float, t: [B] 0-based timestep indices,
         y: [B] class labels in 0..K (K = null_label: no class), or None: all null (an
-        unconditional network takes no y) -> [B, out_channels, image_size, image_size]."""
-        self._check_inputs(x, t, y)
+        unconditional network takes no y), pred_x0: x̂_0 shaped as x for a self_cond network,
+        or None: zeros (a network without self_cond takes none)
+        -> [B, out_channels, image_size, image_size]."""
+        self._check_inputs(x, t, y, pred_x0)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         emb = self.emb(timestep_embedding(t, self.base_channels, dtype).to(x.dtype))  # [B, 4ch]
         if self.class_emb is not None:
             y = torch.full_like(t, self.null_label, dtype=torch.long) if y is None else y
             emb = emb + self.class_emb(y).to(emb.dtype)  # emb's dtype: bf16 under autocast
 
+        if self.self_cond:
+            x = torch.cat([x, torch.zeros_like(x) if pred_x0 is None else pred_x0.to(x.dtype)], 1)
         s = self.space_to_depth
         h = self.conv_in(F.pixel_unshuffle(x, s) if s > 1 else x)
         hs = [h]
@@ -302,7 +317,7 @@ class UNet(nn.Module):
         out = self.conv_out(F.silu(self.norm_out(h)))
         return F.pixel_shuffle(out, s) if s > 1 else out
 
-    def _check_inputs(self, x, t, y):
+    def _check_inputs(self, x, t, y, pred_x0=None):
         """Shape checks (no host-device sync); y's range only where y is on the CPU, since
         reading it from an accelerator would sync every call (labels from a dataset or a
         command line are checked where they enter)."""
@@ -313,6 +328,13 @@ class UNet(nn.Module):
             raise ValueError(f"t must be [B] = [{x.shape[0]}], got {list(t.shape)}")
         if y is not None:
             self._check_labels(y, x.shape[0])
+        if pred_x0 is not None:
+            if not self.self_cond:
+                raise ValueError("pred_x0 given to a network without self-conditioning "
+                                 "(self_cond=False); build it with self_cond=True to feed x̂_0")
+            if pred_x0.shape != x.shape:
+                raise ValueError(f"pred_x0 must be shaped as x, {list(x.shape)}, got "
+                                 f"{list(pred_x0.shape)}")
 
     def _check_labels(self, y, batch):
         """y: a LongTensor [batch] of labels in 0..K, given to a conditional network only."""
@@ -328,7 +350,7 @@ class UNet(nn.Module):
 
 
 def _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions, image_size,
-                  num_classes=None, space_to_depth=1):
+                  num_classes=None, space_to_depth=1, self_cond=False):
     """Raise ValueError (one line) on a configuration the U-Net cannot build."""
     if len(channel_mult) == 0 or num_res_blocks < 1:
         raise ValueError(f"need at least one level and one res block, got channel_mult={channel_mult}, "
@@ -339,6 +361,8 @@ def _check_config(base_channels, channel_mult, num_res_blocks, attn_resolutions,
         raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
     if not isinstance(space_to_depth, int) or space_to_depth < 1:
         raise ValueError(f"space_to_depth must be an int >= 1 (1: no stem), got {space_to_depth!r}")
+    if not isinstance(self_cond, bool):
+        raise ValueError(f"self_cond must be True or False, got {self_cond!r}")
     factor = space_to_depth * 2 ** (len(channel_mult) - 1)
     if image_size % factor:
         raise ValueError(f"image_size {image_size} must be divisible by space_to_depth * "
