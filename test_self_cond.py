@@ -6,10 +6,12 @@ chain at a time; the bound takes two passes per t; export refuses it; train.py, 
 sample.py and evaluate.py carry it end to end. Without the option nothing changes (the draws of
 the run's other streams, the network's initialisation)."""
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import checkpoint
@@ -355,3 +357,30 @@ def test_train_resume_sample_and_evaluate_end_to_end(npz, tmp_path):
     assert np.isfinite(parts["total"]).all() and (parts["total"] > 0).all()
     with pytest.raises(interop.ConvertError):
         interop.diffusers_unet_config(model.config["net"])
+
+
+def _ddp_worker(rank, world, port, npz, out, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        _, model, _ = run_train(npz, out, steps=4, batch_size=16, self_cond=True)
+        torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_train_like_one(npz, tmp_path):
+    """Under DDP each process takes its slice of the global batch's coins (as of t, ε and the
+    images), so two processes train the self-conditioned model as one does."""
+    port = 29500 + (os.getpid() + 500) % 1000
+    mp.spawn(_ddp_worker, args=(2, port, npz, str(tmp_path / "ddp"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    _, single, _ = run_train(npz, tmp_path / "single", steps=4, batch_size=16, self_cond=True)
+    _, start, _ = run_train(npz, tmp_path / "start", steps=1, lr=1e-30, self_cond=True)
+    moved = False
+    for (name, w), w0 in zip(single.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(r0[name], r1[name]), name
+        torch.testing.assert_close(r0[name], w, rtol=1e-4, atol=1e-5)
+        moved = moved or (w - w0).abs().max() > 1e-3
+    assert moved

@@ -450,6 +450,8 @@ def load_checkpoint(path, images):
     model = checkpoint.load_model(path, torch.device("cpu"), precision="fp32")
     cli.check(not model.config.get("class_cond"), f"{path} is class-conditional; the bound "
               "and trajectory figures need an unconditional model")
+    cli.check(not model.module.self_cond, f"{path} is self-conditioned (--self-cond); the bound "
+              "and trajectory figures call the network without x̂_0 and need a model without it")
     test = data.load_dataset(model.config["dataset"], "test", progress=False)
     x0 = imaging.to_model_range(torch.from_numpy(test.images[:images]))
     c = model.config
