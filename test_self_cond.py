@@ -55,12 +55,13 @@ def x0_hat(diffusion, out, x_t, t, clip=True):
     return x0.clamp(-1, 1) if clip else x0
 
 
-# ---- the network ---------------------------------------------------------------------------------
+# ---- the network -----------------------------------------------------------------------------
 
 def test_without_the_option_the_network_is_built_and_runs_as_before():
     """The default is off, and a UNet without it draws the same initial weights (the same
     generator draws in the same order) as one built with self_cond=False, and computes the same."""
-    assert unet.UNet.__init__.__defaults__[-1] is False and "self_cond" not in unet.PRESETS["mnist-stem"]
+    assert unet.UNet.__init__.__defaults__[-1] is False
+    assert not any("self_cond" in preset for preset in unet.PRESETS.values())
     torch.manual_seed(3)
     default = unet.UNet(**NET)
     torch.manual_seed(3)
@@ -104,9 +105,9 @@ def test_a_self_conditioned_network_is_the_2c_input_network_on_the_concatenation
 
 
 def test_pred_x0_is_refused_where_it_cannot_go():
-    for make, pred, words in ((lambda: unet.UNet(**NET), torch.zeros(2, 1, 8, 8), "self_cond=False"),
-                              (lambda: unet.UNet(**NET, self_cond=True), torch.zeros(2, 1, 4, 4),
-                               "shaped as x")):
+    for make, pred, words in (
+            (lambda: unet.UNet(**NET), torch.zeros(2, 1, 8, 8), "self_cond=False"),
+            (lambda: unet.UNet(**NET, self_cond=True), torch.zeros(2, 1, 4, 4), "shaped as x")):
         with pytest.raises(ValueError) as e:
             make()(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), pred_x0=pred)
         assert words in str(e.value) and "\n" not in str(e.value)
@@ -125,7 +126,7 @@ def test_pred_x0_from_output_is_each_mean_types_formula():
                                   x0_hat(d, out, x_t, t, clip), atol=1e-5)
 
 
-# ---- training ------------------------------------------------------------------------------------
+# ---- training --------------------------------------------------------------------------------
 
 def test_the_coins_are_a_stream_of_their_own():
     """The existing streams keep their numbers (so their draws are those of runs made before), the
@@ -210,7 +211,7 @@ def test_no_share_is_one_pass_and_labels_reach_both_passes():
     assert torch.equal(calls[0]["rest"][0], y[share]) and torch.equal(calls[1]["rest"][0], y)
 
 
-# ---- sampling ------------------------------------------------------------------------------------
+# ---- sampling --------------------------------------------------------------------------------
 
 def mock(calls, conditional=False):
     """A network(x, t[, y], pred_x0) whose output depends on all of them, recording each call."""
@@ -302,7 +303,7 @@ def test_the_bound_takes_two_passes_per_t():
                               x0_hat(d, first["out"], first["x"], first["t"]), atol=1e-5)
 
 
-# ---- export, flags, and the scripts end to end -----------------------------------------------------
+# ---- export, flags, and the scripts end to end ------------------------------------------------
 
 def test_export_refuses_a_self_conditioned_network():
     with pytest.raises(interop.ConvertError) as e:

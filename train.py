@@ -134,7 +134,7 @@ def loop(run, step, plan, progress):
                                         dynamic_ncols=True) as bar:
         while step < opts.steps:
             x0, y, t, noise = draw_batch(run, step)  # x_0, y ~ q(x_0, y), t ~ P(t), ε ~ N(0, I)
-            losses, grad_norm = optim.train_step(  # ∇ ‖ε - ε_θ(x_t, t[, y][, x̂_0])‖², Adam, EMA
+            losses, grad_norm = optim.train_step(  # ∇ ‖ε - ε_θ(x_t, t[, y, x̂_0])‖², Adam, EMA
                 run.trainee, run.diffusion, opts, x0, t, noise, step, y, self_cond_share(run, step))
             step += 1
             meter.add(losses, grad_norm, t)
