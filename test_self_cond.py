@@ -5,6 +5,7 @@ mean_type; every sampler (and guidance, SDEdit, inpainting) feeds step k's x̂_0
 chain at a time; the bound takes two passes per t; export refuses it; train.py, --resume,
 sample.py and evaluate.py carry it end to end. Without the option nothing changes (the draws of
 the run's other streams, the network's initialisation)."""
+import json
 import math
 import os
 
@@ -329,7 +330,7 @@ def test_the_flag_is_in_help_and_fills_the_net_part(capsys):
                                                       "out_channels": 1}
 
 
-def test_train_resume_sample_and_evaluate_end_to_end(npz, tmp_path):
+def test_train_resume_sample_and_evaluate_end_to_end(npz, tmp_path, monkeypatch):
     """--preset mnist-tiny --self-cond on the tiny data: the checkpoint's network is
     self-conditioned, N steps straight equal N/2 + --resume (the flag not repeated) + N/2, a
     resume cannot turn it off, sample.py draws, evaluate.py bounds, export refuses."""
@@ -346,16 +347,27 @@ def test_train_resume_sample_and_evaluate_end_to_end(npz, tmp_path):
         run_train(npz, tmp_path / "b", steps=10, resume=True, self_cond=False, **tiny)
     assert "self_cond" in str(e.value)
 
+    # the scripts wrap the network as the model asks: one chain per batch, two passes per t
+    made = {"chains": 0, "bounds": 0}
+    chain, twice = ddpm.self_conditioned, ddpm.self_conditioned_twice
+    monkeypatch.setattr(ddpm, "self_conditioned", lambda *a, **k: (
+        made.__setitem__("chains", made["chains"] + 1), chain(*a, **k))[1])
+    monkeypatch.setattr(ddpm, "self_conditioned_twice", lambda *a, **k: (
+        made.__setitem__("bounds", made["bounds"] + 1), twice(*a, **k))[1])
     ckpt = str(tmp_path / "a" / "ckpt.pt")
-    sample.main(["--ckpt", ckpt, "--n", "3", "--steps", "4", "--out", str(tmp_path / "s.png"),
-                 "--device", "cpu", "--precision", "fp32"])
-    assert (tmp_path / "s.png").exists()
+    np.savez(tmp_path / "in.npz", images=np.random.default_rng(0).integers(0, 256, (3, 8, 8),
+                                                                           dtype=np.uint8))
+    for more in ([], ["--edit", str(tmp_path / "in.npz"), "--strength", "0.5", "--n", "1"]):
+        sample.main(["--ckpt", ckpt, "--n", "3", "--steps", "4", "--batch-size", "2", "--out",
+                     str(tmp_path / ("e.png" if more else "s.png")), "--device", "cpu",
+                     "--precision", "fp32", *more])
+    assert made == {"chains": 2 + 2, "bounds": 0} and (tmp_path / "e.png").exists()
+    evaluate.main(["--ckpt", ckpt, "--n", "2", "--samples", "0", "--nll-batch-size", "2",
+                   "--device", "cpu", "--json", str(tmp_path / "eval.json")])
+    nll = json.loads((tmp_path / "eval.json").read_text())["nll"]
+    assert made["bounds"] == 1 and math.isfinite(nll["total"]["mean"]) and nll["total"]["mean"] > 0
     model = checkpoint.load_model(ckpt, torch.device("cpu"), "fp32")
     assert model.module.self_cond
-    images = np.random.default_rng(0).integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
-    fp32 = ddpm.self_conditioned_twice(model.network, model.diffusion)
-    parts = evaluate.nll_bits_per_dim(fp32, model.diffusion, images, 2, progress=False)
-    assert np.isfinite(parts["total"]).all() and (parts["total"] > 0).all()
     with pytest.raises(interop.ConvertError):
         interop.diffusers_unet_config(model.config["net"])
 
