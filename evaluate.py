@@ -91,7 +91,7 @@ def parse_args(argv=None):
                    "10000 for the tables of docs/results.md)")
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     sampling.add_arguments(p)
-    sampling.add_class_arguments(p)
+    sampling.add_class_arguments(p, counts="total")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
     hardware.add_arguments(p, "network autocast for sampling; auto: bf16 where the device runs "
                            "it fast, else fp32 (the NLL always runs in fp32)")
@@ -169,7 +169,7 @@ def evaluate(args, path, device, progress=True):
               "--dataset NAME for its test set")
     if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
-    asked_classes(args, model.config, 1)  # --class checked against the model, before any work
+    sampling.class_labels(args.classes, 1, model.config, counts="total")  # checked before any work
     weights = fid_network(args, device) if args.fid else None  # before any long work
     args.guidance = sampling.guidance_for(args.guidance, model.config)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
@@ -208,7 +208,7 @@ def evaluate(args, path, device, progress=True):
         print(f"sample quality needs a 28x28 dataset with labels; {name} has none, skipped",
               file=sys.stderr)
     count = max(args.samples if labelled_28 else 0, args.nearest, args.fid)
-    labels = asked_classes(args, model.config, count)
+    labels, _ = sampling.class_labels(args.classes, count, model.config, counts="total")
     if not count:
         return results
     count = count if labels is None else len(labels)
@@ -336,18 +336,6 @@ def outputs(args, path):
 def nearest_png(args, path):
     """Where --nearest's pairs go: --nearest-png, or nearest.png beside the checkpoint."""
     return args.nearest_png or os.path.join(os.path.dirname(path), rundir.NEAREST)
-
-
-def asked_classes(args, config, count):
-    """The labels a class-conditional model is asked for (--class; by default every class, each
-    count // K times, K the number of classes) in order; None for an unconditional model."""
-    if config["net"].get("num_classes") is None:
-        return sampling.class_labels(args.classes, count, config, args.seed)[0]  # refuses --class
-    asked = args.classes or "all"
-    several = asked.strip() == "all" or "," in asked
-    per = max(1, count // (config["net"]["num_classes"] if asked.strip() == "all"
-                           else len(asked.split(","))) if several else count)
-    return sampling.class_labels(asked, per, config, args.seed)[0]
 
 
 def copies(samples, train, heldout, classifier, png, sampler):

@@ -365,7 +365,7 @@ def score(run, step):
     model draws every class equally often, at the default guidance, and is scored on its class
     accuracy too."""
     cfg, start = run.cfg.train, time.perf_counter()
-    labels = class_rows(run.cfg, cfg.eval_samples)[0]
+    labels, _ = sampling.class_labels(None, cfg.eval_samples, {"net": run.cfg.net}, counts="total")
     n = cfg.eval_samples if labels is None else len(labels)
     x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
@@ -378,17 +378,6 @@ def score(run, step):
             "sampler": sampling.describe("ddim", cfg.sample_steps, cfg.sample_eta, run.diffusion),
             **({} if labels is None else {"guidance": sampling.DEFAULT_GUIDANCE}),
             **scores, "eval_seconds": time.perf_counter() - start, "time_s": elapsed(run)}
-
-
-def class_rows(cfg, n):
-    """(labels, per row) of about n samples of a class-conditional run: every class equally
-    often, max(1, n // K) each, in order (one grid row per class); (None, None) for an
-    unconditional run."""
-    classes = cfg.net.get("num_classes")
-    if not cfg.train.class_cond or not classes:
-        return None, None
-    per = max(1, n // classes)
-    return sampling.class_labels("all", per, {"net": cfg.net}, cfg.train.seed)[0], per
 
 
 def ema_network(run):
@@ -525,7 +514,8 @@ def write_grid(run, tag, progress):
     a generator of their own (the training run is the same with or without grids); for a
     class-conditional run one row per class, at the default guidance."""
     cfg = run.cfg.train
-    labels, per_row = class_rows(run.cfg, cfg.num_samples)
+    labels, per_row = sampling.class_labels(None, cfg.num_samples, {"net": run.cfg.net},
+                                            counts="total")
     n = cfg.num_samples if labels is None else len(labels)
     x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, n, cfg.sampler, cfg.sample_steps,
