@@ -197,9 +197,9 @@ def add_ema_length_argument(parser):
         help="use the EMA of this length instead of the checkpoint's, reconstructed after "
         "training from the run's snapshots (train.py --ema-snapshots N; Karras et al. 2024's "
         "post-hoc EMA): sigma_rel is the spread of the average's weights over the run, relative "
-        f"to its length (the checkpoint's EMA, --ema-warmup 10, is about 0.09); {low:g} to "
+        f"to its length (the checkpoint's EMA: about 0.09 with --ema-warmup 10); {low:g} to "
         f"{high:g}, what the two tracked lengths {' and '.join(map(str, phema.PROFILES))} "
-        "reconstruct well")
+        "reconstruct well from about 20 snapshots each (docs/training.md)")
 
 
 def check_ema_length(value):

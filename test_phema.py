@@ -296,3 +296,20 @@ def test_a_run_without_snapshots_and_a_poor_fit_are_one_line(runs, capsys):
                                          "--out", str(root / "x.png")])
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_a_resumed_run_drops_the_snapshots_after_its_checkpoint(tmp_path):
+    """rundir.take: --resume from step 10 removes the snapshots a killed run wrote after it (the
+    resumed run writes them again) and keeps the others; --overwrite removes them all."""
+    folder = tmp_path / rundir.SNAPSHOTS
+    folder.mkdir()
+    for step in (5, 10, 15):
+        for s in phema.PROFILES:
+            (folder / rundir.snapshot_name(s, step)).write_bytes(b"")
+    (folder / "notes.txt").write_text("not ours")
+    rundir.take(str(tmp_path), 10, overwrite=False)
+    assert [s[:2] for s in rundir.snapshots(tmp_path)] == [(s, t) for t in (5, 10)
+                                                            for s in phema.PROFILES]
+    assert rundir.run_files(tmp_path) == [rundir.SNAPSHOTS]
+    rundir.take(str(tmp_path), None, overwrite=True)
+    assert rundir.snapshots(tmp_path) == [] and os.listdir(folder) == ["notes.txt"]
