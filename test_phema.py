@@ -254,8 +254,9 @@ def test_resume_continues_the_tracked_emas_exactly(runs):
     ours, theirs = rundir.snapshots(root / "snap"), rundir.snapshots(root / "resumed")
     assert [s[:2] for s in ours] == [s[:2] for s in theirs]
     for (_, _, a), (_, _, b) in zip(ours, theirs):
-        for name, value in torch.load(a, weights_only=True).items():
-            assert torch.equal(value, torch.load(b, weights_only=True)[name]), (a, name)
+        mine, resumed_file = (torch.load(p, weights_only=True) for p in (a, b))
+        for name, value in mine.items():
+            assert torch.equal(value, resumed_file[name]), (a, name)
 
 
 def test_ema_length_loads_the_reconstruction(runs, capsys):
