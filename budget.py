@@ -85,7 +85,8 @@ class Plan:
         self.start, self.marks = start, [clock()]
 
     def aside(self, kind, seconds):
-        """The loop did a grid, save, score or snapshot (`kind`) that took `seconds`, not a step's time."""
+        """The loop did a grid, save, score or snapshot (`kind`) that took `seconds`, not a step's
+        time."""
         self.measured[kind], self.aside_s = seconds, self.aside_s + seconds
 
     def cost(self, kind, step_s):

@@ -5,11 +5,11 @@ A training checkpoint holds {"format_version", "step", "config", "model", "ema",
 on), "sizing" (true while a --minutes run's count is not fixed)} and, with --ema-snapshots,
 "phema" (the power-function EMAs: {σ_rel with 3 decimals: the network's state dict}); "config"
 is config.Config as a plain dict ({"net", "diffusion", "schedule", "timesteps", "train",
-"class_names"}), enough to rebuild the network and the diffusion with no flags. A checkpoint of an older format comes in
-through one door, upgrade(), which turns its config into today's shape on load. Writing goes
-through a temporary file in the same directory and os.replace, so an interrupted write never
-damages the previous checkpoint. Reading uses torch.load(weights_only=True): a checkpoint from
-elsewhere cannot execute code.
+"class_names"}), enough to rebuild the network and the diffusion with no flags. A checkpoint of
+an older format comes in through one door, upgrade(), which turns its config into today's shape
+on load. Writing goes through a temporary file in the same directory and os.replace, so an
+interrupted write never damages the previous checkpoint. Reading uses
+torch.load(weights_only=True): a checkpoint from elsewhere cannot execute code.
 """
 import dataclasses
 import inspect

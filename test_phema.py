@@ -146,7 +146,8 @@ def test_the_lengths_allowed_are_reconstructed_well(sigma_rel):
     assert fit.error <= phema.MAX_PROFILE_ERROR
     gammas = [phema.sigma_rel_to_gamma(s) for s, _ in snapshots]
     target = phema.sigma_rel_to_gamma(sigma_rel)
-    mixed = lambda x: sum(w * profile(x, t, g) for w, (_, t), g in zip(fit.weights, snapshots, gammas))
+    mixed = lambda x: sum(w * profile(x, t, g)
+                          for w, (_, t), g in zip(fit.weights, snapshots, gammas))
     points = sorted({t for _, t in snapshots})
     squared = quad(lambda x: (mixed(x) - profile(x, 400, target)) ** 2, 0, 400, points=points,
                    limit=500, epsabs=0, epsrel=1e-10)[0]

@@ -319,8 +319,8 @@ def check_tracked(opts, state):
     cli.check(all(checkpoint.tracked_key(p) in held for p in phema.PROFILES),
               f"--ema-snapshots: the run was trained to step {state['step']} without its "
               "power-function EMAs, which average the run from its first step and cannot start "
-              "mid-run; resume without --ema-snapshots (or --ema-snapshots 0), or start a new --out "
-              "with it")
+              "mid-run; resume without --ema-snapshots (or with --ema-snapshots 0), or start a new "
+              "--out with it")
 
 
 def wrap(model, opts, device, world):
