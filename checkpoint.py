@@ -231,7 +231,7 @@ def reconstructed_ema(path, sigma_rel, step):
     if fit is None or not fit.error <= phema.MAX_PROFILE_ERROR:
         raise CheckpointError(
             f"--ema-length {sigma_rel:g}: the {len(found)} snapshots in {folder} reconstruct it "
-            f"only {'roughly' if fit is None else f'to a profile error of {fit.error:.0%}'} (at "
+            f"only {'roughly' if fit is None else f'to a profile error of {fit.error:.1%}'} (at "
             f"most {phema.MAX_PROFILE_ERROR:.0%} is used): give a length nearer "
             f"{' and '.join(map(str, phema.PROFILES))}, or train with snapshots more often")
     used = [(p, x) for (_, _, p), x in zip(found, fit.weights) if x != 0]
