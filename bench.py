@@ -1,6 +1,7 @@
 """Speed against the hardware: `python bench.py` (add `--json FILE` to keep the table).
 
-On the present device (CPU or CUDA), for the presets and a few batch sizes, it measures
+On the present device (CPU or CUDA), for the network `python train.py --dataset mnist` trains
+there (config.default_preset; --presets names others) and a few batch sizes, it measures
   train img/s    the training step train.py runs (forward, backward, Adam, EMA)
   DDPM/DDIM img/s  sampling throughput of Ho's 1000-step sampler and DDIM-50, from the median
                    time of one sampling step (the network call plus the update), times the steps
@@ -34,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cli
 import config
+import data
 import ddpm
 import files
 import hardware
@@ -86,6 +88,12 @@ def peak_memory(device):
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def default_preset(cuda):
+    """The preset `python train.py --dataset mnist` trains on this kind of device: the one bench.py
+    times unless --presets names others."""
+    return config.default_preset(data.image_shape("mnist")[1], cpu=not cuda)
 
 
 def row_config(preset, batch, precision, channels_last, compile_):
@@ -236,7 +244,9 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help=hardware.DEVICE_HELP)
     p.add_argument("--presets", nargs="+", default=None, choices=sorted(unet.PRESETS),
-                   help="network presets to time (default: mnist-small mnist)")
+                   help="network presets to time (default: the network `train.py --dataset "
+                   f"mnist` trains there: {default_preset(cuda=False)} on a CPU, "
+                   f"{default_preset(cuda=True)} on CUDA)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="batch sizes to time (default: 64 128 on a CPU, 128 512 on CUDA)")
     p.add_argument("--iters", type=int, default=None,
@@ -262,7 +272,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
     cuda = device.type == "cuda"
-    presets = args.presets or ["mnist-small", "mnist"]
+    presets = args.presets or [default_preset(cuda)]
     batches = args.batch_sizes or ([128, 512] if cuda else [64, 128])
     iters = args.iters or (20 if cuda else 5)
     bf16_ok = hardware.bf16_is_fast(device)
@@ -317,6 +327,11 @@ def main(argv=None):
               f"channels_last={base['channels_last']}, eager; 'ours/peer' divides img/s\n"
               f"{'preset':<12} {'batch':>5} {'ours img/s':>11} {'peer img/s':>11} {'ours/peer':>10}")
         for preset in presets:
+            try:  # a network UNet2DModel cannot express (a space-to-depth stem) has no peer
+                interop.diffusers_unet_config(unet.PRESETS[preset], f"preset {preset}")
+            except interop.ConvertError as e:
+                print(f"{preset:<12} no peer: {e}")
+                continue
             for batch in batches:
                 ours = next((r for r in rows if (r["preset"], r["batch"]) == (preset, batch)
                              and {k: r[k] for k in base} == base), None)

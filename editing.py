@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import dataio
 import imaging
 import sampling
 import userdata
@@ -357,9 +358,8 @@ def _npz_mask(path):
     except UserError:
         raise
     except Exception as err:  # a pickled object array, a damaged zip or not numpy at all
-        raise UserError(f"cannot read {path} as a mask ({type(err).__name__}: "
-                        f"{' '.join(str(err).split())}); save it with numpy.savez(path, "
-                        "mask=bool_array)") from None
+        raise UserError(f"cannot read {path} as a mask ({dataio.one_line(err)}); save it with "
+                        "numpy.savez(path, mask=bool_array)") from None
     if array.dtype == np.bool_:
         return array
     check(array.dtype.kind in "iu", f"{path} holds a {array.dtype} mask; save it as bool "
@@ -372,23 +372,16 @@ def _npz_mask(path):
 
 def labels_for(asked, count, config, given):
     """The class of each of `count` images for the model with `config`: --class `asked` (one for
-    all, or one each as 0,1,2), else the labels `given` with the images (an .npz's), else None
-    (network(x, t): a class-conditional model's "no class"). UserError for --class on a model
-    without classes, a class it does not have, or a count that is neither 1 nor `count`."""
-    if config["net"].get("num_classes") is None:
-        sampling.class_labels(asked, 1, config, 0)          # --class on such a model: one line
-        return None
-    if asked is None:
-        if given is None:
-            return None
-        check(int(given.max()) < config["net"]["num_classes"], f"the images' labels go up to "
-              f"{int(given.max())}, and the model has {config['net']['num_classes']} classes; "
-              "give --class")
-        return torch.as_tensor(given, dtype=torch.long)
-    labels, _ = sampling.class_labels(asked, 1, config, 0)
-    check(len(labels) in (1, count), f"--class {asked} names {len(labels)} classes for {count} "
-          "images; give one class for all or one each")
-    return labels.expand(count).clone() if len(labels) == 1 else labels
+    all, or one each as 0,1,2: sampling.class_labels), else the labels `given` with the images (an
+    .npz's), else None (network(x, t): a class-conditional model's "no class"). UserError as
+    class_labels says, or for given labels the model has no class for."""
+    labels, _ = sampling.class_labels(asked, count, config, counts="images")
+    classes = config["net"].get("num_classes")
+    if labels is not None or given is None or classes is None:
+        return labels
+    check(int(given.max()) < classes, f"the images' labels go up to {int(given.max())}, and the "
+          f"model has {classes} classes; give --class")
+    return torch.as_tensor(given, dtype=torch.long)
 
 
 def grid_rows(inputs, outputs, per_image, masks=None):

@@ -94,8 +94,9 @@ def parse_args(argv=None):
                    "10000 for the tables of docs/results.md)")
     p.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     sampling.add_arguments(p)
-    sampling.add_class_arguments(p)
+    sampling.add_class_arguments(p, counts="total")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
+    checkpoint.add_ema_length_argument(p)
     hardware.add_arguments(p, "network autocast for sampling; auto: bf16 where the device runs "
                            "it fast, else fp32 (the NLL always runs in fp32)")
     p.add_argument("--dataset", help="the dataset whose test set to use (default: the one the "
@@ -141,6 +142,9 @@ def parse_args(argv=None):
               f"use 3 neighbours), got {args.samples}")
     sampling.check_arguments(args)
     sampling.check_class_arguments(args)
+    checkpoint.check_ema_length(args.ema_length)
+    cli.check(not (args.fid_of and args.ema_length is not None), "--fid-of scores saved samples "
+              "and --ema-length chooses a model's weights; drop one of them")
     if args.dataset:
         data.check_name(args.dataset)
     if args.nearest_png:
@@ -165,14 +169,14 @@ def parse_args(argv=None):
 
 def evaluate(args, path, device, progress=True):
     """The results dict for the checkpoint at `path` (see the module docstring)."""
-    model = checkpoint.load_model(path, device, args.precision)
+    model = checkpoint.load_model(path, device, args.precision, ema_length=args.ema_length)
     trained_on = model.config.get("train", {}).get("dataset")
     diffusion, name = model.diffusion, args.dataset or trained_on
     cli.check(name is not None, f"{path} names no dataset (an imported model); give "
               "--dataset NAME for its test set")
     if args.samples or args.nearest:
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
-    asked_classes(args, model.config, 1)  # --class checked against the model, before any work
+    sampling.class_labels(args.classes, 1, model.config, counts="total")  # checked before any work
     weights = fid_network(args, device) if args.fid else None  # before any long work
     args.guidance = sampling.guidance_for(args.guidance, model.config)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
@@ -188,7 +192,8 @@ def evaluate(args, path, device, progress=True):
     cli.check(test_set.images.shape[1:] == want, f"{name} images are "
               f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it was "
               "trained on")
-    results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device)}
+    results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device),
+               **({} if args.ema_length is None else {"ema_length": args.ema_length})}
 
     n = min(args.n, len(test_set.images))
     if n:
@@ -213,7 +218,7 @@ def evaluate(args, path, device, progress=True):
         print(f"sample quality needs a 28x28 dataset with labels; {name} has none, skipped",
               file=sys.stderr)
     count = max(args.samples if labelled_28 else 0, args.nearest, args.fid)
-    labels = asked_classes(args, model.config, count)
+    labels, _ = sampling.class_labels(args.classes, count, model.config, counts="total")
     if not count:
         return results
     count = count if labels is None else len(labels)
@@ -344,18 +349,6 @@ def nearest_png(args, path):
     return args.nearest_png or os.path.join(os.path.dirname(path), rundir.NEAREST)
 
 
-def asked_classes(args, config, count):
-    """The labels a class-conditional model is asked for (--class; by default every class, each
-    count // K times, K the number of classes) in order; None for an unconditional model."""
-    if config["net"].get("num_classes") is None:
-        return sampling.class_labels(args.classes, count, config, args.seed)[0]  # refuses --class
-    asked = args.classes or "all"
-    several = asked.strip() == "all" or "," in asked
-    per = max(1, count // (config["net"]["num_classes"] if asked.strip() == "all"
-                           else len(asked.split(","))) if several else count)
-    return sampling.class_labels(asked, per, config, args.seed)[0]
-
-
 def copies(samples, train, heldout, classifier, png, sampler):
     """Does the model copy its training images? The share of samples nearer a training image
     than all but 5% of the held-out images are (about 0.05 for a model that does not copy), by L2
@@ -383,6 +376,7 @@ def print_table(r):
         print(f"{r['fid']['samples_from']} (saved samples, {r['dataset']}, {r['device']})")
     else:
         step = "imported" if r["step"] is None else f"step {r['step']}"
+        step += f", EMA length {r['ema_length']:g} reconstructed" if "ema_length" in r else ""
         print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
     if "nll" in r:
         n = r["nll"]

@@ -296,7 +296,7 @@ def load_network(path, device="cpu"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise cli.UserError(f"cannot read the Inception weights {path} "
-                            f"({str(err).splitlines()[0][:200]})") from None
+                            f"({cli.first_line(err, 200)})") from None
     net = FIDInception()
     cli.check(isinstance(state, dict), f"{path} holds no state dict of Inception weights")
     try:

@@ -303,7 +303,7 @@ def diffusers_unet_config(kwargs, where="the checkpoint"):
                            "but diffusers' UNet2DModel makes all three block_out_channels[0] "
                            "wide; networks with channel_mult[0] = 1 export")
     groups = full["norm_groups"]
-    if groups is None:  # an older checkpoint: the per-layer counts, if they happen to agree
+    if not groups:  # per layer (None: an older checkpoint; 0: --norm-groups 0), if they agree
         counts = sorted({m.num_groups for m in unet.UNet(**kwargs).modules()
                          if isinstance(m, torch.nn.GroupNorm)})
         if len(counts) != 1:

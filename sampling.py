@@ -51,12 +51,17 @@ def check_arguments(args):
     args.eta = DEFAULT_ETA if args.eta is None else args.eta
 
 
-def add_class_arguments(p):
-    """--class and --guidance, as sample.py and evaluate.py take them."""
+def add_class_arguments(p, counts="each"):
+    """--class and --guidance, as sample.py ("each": --n images of each class) and evaluate.py
+    ("total": the samples shared among the classes) take them; see class_labels."""
+    what = ("--n images of each (one grid row per class when there are several); with --inpaint "
+            "or --edit, one class for all the images or one each (default: classes drawn "
+            "uniformly from the seed, the grid ordered by class; with --inpaint or --edit, the "
+            ".npz's labels, if any)" if counts == "each" else
+            "the samples shared equally among them (default: all)")
     p.add_argument("--class", dest="classes", metavar="C", help="for a class-conditional model: "
                    "a class (7), several (0,1,2) or all, by index or by the data's class names, "
-                   "--n images of each (one grid row per class when there are several) (default: "
-                   "classes drawn uniformly from the seed, the grid ordered by class)")
+                   f"{what}")
     p.add_argument("--guidance", type=float, metavar="W",
                    help="for a class-conditional model: classifier-free guidance weight w (Ho & "
                    "Salimans 2022): ε = (1 + w) ε(x, class) - w ε(x, no class); 0 is the "
@@ -84,28 +89,47 @@ def guidance_for(guidance, config):
     return DEFAULT_GUIDANCE if guidance is None else guidance
 
 
-def class_labels(asked, n, config, seed):
-    """(labels LongTensor, images per grid row or None) for --class `asked` on a model with
-    config `config`: None draws n classes uniformly from the seed, sorted (the grid ordered by
-    class); "all" or a list gives n of each class asked, in the order asked. UserError for
-    --class on a model without classes, or a class it does not have."""
+# What class_labels' n counts: the images of each class asked (sample.py's --n), the images in
+# all, shared equally among the classes asked (evaluate.py's samples, the training grids and
+# scores), or the images of an edit, one label each (sample.py --inpaint / --edit).
+COUNTS = ("each", "total", "images")
+
+
+def class_labels(asked, n, config, seed=0, counts="each"):
+    """(labels LongTensor, images per grid row or None) for --class `asked` ("7", "0,1,2", "all",
+    by index or by class name) on a model with config `config`, in the order asked; what n counts:
+      "each"    n of each class asked (one grid row of n per class when there are several); None
+                draws n classes uniformly from the seed, sorted (the grid ordered by class);
+      "total"   about n in all: one class n times, several max(1, n // classes) times each (one
+                grid row each); None asks for all;
+      "images"  n images, one label each: one class for all, or exactly n classes one each; None
+                gives (None, None) (the images' own labels, if any, stand).
+    (None, None) for a model without classes. UserError for --class on such a model, a class it
+    does not have, or (images) a count of classes that is neither 1 nor n."""
     num_classes = config["net"].get("num_classes")
     if num_classes is None:
         check(asked is None, "--class asks for a class, and this model is not class-conditional "
               "(train one with --class-cond)")
         return None, None
+    if asked is None and counts != "total":
+        if counts == "images":
+            return None, None
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
     names = list(config.get("class_names") or ())
     if len(names) != num_classes:  # none, or a run resumed on changed classes before that was
         names = list(map(str, range(num_classes)))  # refused: the network's indices alone
-    if asked is None:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
-    if asked.strip() == "all":
+    if asked is None or asked.strip() == "all":
         chosen = list(range(num_classes))
     else:
         chosen = [_class_index(part.strip(), names) for part in asked.split(",")]
-    labels = torch.tensor(chosen).repeat_interleave(n)
-    return labels, (n if len(chosen) > 1 else None)
+    k = len(chosen)
+    if counts == "images":
+        check(k in (1, n), f"--class {asked} names {k} classes for {n} images; give one class "
+              "for all or one each")
+        return torch.tensor(chosen).repeat_interleave(n // k), None
+    per = n if counts == "each" or k == 1 else max(1, n // k)
+    return torch.tensor(chosen).repeat_interleave(per), (per if k > 1 else None)
 
 
 def _class_index(part, names):

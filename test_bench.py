@@ -1,5 +1,6 @@
 """bench.py: the FLOPs it counts per training step against an analytic count, and a small run of
 its command line. No timing is asserted (speed is what bench.py prints, not what tests check)."""
+import importlib.util
 import json
 
 import pytest
@@ -84,12 +85,18 @@ def test_matmul_peak_is_a_rate():
 
 
 def test_command_line_writes_every_variant(tmp_path, capsys):
+    """With no --presets, the network `train.py --dataset mnist` trains on a CPU (the README's
+    mnist-stem), which has no diffusers peer: --peers says so in one line instead of a row."""
     out = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--presets", "mnist-small", "--batch-sizes", "2", "--iters", "1",
-                "--no-compile", "--json", str(out)])
+    bench.main(["--device", "cpu", "--batch-sizes", "2", "--iters", "1", "--no-compile", "--peers",
+                "--json", str(out)])
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert "dense matmul" in printed and "training step" in printed
+    assert {r["preset"] for r in result["train"] + result["sample"]} == {"mnist-stem"}
+    assert result["peers"] == []
+    if importlib.util.find_spec("diffusers") is not None:
+        assert "mnist-stem   no peer: preset mnist-stem has a space-to-depth stem" in printed
     variants = {(r["precision"], r["channels_last"], r["compile"]) for r in result["train"]}
     assert ("fp32", False, False) in variants and ("fp32" if "bf16" not in result["matmul_flop_s"]
                                                    else "bf16", True, False) in variants

@@ -23,7 +23,7 @@ _spec.loader.exec_module(figures)
 F64 = torch.float64
 LINEAR_AC = reference(ddpm.make_beta_schedule("linear", 1000).numpy())
 SMALL = dict(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-             attn_resolutions=(4,), dropout=0.0, image_size=8)
+             attn_resolutions=(4,), dropout=0.0, image_size=8, norm_groups=4)
 
 
 def noisy(mixture, i):

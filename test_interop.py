@@ -274,12 +274,16 @@ def test_what_ddpm_py_cannot_express_is_one_line(change, field):
         interop.diffusion_config_from_scheduler(change)
 
 
-def test_old_per_layer_group_counts_refuse_to_export(tmp_path):
-    """A checkpoint of the earlier presets (16 groups at 64 channels, 32 at 128) cannot be said
-    in diffusers' one norm_num_groups: refused in one line saying why."""
+@pytest.mark.parametrize("groups", ["absent", 0])
+def test_old_per_layer_group_counts_refuse_to_export(tmp_path, groups):
+    """A checkpoint of the earlier presets (16 groups at 64 channels, 32 at 128), or of a run with
+    --norm-groups 0 (per layer too), cannot be said in diffusers' one norm_num_groups: refused in
+    one line saying why."""
     old = {k: v for k, v in unet.PRESETS["mnist"].items() if k not in ("norm_groups",
                                                                      "downsample_padding")}
-    model = unet.UNet(**old)
+    model = unet.UNet(**old, norm_groups=None, downsample_padding="symmetric")  # as it was trained
+    if groups != "absent":
+        old["norm_groups"] = groups
     config = {"unet": old, "schedule": "linear", "timesteps": 1000, "mean_type": "eps",
               "var_type": "fixed_large", "loss_type": "simple"}  # format 1, as they were saved
     torch.save({"step": 1, "config": config, "model": model.state_dict(),

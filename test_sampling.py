@@ -1,11 +1,13 @@
 """sampling.py: the default sampler's step count on chains shorter and longer than it, the
-number of network calls a loop makes, and the one name every report gives a sampler."""
+number of network calls a loop makes, the one name every report gives a sampler, and the labels
+of the classes asked for."""
 import numpy as np
 import pytest
 import torch
 
 import ddpm
 import sampling
+from cli import UserError
 
 
 @pytest.mark.parametrize("T, expected", [(1, 1), (20, 20), (49, 49), (50, 50), (51, 50),
@@ -85,3 +87,46 @@ def test_the_flags_of_the_law_of_t_reach_the_diffusion():
     cdf = scipy.stats.norm.cdf((log_sigma[1:] + log_sigma[:-1]) / 2, 0.5, 0.8)
     mass = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
     np.testing.assert_allclose(d.timestep_probs().numpy(), 0.8 * mass + 0.2 / 1000, rtol=1e-6)
+
+
+# ---- the classes asked for (--class) ---------------------------------------------------------
+
+FOUR = {"net": {"num_classes": 4}, "class_names": ["ant", "bee", "cat", "dog"]}
+
+
+@pytest.mark.parametrize("asked, n, counts, labels, per_row", [
+    ("2", 3, "each", [2, 2, 2], None),                        # sample.py --class 2 --n 3
+    ("cat,ant", 2, "each", [2, 2, 0, 0], 2),                  # by name, in the order asked
+    ("all", 1, "each", [0, 1, 2, 3], 1),
+    (None, 9, "total", [0, 0, 1, 1, 2, 2, 3, 3], 2),          # evaluate.py, training grids
+    ("all", 2, "total", [0, 1, 2, 3], 1),                     # at least one of each
+    ("1, 3", 5, "total", [1, 1, 3, 3], 2),
+    ("2", 5, "total", [2, 2, 2, 2, 2], None),
+    ("1", 3, "images", [1, 1, 1], None),                      # sample.py --edit, 3 images
+    ("3,0,2", 3, "images", [3, 0, 2], None),
+    (None, 3, "images", None, None),                          # the images' own labels stand
+])
+def test_class_labels_of_each_kind_of_count(asked, n, counts, labels, per_row):
+    got, rows = sampling.class_labels(asked, n, FOUR, seed=5, counts=counts)
+    assert (got if got is None else got.tolist()) == labels and rows == per_row
+    assert got is None or got.dtype == torch.long
+
+
+def test_class_labels_drawn_from_the_seed_and_refused():
+    """No --class with n of each: n classes drawn uniformly from the seed, sorted (4,000 draws:
+    every class within 5 standard deviations of 1,000); a model without classes gives none and
+    refuses --class; an unknown class and a count of classes that fits no image count are one
+    line each."""
+    drawn, rows = sampling.class_labels(None, 4000, FOUR, seed=5)
+    again, _ = sampling.class_labels(None, 4000, FOUR, seed=5)
+    assert rows is None and torch.equal(drawn, again) and torch.equal(drawn, drawn.sort().values)
+    counts = torch.bincount(drawn, minlength=4)
+    assert len(counts) == 4 and ((counts - 1000).abs() < 5 * (4000 * 0.25 * 0.75) ** 0.5).all()
+    for counts_of in sampling.COUNTS:
+        assert sampling.class_labels(None, 3, {"net": {}}, counts=counts_of) == (None, None)
+        with pytest.raises(UserError, match="not class-conditional"):
+            sampling.class_labels("1", 3, {"net": {}}, counts=counts_of)
+    with pytest.raises(UserError, match="'emu' is not one of the model's 4 classes"):
+        sampling.class_labels("ant,emu", 2, FOUR)
+    with pytest.raises(UserError, match="names 2 classes for 3 images"):
+        sampling.class_labels("1,2", 3, FOUR, counts="images")

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from unet import (PRESETS, AttnBlock, Downsample, ResBlock, UNet, Upsample, build_unet, count_parameters,
                   num_groups, timestep_embedding)
 
+# Too narrow for Ho et al.'s 32 groups: the per-layer counts (num_groups(16) = 4, ...).
 TINY = dict(in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-            attn_resolutions=(8,), dropout=0.0, image_size=16)
+            attn_resolutions=(8,), dropout=0.0, image_size=16, norm_groups=None)
 
 
 def tiny(**overrides):
@@ -405,7 +406,7 @@ def test_res_block_matches_formula(in_ch, out_ch, dropout):
 def test_downsample_is_stride_2_conv_padded_by_one(size):
     """Downsample(x) = 3x3 conv with stride 2 of x zero-padded by one on every side:
     [.., s, s] -> [.., ceil(s/2), ceil(s/2)]."""
-    down = randomise(Downsample(4), std=0.2, seed=5).double()
+    down = randomise(Downsample(4, padding="symmetric"), std=0.2, seed=5).double()
     x = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     want = F.conv2d(F.pad(x, (1, 1, 1, 1)), down.conv.weight, down.conv.bias, stride=2)
     with torch.no_grad():
@@ -426,8 +427,10 @@ def test_upsample_is_nearest_x2_then_conv():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+# The network unet_ref writes out: per-layer group counts (gn_ref) and symmetric padding.
 SKIPS = dict(in_channels=2, out_channels=3, base_channels=8, channel_mult=(1, 2), num_res_blocks=2,
-             attn_resolutions=(8, 4), dropout=0.0, image_size=8)
+             attn_resolutions=(8, 4), dropout=0.0, image_size=8, norm_groups=None,
+             downsample_padding="symmetric")
 
 
 def space_to_depth_ref(x, s):
@@ -564,24 +567,35 @@ def test_tf_same_downsample_pads_bottom_and_right_only(size):
 
 def test_one_group_count_everywhere_or_per_layer():
     """norm_groups=G puts G groups in every GroupNorm (ResBlocks, attention, the output norm); None
-    keeps num_groups(channels) layer by layer, as checkpoints written before the option use."""
+    (or 0, --norm-groups 0) keeps num_groups(channels) layer by layer, as checkpoints written
+    before the option use."""
     uniform = UNet(**{**TINY, "norm_groups": 4})
-    per_layer = UNet(**TINY)
     norms = [m for m in uniform.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.num_groups == 4 for m in norms)
-    for m in per_layer.modules():
-        if isinstance(m, torch.nn.GroupNorm):
-            assert m.num_groups == num_groups(m.num_channels)
+    for per_layer in (UNet(**{**TINY, "norm_groups": None}), UNet(**{**TINY, "norm_groups": 0})):
+        counts = [(m.num_groups, num_groups(m.num_channels)) for m in per_layer.modules()
+                  if isinstance(m, torch.nn.GroupNorm)]
+        assert len({n for n, _ in counts}) > 1 and all(n == want for n, want in counts)
     with pytest.raises(ValueError, match="norm_groups 5 does not divide"):
         UNet(**{**TINY, "norm_groups": 5})
 
 
-def test_the_options_default_to_the_old_network():
-    """A config without the new fields (an old checkpoint's) builds symmetric downsampling and
-    per-layer group counts: the network such a checkpoint was trained as."""
-    model = UNet(**TINY)
-    downs = [m for m in model.modules() if isinstance(m, Downsample)]
-    assert downs and all(not d.tf_same and d.conv.padding == (1, 1) for d in downs)
+def downsamplings(model):
+    return [m for m in model.modules() if isinstance(m, Downsample)]
+
+
+def test_the_defaults_are_ho_et_al_s_network():
+    """Left out, the options build Ho et al.'s network: 32 groups in every GroupNorm (diffusers'
+    norm_num_groups default too) and TensorFlow-"SAME" downsampling; the old network (per-layer
+    groups, symmetric padding) is asked for by name, as checkpoint.upgrade does for format 1."""
+    model = UNet()  # 64 and 128 channels (skip sums 128 to 256): all divisible by 32
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 for m in norms)
+    assert downsamplings(model) and all(d.tf_same and d.conv.padding == (0, 0)
+                                        for d in downsamplings(model))
+    old = UNet(**{**TINY, "norm_groups": None, "downsample_padding": "symmetric"})
+    assert downsamplings(old) and all(not d.tf_same and d.conv.padding == (1, 1)
+                                      for d in downsamplings(old))
     for name in PRESETS:
         assert PRESETS[name]["downsample_padding"] == "tf_same" and PRESETS[name]["norm_groups"]
 
@@ -766,7 +780,7 @@ def test_stem_output_has_the_input_size_and_a_zero_head(in_channels, out_channel
     a fresh network outputs zeros."""
     model = UNet(in_channels=in_channels, out_channels=out_channels, base_channels=16,
                  channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0,
-                 image_size=28, space_to_depth=2)
+                 image_size=28, norm_groups=4, space_to_depth=2)
     assert model.conv_in.in_channels == 4 * in_channels
     assert not model.conv_out.weight.any() and not model.conv_out.bias.any()
     x, t = inputs(model, batch=2)

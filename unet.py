@@ -122,11 +122,12 @@ class Downsample(nn.Module):
 
     padding "tf_same": TensorFlow's "SAME" padding, as in Ho et al.'s code (and diffusers'
     downsample_padding=0): for even sizes the one row and column of zeros go at the bottom and
-    right only. "symmetric": one row and column of zeros on every side (PyTorch's padding=1), the
-    form this project's checkpoints written before the option existed use.
+    right only. "symmetric": one row and column of zeros on every side (PyTorch's padding=1, and
+    diffusers' default downsample_padding=1), the form this project's checkpoints written before
+    the option existed use.
     """
 
-    def __init__(self, channels, padding="symmetric"):
+    def __init__(self, channels, padding):
         super().__init__()
         if padding not in DOWNSAMPLE_PADDINGS:
             raise ValueError(f"unknown downsample_padding {padding!r}; use "
@@ -194,10 +195,12 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels=1, out_channels=None, base_channels=64, channel_mult=(1, 2, 2),
                  num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, image_size=28,
-                 norm_groups=None, norm_eps=GN_EPS, downsample_padding="symmetric",
+                 norm_groups=32, norm_eps=GN_EPS, downsample_padding="tf_same",
                  num_classes=None, space_to_depth=1, self_cond=False):
-        """norm_groups: GroupNorm groups in every layer, or None (the default of checkpoints
-        written before the option existed) for num_groups(channels) layer by layer.
+        """norm_groups: GroupNorm groups in every layer (Ho et al.'s 32, diffusers'
+        norm_num_groups; it must divide every width and skip sum, so a narrow network names its
+        own), or None (or 0, train.py's --norm-groups 0) for num_groups(channels) layer by layer,
+        as checkpoints written before the option existed have it (not exportable to diffusers).
         downsample_padding: "tf_same" (Ho et al.'s) or "symmetric" (see Downsample).
         num_classes: K class labels plus the null label K, or None; space_to_depth: the stem's
         factor s (1: no stem); self_cond: x̂_0 as a second input (False: none)."""
