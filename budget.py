@@ -166,9 +166,8 @@ def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
     class-conditional model's sampling calls are doubled batches. score_s: the seconds a score
     takes beyond sampling (--fid's Inception features of the samples)."""
     calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
-    guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1
-    grid = guided * calls * call_s * cfg.num_samples / cfg.batch_size
-    score = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
+    grid = calls * call_s * cfg.num_samples / cfg.batch_size  # unguided, conditional or not
+    score = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
     return {"grid": (grid / step_s, 0.0), "save": (0.0, SAVE_S),
             "score": (score / step_s, SCORE_S + score_s)}
 
