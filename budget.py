@@ -162,9 +162,9 @@ SCORE_S = 5.0  # and at a score's seconds beyond its sampling (the classifier's 
 def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
     """{kind: (training steps, seconds)}: what one grid, save and score cost, from a probe's
     seconds per training step and per sampling call at batch cfg.batch_size. Only the ratio of
-    the two is kept (a probe run while the machine is busy is slow at both); a guided
-    class-conditional model's sampling calls are doubled batches. score_s: the seconds a score
-    takes beyond sampling (--fid's Inception features of the samples)."""
+    the two is kept (a probe run while the machine is busy is slow at both); a class-conditional
+    run samples unguided (train.drawn_classes), so its calls are those of any run. score_s: the
+    seconds a score takes beyond sampling (--fid's Inception features of the samples)."""
     calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
     grid = calls * call_s * cfg.num_samples / cfg.batch_size  # unguided, conditional or not
     score = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
