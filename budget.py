@@ -59,7 +59,7 @@ def process_started():
 
 _IMPORTED = time.perf_counter()
 
-ASIDE = ("grid", "save", "score")  # the work beside the steps, periodically and at the end
+ASIDE = ("grid", "save", "score", "snapshot")  # the work beside the steps, periodically, at the end
 
 
 class Plan:
@@ -76,14 +76,17 @@ class Plan:
         self.cfg, self.steps, self.end, self.costs = cfg, steps, end, dict(costs)
         self.world, self.speak, self.clock, self.fixed = world, speak, clock, False
         self.every = {"grid": cfg.sample_every if writes else 0, "save": cfg.ckpt_every,
-                      "score": cfg.eval_every if writes else 0}
-        self.at_end = {"grid": writes, "save": True, "score": bool(cfg.eval_every) and writes}
+                      "score": cfg.eval_every if writes else 0,
+                      "snapshot": cfg.ema_snapshots if writes else 0}
+        self.at_end = {"grid": writes, "save": True, "score": bool(cfg.eval_every) and writes,
+                       "snapshot": bool(cfg.ema_snapshots) and writes}
         self.measured, self.aside_s = {}, 0.0
         # marks[i]: the clock, less the work done aside, after step start + i
         self.start, self.marks = start, [clock()]
 
     def aside(self, kind, seconds):
-        """The loop did a grid, save or score (`kind`) that took `seconds`, not a step's time."""
+        """The loop did a grid, save, score or snapshot (`kind`) that took `seconds`, not a step's
+        time."""
         self.measured[kind], self.aside_s = seconds, self.aside_s + seconds
 
     def cost(self, kind, step_s):
@@ -157,6 +160,7 @@ def decay_starting_at(cfg, step, estimate):
 
 SAVE_S = 2.0   # a first guess at a checkpoint's seconds, until the run has written one
 SCORE_S = 5.0  # and at a score's seconds beyond its sampling (the classifier's features)
+SNAPSHOT_S = 0.2  # and at the seconds of --ema-snapshots' two files
 
 
 def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
@@ -169,7 +173,7 @@ def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
     grid = calls * call_s * cfg.num_samples / cfg.batch_size  # unguided, conditional or not
     score = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
     return {"grid": (grid / step_s, 0.0), "save": (0.0, SAVE_S),
-            "score": (score / step_s, SCORE_S + score_s)}
+            "score": (score / step_s, SCORE_S + score_s), "snapshot": (0.0, SNAPSHOT_S)}
 
 
 def plan(cfg, parts, diffusion, shape, device, world, started, speak=True, start=0, score_s=0.0,
@@ -203,7 +207,8 @@ def probe(cfg, parts, diffusion, shape, device, warmup=2, timed=4):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model, ema, optimizer, scaler = copy.deepcopy(parts)
         forward = hardware.as_called(model, cfg.precision, device, cfg.channels_last)
-        trainee = optim.Trainee(model, forward, ema, optimizer, scaler)
+        trainee = optim.Trainee(model, forward, ema, optimizer, scaler,
+                                optim.track(ema) if cfg.ema_snapshots else ())
         long_cfg = dataclasses.replace(cfg, steps=10**9)
         g = torch.Generator(device).manual_seed(0)
         x0 = torch.rand((cfg.batch_size, *shape), generator=g, device=device) * 2 - 1

@@ -2,19 +2,23 @@
 
 A training checkpoint holds {"format_version", "step", "config", "model", "ema", "optimizer",
 "scaler", "rng", "elapsed" (the run's seconds so far), "train_images" (how many images it trained
-on), "sizing" (true while a --minutes run's count is not fixed)}; "config" is config.Config as a
-plain dict ({"net", "diffusion", "schedule", "timesteps", "train", "class_names"}), enough to
-rebuild the network and the diffusion with no flags. A checkpoint of an older format comes in
-through one door, upgrade(), which turns its config into today's shape on load. Writing goes
-through a temporary file in the same directory and os.replace, so an interrupted write never
-damages the previous checkpoint. Reading uses torch.load(weights_only=True): a checkpoint from
-elsewhere cannot execute code.
+on), "sizing" (true while a --minutes run's count is not fixed)} and, with --ema-snapshots,
+"phema" (the power-function EMAs: {σ_rel with 3 decimals: the network's state dict}); "config"
+is config.Config as a plain dict ({"net", "diffusion", "schedule", "timesteps", "train",
+"class_names"}), enough to rebuild the network and the diffusion with no flags. A checkpoint of
+an older format comes in through one door, upgrade(), which turns its config into today's shape
+on load. Writing goes through a temporary file in the same directory and os.replace, so an
+interrupted write never damages the previous checkpoint. Reading uses
+torch.load(weights_only=True): a checkpoint from elsewhere cannot execute code.
 """
 import dataclasses
 import inspect
+import math
 import os
+import sys
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 import cli
@@ -22,17 +26,24 @@ import config as configs
 import ddpm
 import files
 import hardware
+import phema
 import rundir
 import unet
 
 FORMAT_VERSION = 2  # 1: the flags flat beside the network's kwargs ("unet"); 2: config.Config
 RUN_KEYS = ("step", "config", "model", "ema")  # what sampling and evaluation need of a run
+TRACKED = "phema"  # --ema-snapshots: the power-function EMAs, {tracked_key(σ_rel): state dict}
 CONFIG_KEYS = {1: ("unet", "schedule", "timesteps", "mean_type", "var_type", "loss_type"),
                2: ("net", "diffusion", "schedule", "timesteps")}
 
 
 class CheckpointError(cli.UserError):
     """A checkpoint that cannot be used; the message is one line saying what to do."""
+
+
+def tracked_key(sigma_rel):
+    """The key of the power-function EMA of length sigma_rel under TRACKED: 3 decimals."""
+    return f"{sigma_rel:.3f}"
 
 
 def save(path, state):
@@ -150,10 +161,12 @@ class Model(NamedTuple):
     precision: str
 
 
-def load_model(path, device, precision="auto", use_ema=True, compile=False):
+def load_model(path, device, precision="auto", use_ema=True, compile=False, ema_length=None):
     """The network (EMA weights unless use_ema=False) and diffusion of a checkpoint, rebuilt from
     its config alone, in the memory layout and precision hardware.py picks for `device`.
-    compile=True runs the network through torch.compile (on CUDA with CUDA graphs)."""
+    compile=True runs the network through torch.compile (on CUDA with CUDA graphs). ema_length:
+    the EMA of that length (σ_rel) reconstructed from the run's snapshots instead
+    (reconstructed_ema)."""
     state = load(path, map_location=device)
     config = state["config"]
     try:
@@ -163,10 +176,80 @@ def load_model(path, device, precision="auto", use_ema=True, compile=False):
         raise CheckpointError(f"{path} has a config this code cannot build ({e})") from None
     channels_last = hardware.channels_last_default(device)
     module = module.to(device, memory_format=hardware.memory_format(channels_last))
-    load_weights(module, state["ema" if use_ema else "model"], path)
+    weights = state["ema" if use_ema else "model"] if ema_length is None else \
+        reconstructed_ema(path, ema_length, state["step"])
+    load_weights(module, weights, path)
     module.eval().requires_grad_(False)
     precision = hardware.resolve_precision(precision, device)
     compiled = torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else None) \
         if compile else module
     network = hardware.as_called(compiled, precision, device, channels_last)
     return Model(network, module, diffusion, config, state["step"], precision)
+
+
+# ---- an EMA of any length, reconstructed from a run's snapshots (--ema-length) --------------
+
+def add_ema_length_argument(parser):
+    """--ema-length, for the scripts that load a model (sample.py, evaluate.py)."""
+    low, high = phema.LENGTH_RANGE
+    parser.add_argument(
+        "--ema-length", type=float, metavar="SIGMA_REL",
+        help="use the EMA of this length instead of the checkpoint's, reconstructed after "
+        "training from the run's snapshots (train.py --ema-snapshots N; Karras et al. 2024's "
+        "post-hoc EMA): sigma_rel is the spread of the average's weights over the run, relative "
+        f"to its length (the checkpoint's EMA: about 0.09 with --ema-warmup 10); {low:g} to "
+        f"{high:g}, what the two tracked lengths {' and '.join(map(str, phema.PROFILES))} "
+        "reconstruct well from about 20 snapshots each (docs/training.md)")
+
+
+def check_ema_length(value):
+    """UserError unless --ema-length (None: not given) is a length two profiles reconstruct."""
+    if value is None:
+        return
+    low, high = phema.LENGTH_RANGE
+    cli.check(math.isfinite(value) and low <= value <= high,
+              f"--ema-length must be in [{low:g}, {high:g}], got {value:g}: the run tracks EMAs "
+              f"of length {' and '.join(map(str, phema.PROFILES))}, and lengths outside that "
+              "range are not reconstructed well from them")
+
+
+def reconstructed_ema(path, sigma_rel, step):
+    """The weights of the EMA of length sigma_rel at the last snapshot at or before `step` (the
+    checkpoint's), a weighted sum of the snapshots in the run directory of the checkpoint at
+    `path` (phema.reconstruct); the one line that says what they are goes to stderr."""
+    directory = os.path.dirname(os.path.abspath(path))
+    found = [s for s in rundir.snapshots(directory) if s[1] <= step]
+    folder = os.path.join(directory, rundir.SNAPSHOTS)
+    if not found:
+        raise CheckpointError(f"--ema-length: {folder} holds no EMA snapshots of this run; train "
+                              "it with --ema-snapshots N (train.py) to choose the EMA's length "
+                              "after training, or drop --ema-length")
+    try:
+        fit = phema.reconstruct([(s, t) for s, t, _ in found], sigma_rel)
+    except np.linalg.LinAlgError:
+        fit = None
+    if fit is None or not fit.error <= phema.MAX_PROFILE_ERROR:
+        raise CheckpointError(
+            f"--ema-length {sigma_rel:g}: the {len(found)} snapshots in {folder} reconstruct it "
+            f"only {'roughly' if fit is None else f'to a profile error of {fit.error:.1%}'} (at "
+            f"most {phema.MAX_PROFILE_ERROR:.0%} is used): give a length nearer "
+            f"{' and '.join(map(str, phema.PROFILES))}, or train with snapshots more often")
+    used = [(p, x) for (_, _, p), x in zip(found, fit.weights) if x != 0]
+    weights = phema.combine((load_snapshot(p) for p, _ in used), [x for _, x in used])
+    print(f"the EMA of length {sigma_rel:g} at step {fit.step}, reconstructed from {len(used)} "
+          f"snapshots in {folder} (profile error {fit.error:.1%})"
+          + (f"; the checkpoint is at step {step}" if fit.step != step else ""), file=sys.stderr)
+    return weights
+
+
+def load_snapshot(path):
+    """A snapshot's state dict; never executes code from the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or objects weights_only refuses
+        raise CheckpointError(f"{path} is not a readable EMA snapshot ({cli.first_line(e)}); "
+                              "delete it, or train the run again with --ema-snapshots") from None
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f"{path} is not an EMA snapshot written by train.py (not a dict of "
+                              "tensors); delete it")
+    return state

@@ -137,6 +137,11 @@ class Flags:
     ema_warmup: float = _flag(
         "train", None, "the EMA warmup's constant (larger: the average forgets the "
         "early weights more slowly)", auto="the recipe's")
+    ema_snapshots: int = _flag(
+        "train", 0, "every N steps and at the last, store two power-function EMAs of the weights "
+        "(sigma_rel 0.05 and 0.10, Karras et al. 2024) in <out>/ema/, from which sample.py and "
+        "evaluate.py --ema-length reconstruct an EMA of any length after training; the weights, "
+        "the EMA and every draw are those of the run without it (0: off)")
     schedule: str = _flag(
         "process", None, "beta schedule", choices=("linear", "cosine"), auto="the recipe's")
     timesteps: int = _flag("process", 1000, "diffusion steps T")
@@ -489,7 +494,8 @@ def validate(flags, resuming=False):
         ("lr", 0, inf, True), ("warmup", 0, MAX_COUNT), ("grad_clip", 0, inf, True),
         ("ema_decay", 0, 1, False, True), ("ema_warmup", 1, inf), ("timesteps", 1, 100_000),
         ("seed", 0, MAX_COUNT), ("log_every", 1, MAX_COUNT), ("sample_every", 1, MAX_COUNT),
-        ("ckpt_every", 1, MAX_COUNT), ("num_samples", 1, 100_000), ("eval_every", 0, MAX_COUNT),
+        ("ckpt_every", 1, MAX_COUNT), ("ema_snapshots", 0, MAX_COUNT), ("num_samples", 1, 100_000),
+        ("eval_every", 0, MAX_COUNT),
         ("eval_samples", 4, 1_000_000), ("sample_eta", 0, inf),
         ("sample_steps", 1, flags.get("timesteps", Flags.timesteps)),
         ("dropout", 0, 1, False, True), ("norm_groups", 0, 4096), ("base_channels", 1, 65536),

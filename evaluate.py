@@ -105,6 +105,7 @@ def parse_args(argv=None):
     sampling.add_arguments(p)
     sampling.add_class_arguments(p, counts="total")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the NLL's noise")
+    checkpoint.add_ema_length_argument(p)
     hardware.add_arguments(p, "network autocast for sampling; auto: bf16 where the device runs "
                            "it fast, else fp32 (the NLL always runs in fp32)")
     p.add_argument("--dataset", help="the dataset whose test set to use (default: the one the "
@@ -150,6 +151,9 @@ def parse_args(argv=None):
               f"use 3 neighbours), got {args.samples}")
     sampling.check_arguments(args)
     sampling.check_class_arguments(args)
+    checkpoint.check_ema_length(args.ema_length)
+    cli.check(not (args.fid_of and args.ema_length is not None), "--fid-of scores saved samples "
+              "and --ema-length chooses a model's weights; drop one of them")
     if args.dataset:
         data.check_name(args.dataset)
     if args.nearest_png:
@@ -174,7 +178,7 @@ def parse_args(argv=None):
 
 def evaluate(args, path, device, progress=True):
     """The results dict for the checkpoint at `path` (see the module docstring)."""
-    model = checkpoint.load_model(path, device, args.precision)
+    model = checkpoint.load_model(path, device, args.precision, ema_length=args.ema_length)
     trained_on = model.config.get("train", {}).get("dataset")
     diffusion, name = model.diffusion, args.dataset or trained_on
     cli.check(name is not None, f"{path} names no dataset (an imported model); give "
@@ -197,7 +201,8 @@ def evaluate(args, path, device, progress=True):
     cli.check(test_set.images.shape[1:] == want, f"{name} images are "
               f"{test_set.images.shape[1:]}, the model takes {want}; give the --dataset it was "
               "trained on")
-    results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device)}
+    results = {"checkpoint": path, "dataset": name, "step": model.step, "device": str(device),
+               **({} if args.ema_length is None else {"ema_length": args.ema_length})}
 
     n = min(args.n, len(test_set.images))
     if n:
@@ -385,6 +390,7 @@ def print_table(r):
         print(f"{r['fid']['samples_from']} (saved samples, {r['dataset']}, {r['device']})")
     else:
         step = "imported" if r["step"] is None else f"step {r['step']}"
+        step += f", EMA length {r['ema_length']:g} reconstructed" if "ema_length" in r else ""
         print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
     for part, given in (("nll", ""), ("nll_given_labels", ", each given its label")):
         if part not in r:

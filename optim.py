@@ -3,6 +3,7 @@ Adam, gradient clipping, the EMA), the model and optimiser it updates, the learn
 and the EMA's decay, and the data order and draws of t and ε of each step (functions of the seed
 and the step alone, so that a resumed or distributed run draws exactly what one process would).
 """
+import copy
 import math
 from typing import Callable, NamedTuple
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 import hardware
+import phema
 import unet
 
 # ---- the data order -------------------------------------------------------------------------
@@ -124,12 +126,14 @@ def ema_decay_at(cfg, step):
 class Trainee(NamedTuple):
     """What a training step updates: the model's parameters (`model`), the model as the loss
     calls it (`forward`: in its precision and layout, under DDP or torch.compile when asked), its
-    EMA copy, the optimiser and the gradient scaler."""
+    EMA copy, the optimiser, the gradient scaler and the power-function EMAs of --ema-snapshots
+    (phema.Tracked, none without it)."""
     model: torch.nn.Module
     forward: Callable
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    tracked: tuple = ()
 
 
 def build(cfg, net, device):
@@ -147,6 +151,13 @@ def build(cfg, net, device):
     return model, ema, optimizer, scaler
 
 
+def track(ema, profiles=phema.PROFILES):
+    """The power-function EMAs of --ema-snapshots, one per σ_rel of `profiles`: copies of the
+    EMA network (a copy draws no random numbers; its start does not matter, β_γ(1) = 0)."""
+    return tuple(phema.Tracked(p, phema.sigma_rel_to_gamma(p), copy.deepcopy(ema))
+                 for p in profiles)
+
+
 def adam(parameters, lr, device):
     """Adam, fused on CUDA and foreach (one kernel per step for all tensors) elsewhere."""
     return torch.optim.Adam(parameters, lr=lr,
@@ -156,7 +167,8 @@ def adam(parameters, lr, device):
 def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None):
     """One step of Ho et al.'s Algorithm 1: the gradient of the loss (L_simple: ‖ε - ε_θ(√ᾱ_t x_0
     + √(1-ᾱ_t) ε, t)‖², weighted as cfg says; ε_θ(x_t, t, y) for a class-conditional model, y
-    the labels) at the learning rate of `step`, clipped, an Adam step, then the EMA update.
+    the labels) at the learning rate of `step`, clipped, an Adam step, then the EMA update (and
+    that of each power-function EMA, at step t = step + 1: the model after its t-th update).
     Returns (per-example losses, gradient norm), both detached, with no host sync."""
     model, optimizer, scaler = trainee.model, trainee.optimizer, trainee.scaler
     for group in optimizer.param_groups:
@@ -170,4 +182,6 @@ def train_step(trainee, diffusion, cfg, x0, t, noise, step, y=None):
     scaler.step(optimizer)
     scaler.update()
     ema_update(trainee.ema, model, ema_decay_at(cfg, step))
+    for tracked in trainee.tracked:
+        ema_update(tracked.average, model, phema.beta(step + 1, tracked.gamma))
     return losses.detach(), grad_norm.detach()

@@ -7,9 +7,12 @@ checkpoint).
     runs/mnist/samples_<step>.png  the sample grids, then samples_final.png
     runs/mnist/eval.json           what evaluate.py measured
     runs/mnist/nearest.png         evaluate.py --nearest: samples beside their nearest training images
+    runs/mnist/ema/0.050-0002000.pt  --ema-snapshots: a power-function EMA (sigma_rel 0.050) at step
+                                   2000, the network's state dict (phema.py)
 """
 import json
 import os
+import re
 import sys
 
 import files
@@ -19,6 +22,7 @@ CHECKPOINT = "ckpt.pt"
 LOG = "log.jsonl"
 EVAL = "eval.json"
 NEAREST = "nearest.png"  # evaluate.py --nearest: samples beside their nearest training images
+SNAPSHOTS = "ema"  # --ema-snapshots: the folder of the power-function EMAs' snapshots
 
 
 def grid_name(tag):
@@ -26,12 +30,33 @@ def grid_name(tag):
     return f"samples_{tag}.png"
 
 
+def snapshot_name(sigma_rel, step):
+    """<sigma_rel, 3 decimals>-<step, 7 digits>.pt: a snapshot of the power-function EMA of
+    length sigma_rel at `step`, in the run's SNAPSHOTS folder."""
+    return f"{sigma_rel:.3f}-{step:07d}.pt"
+
+
+SNAPSHOT_NAME = re.compile(r"(\d+\.\d{3})-(\d{7,})\.pt")
+
+
+def snapshots(directory):
+    """[(sigma_rel, step, path)] of the snapshots in the run directory `directory`, by step then
+    sigma_rel; [] where there are none."""
+    folder = os.path.join(directory, SNAPSHOTS)
+    found = [(float(m[1]), int(m[2]), os.path.join(folder, n))
+             for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := SNAPSHOT_NAME.fullmatch(n))]
+    return sorted(found, key=lambda s: (s[1], s[0]))
+
+
 def run_files(directory):
-    """The files of a run in `directory`: its checkpoint, log, grids and evaluation."""
+    """The files of a run in `directory`: its checkpoint, log, grids, evaluation and snapshots
+    folder."""
     if not os.path.isdir(directory):
         return []
     return sorted(n for n in os.listdir(directory)
-                  if n in (CHECKPOINT, LOG, EVAL) or (n.startswith("samples_") and n.endswith(".png")))
+                  if n in (CHECKPOINT, LOG, EVAL) or (n.startswith("samples_") and n.endswith(".png"))
+                  or (n == SNAPSHOTS and snapshots(directory)))
 
 
 def refuse_existing(directory, resuming, overwrite):
@@ -48,16 +73,22 @@ def take(directory, resumed_step, overwrite):
     """Make the run directory ready, under its lock: temporary files of a killed save removed;
     the check of refuse_existing again (another run may have written since), then with
     --overwrite the old run's files deleted; a resumed run's log cut back to its checkpoint's
-    step (resumed_step; None for a new run), so that no step is logged twice."""
-    for name in files.remove_stale_temporaries(directory):
-        print(f"removed {os.path.join(directory, name)}, left by a save that was killed",
-              file=sys.stderr)
+    step (resumed_step; None for a new run), so that no step is logged twice, and its snapshots
+    after that step removed (the resumed run writes them again)."""
+    for folder in (directory, os.path.join(directory, SNAPSHOTS)):
+        for name in files.remove_stale_temporaries(folder):
+            print(f"removed {os.path.join(folder, name)}, left by a save that was killed",
+                  file=sys.stderr)
     refuse_existing(directory, resumed_step is not None, overwrite)
     if resumed_step is None:
         for name in run_files(directory):
-            os.remove(os.path.join(directory, name))
+            if name != SNAPSHOTS:
+                os.remove(os.path.join(directory, name))
     else:
         truncate_log(os.path.join(directory, LOG), resumed_step)
+    for _, step, path in snapshots(directory):
+        if resumed_step is None or step > resumed_step:
+            os.remove(path)
 
 
 def read_log(path):

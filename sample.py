@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--trajectory", type=int, default=0, metavar="K",
                    help="write x_t at K evenly spaced steps instead: one row per image")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    checkpoint.add_ema_length_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on a GPU); pays off for long runs")
     editing.add_arguments(p)
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     sampling.check_arguments(args)
     sampling.check_class_arguments(args)
     cli.check_number("--trajectory", args.trajectory, 0, 100_000)
+    checkpoint.check_ema_length(args.ema_length)
+    cli.check(not (args.no_ema and args.ema_length is not None), "--no-ema samples the raw "
+              "weights and --ema-length a reconstructed EMA; give one of them")
     cli.check(args.out.endswith((".png", ".npz")),
                   f"--out must end in .png or .npz, got {args.out}")
     files.check_writable(args.out)
@@ -82,7 +86,7 @@ def main(argv=None):
     device = hardware.pick_device(args.device)
     path = checkpoint.resolve(args.ckpt) if args.ckpt else checkpoint.newest()
     model = checkpoint.load_model(path, device, args.precision, use_ema=not args.no_ema,
-                                  compile=args.compile)
+                                  compile=args.compile, ema_length=args.ema_length)
     args.steps = sampling.steps_for(args.sampler, args.steps, model.diffusion)
     editing_ = args.inpaint or args.edit  # the images' own classes, or --class: classes asked
     args.guidance = sampling.guidance_for(args.guidance, model.config,

@@ -38,6 +38,7 @@ import hardware
 import imaging
 import metrics
 import optim
+import phema
 import rundir
 import sampling
 import userdata
@@ -77,6 +78,7 @@ def train(given, progress=True, started=None):
     # The configuration, every automatic choice made once, and the diffusion.
     cfg, diffusion = config.settle({**flags, "out": out}, device, shape, classes, saved)
     opts = cfg.train
+    check_tracked(opts, state)
     check_processes(opts, world, shape, train_set, dataset)
     if opts.fid and rank == 0:
         fid.weights_path()  # found or fetched before the run directory is touched
@@ -99,8 +101,9 @@ def train(given, progress=True, started=None):
             announce_default(cfg, flags, state)
         # The model, restored when resuming; the scorer of --eval-every.
         parts = optim.build(opts, cfg.net, device)
+        tracked = optim.track(parts[1]) if opts.ema_snapshots else ()  # --ema-snapshots
         if state is not None:
-            restore(parts, state, os.path.join(opts.out, rundir.CHECKPOINT))
+            restore(parts, tracked, state, os.path.join(opts.out, rundir.CHECKPOINT))
         scorer = make_scorer(opts, train_set, device) if opts.eval_every and rank == 0 else None
         # The budget: a --minutes run's step count, measured on copies of the model (a resumed
         # run stopped before its count was fixed goes on sizing, in the time it has left).
@@ -117,7 +120,8 @@ def train(given, progress=True, started=None):
             opts.steps = plan.steps
         plan = plan if plan is not None and not plan.fixed else None
         model, ema, optimizer, scaler = parts
-        trainee = optim.Trainee(model, wrap(model, opts, device, world), ema, optimizer, scaler)
+        trainee = optim.Trainee(model, wrap(model, opts, device, world), ema, optimizer, scaler,
+                                tracked)
         run = Run(cfg, diffusion, trainee, device, rank, world,
                   Data.on(train_set, opts, device),
                   held.enter_context(rundir.Log(opts.out)) if rank == 0 else None, scorer,
@@ -154,6 +158,9 @@ def loop(run, step, plan, progress):
             if step % opts.ckpt_every == 0 or at_end or stopping:
                 with aside(plan, meter, "save"):
                     save_checkpoint(run, step, sizing=plan is not None)
+            if run.writes and opts.ema_snapshots and (step % opts.ema_snapshots == 0 or at_end):
+                with aside(plan, meter, "snapshot"):
+                    write_snapshots(run, step)
             if run.writes and step % opts.sample_every == 0 and not (at_end or stopping):
                 with aside(plan, meter, "grid"):
                     write_grid(run, f"{step:07d}", progress=False)
@@ -292,14 +299,31 @@ def load_resumed(out):
     return checkpoint.load(path, required=checkpoint.RUN_KEYS + ("optimizer", "scaler", "rng"))
 
 
-def restore(parts, state, path):
-    """The model, EMA, optimizer, scaler and torch's generator as the checkpoint has them."""
+def restore(parts, tracked, state, path):
+    """The model, EMA, optimizer, scaler, the power-function EMAs of --ema-snapshots (`tracked`)
+    and torch's generator as the checkpoint has them."""
     model, ema, optimizer, scaler = parts
     checkpoint.load_weights(model, state["model"], path)
     checkpoint.load_weights(ema, state["ema"], path)
+    for power in tracked:
+        held = state[checkpoint.TRACKED][checkpoint.tracked_key(power.sigma_rel)]
+        checkpoint.load_weights(power.average, held, path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
+
+
+def check_tracked(opts, state):
+    """--ema-snapshots on a resumed run needs the power-function EMAs in its checkpoint: each
+    averages the run from its first step, so none can start mid-run."""
+    if not (opts.ema_snapshots and state is not None):
+        return
+    held = state.get(checkpoint.TRACKED) or {}
+    cli.check(all(checkpoint.tracked_key(p) in held for p in phema.PROFILES),
+              f"--ema-snapshots: the run was trained to step {state['step']} without its "
+              "power-function EMAs, which average the run from its first step and cannot start "
+              "mid-run; resume without --ema-snapshots (or with --ema-snapshots 0), or start a new "
+              "--out with it")
 
 
 def wrap(model, opts, device, world):
@@ -504,7 +528,9 @@ def save_checkpoint(run, step, sizing=False):
     tensor: every process checks its weights, EMA and optimizer state first (they are the same
     on all). `sizing`: a --minutes run whose count is not fixed yet (a resume goes on sizing)."""
     model, ema, optimizer = run.trainee.model, run.trainee.ema, run.trainee.optimizer
+    tracked = run.trainee.tracked
     tensors = [*model.parameters(), *ema.parameters(),
+               *(p for power in tracked for p in power.average.parameters()),
                *(v for s in optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor) and v.is_floating_point())]
     if not torch.stack([t.float().abs().max() for t in tensors if t.numel()]).isfinite().all():
@@ -516,8 +542,20 @@ def save_checkpoint(run, step, sizing=False):
             "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.trainee.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "elapsed": elapsed(run),
-            "train_images": len(run.data.images), "sizing": sizing})
+            "train_images": len(run.data.images), "sizing": sizing,
+            **({checkpoint.TRACKED: {checkpoint.tracked_key(p.sigma_rel): p.average.state_dict()
+                                     for p in tracked}} if tracked else {})})
         run.saved_step = step
+
+
+def write_snapshots(run, step):
+    """--ema-snapshots: each power-function EMA's weights at `step` (a state dict, nothing else)
+    to <out>/ema/<σ_rel>-<step>.pt, atomically."""
+    for power in run.trainee.tracked:
+        path = os.path.join(run.cfg.train.out, rundir.SNAPSHOTS,
+                            rundir.snapshot_name(power.sigma_rel, step))
+        weights = {k: v.detach().cpu() for k, v in power.average.state_dict().items()}
+        files.write_file(path, lambda f: torch.save(weights, f))
 
 
 def write_grid(run, tag, progress):
