@@ -166,13 +166,12 @@ SNAPSHOT_S = 0.2  # and at the seconds of --ema-snapshots' two files
 def first_costs(cfg, diffusion, step_s, call_s, score_s=0.0):
     """{kind: (training steps, seconds)}: what one grid, save and score cost, from a probe's
     seconds per training step and per sampling call at batch cfg.batch_size. Only the ratio of
-    the two is kept (a probe run while the machine is busy is slow at both); a guided
-    class-conditional model's sampling calls are doubled batches. score_s: the seconds a score
-    takes beyond sampling (--fid's Inception features of the samples)."""
+    the two is kept (a probe run while the machine is busy is slow at both); a class-conditional
+    run samples unguided (train.drawn_classes), so its calls are those of any run. score_s: the
+    seconds a score takes beyond sampling (--fid's Inception features of the samples)."""
     calls = sampling.network_calls(cfg.sampler, cfg.sample_steps, diffusion)
-    guided = 2 if cfg.class_cond and sampling.DEFAULT_GUIDANCE else 1
-    grid = guided * calls * call_s * cfg.num_samples / cfg.batch_size
-    score = guided * cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
+    grid = calls * call_s * cfg.num_samples / cfg.batch_size  # unguided, conditional or not
+    score = cfg.sample_steps * call_s * cfg.eval_samples / cfg.batch_size
     return {"grid": (grid / step_s, 0.0), "save": (0.0, SAVE_S),
             "score": (score / step_s, SCORE_S + score_s), "snapshot": (0.0, SNAPSHOT_S)}
 

@@ -21,6 +21,7 @@ Table 1: CIFAR-10 FID 3.17); FID falls as N grows, so compare numbers at the sam
 
 Results go to stdout as a table and to eval.json beside the checkpoint (or --json).
 """
+import functools
 import json
 import math
 import os
@@ -50,10 +51,13 @@ import userdata
 
 # ---- the evaluation --------------------------------------------------------------------------
 
-def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu", progress=True):
+def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu", progress=True,
+                     labels=None):
     """Per-image bound terms over uint8 images [N, C, H, W]: dict of [N] arrays "total", "prior"
     (L_T), "denoising" (Σ_{t>=2} L_{t-1}), "decoder" (L_0), in bits/dim. Give it the network in
-    fp32: the bound is a sum of 1,000 terms, and a low-precision bias in each would add up."""
+    fp32: the bound is a sum of 1,000 terms, and a low-precision bias in each would add up. With
+    `labels` ([N] class indices) a class-conditional network is given each image's class: the
+    bound of -log p(x | y); without, a class-conditional network sees the null label: -log p(x)."""
     g = torch.Generator(device).manual_seed(seed)
     parts = {"total": [], "prior": [], "denoising": [], "decoder": []}
     batches = range(0, len(images), batch_size)
@@ -63,12 +67,20 @@ def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu
 
     for i in batches:
         x0 = imaging.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
-        out = diffusion.calc_bpd_loop(network, x0, clip_denoised=True, generator=g, progress=sampling.ticking(bar))
+        given = network if labels is None else functools.partial(
+            conditioned, network, torch.as_tensor(labels[i:i + batch_size], device=device))
+        out = diffusion.calc_bpd_loop(given, x0, clip_denoised=True, generator=g,
+                                      progress=sampling.ticking(bar))
         for key, value in (("total", out["total_bpd"]), ("prior", out["prior_bpd"]),
                            ("denoising", out["vb"][:, 1:].sum(1)), ("decoder", out["vb"][:, 0])):
             parts[key].append(value.double().cpu().numpy())
     bar.close()
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def conditioned(network, y, x, t):
+    """network(x, t, y): the class-conditional network given the labels y."""
+    return network(x, t, y)
 
 
 def mean_and_se(x):
@@ -178,7 +190,7 @@ def evaluate(args, path, device, progress=True):
         args.steps = sampling.steps_for(args.sampler, args.steps, diffusion)
     sampling.class_labels(args.classes, 1, model.config, counts="total")  # checked before any work
     weights = fid_network(args, device) if args.fid else None  # before any long work
-    args.guidance = sampling.guidance_for(args.guidance, model.config)
+    args.guidance = sampling.guidance_for(args.guidance, model.config, args.classes)
     want = (model.module.in_channels, model.module.image_size, model.module.image_size)
     known = data.image_shape(name)
     cli.check(known in (None, want), f"{name} images are {known}, the model takes {want}; "
@@ -202,23 +214,31 @@ def evaluate(args, path, device, progress=True):
         if model.module.self_cond:  # x̂_0 from x_t itself: two calls per t (see ddpm.py)
             fp32 = ddpm.self_conditioned_twice(fp32, diffusion, clip_denoised=True)
         batch = min(n, args.nll_batch_size)
+        # A class-conditional model's bound twice: with the null label (-log p(x), the
+        # unconditional bound) and with each image's label (-log p(x | y)).
+        given = [("nll", None)]
+        if model.module.null_label is not None and test_set.labels is not None:
+            given.append(("nll_given_labels", test_set.labels[:n]))
         sampling.expected_time(f"the NLL of {n} images", fp32, want, batch,
-                               math.ceil(n / batch) * diffusion.num_timesteps, device)
-        start = time.perf_counter()
-        parts = nll_bits_per_dim(fp32, diffusion, test_set.images[:n], args.nll_batch_size,
-                                 args.seed, device, progress)
-        results["nll"] = {"images": n, "seconds": time.perf_counter() - start,
-                          # a user's npz file has no test split: its NLL is on training images
-                          "split": {"npz": "training", "folder": "held-out"}.get(
-                              name.split(":")[0], "test"),
-                          **{k: dict(zip(("mean", "se"), mean_and_se(v))) for k, v in parts.items()}}
+                               len(given) * math.ceil(n / batch) * diffusion.num_timesteps, device)
+        for key, labels in given:
+            start = time.perf_counter()
+            parts = nll_bits_per_dim(fp32, diffusion, test_set.images[:n], args.nll_batch_size,
+                                     args.seed, device, progress, labels)
+            results[key] = {"images": n, "seconds": time.perf_counter() - start,
+                            # a user's npz file has no test split: its NLL is on training images
+                            "split": {"npz": "training", "folder": "held-out"}.get(
+                                name.split(":")[0], "test"),
+                            **{k: dict(zip(("mean", "se"), mean_and_se(v)))
+                               for k, v in parts.items()}}
 
     labelled_28 = test_set.labels is not None and test_set.images.shape[2:] == (28, 28)
     if args.samples and not labelled_28:
         print(f"sample quality needs a 28x28 dataset with labels; {name} has none, skipped",
               file=sys.stderr)
     count = max(args.samples if labelled_28 else 0, args.nearest, args.fid)
-    labels, _ = sampling.class_labels(args.classes, count, model.config, counts="total")
+    labels, _ = sampling.class_labels(args.classes, count, model.config, args.seed,
+                                       counts="total")
     if not count:
         return results
     count = count if labels is None else len(labels)
@@ -228,7 +248,7 @@ def evaluate(args, path, device, progress=True):
     batch = min(count, args.batch_size)
     sampling.expected_time(f"{count} samples", model.network, want, batch, math.ceil(count / batch)
                            * sampling.network_calls(args.sampler, args.steps, diffusion), device,
-                           guided=labels is not None)
+                           guided=labels is not None and args.guidance != 0)
     start = time.perf_counter()
     x, _ = sampling.generate(model.network, diffusion, test_set.images.shape[1:], count,
                              args.batch_size, args.sampler, args.steps, args.eta, args.seed,
@@ -244,8 +264,8 @@ def evaluate(args, path, device, progress=True):
         n = min(args.samples, count)
         real = train_set.images[np.random.default_rng(args.seed).permutation(
             len(train_set.images))[:n]]
-        guided = {} if labels is None else {"guidance": args.guidance,
-                                            "classes": args.classes or "all"}
+        guided = {} if labels is None else {"guidance": args.guidance, "classes": args.classes
+                                            or "drawn as the training labels' frequencies"}
         results["samples"] = {
             "count": n, "sampler": sampler, **guided, "autocast": model.precision,
             "seconds": seconds * n / count, "classifier_test_accuracy": accuracy,
@@ -378,10 +398,13 @@ def print_table(r):
         step = "imported" if r["step"] is None else f"step {r['step']}"
         step += f", EMA length {r['ema_length']:g} reconstructed" if "ema_length" in r else ""
         print(f"{r['checkpoint']} ({step}, {r['dataset']}, {r['device']})")
-    if "nll" in r:
-        n = r["nll"]
-        print(f"NLL on {n['images']} {n.get('split', 'test')} images ({n['seconds']:.0f} s), "
-              f"bits/dim, mean ± s.e.:")
+    for part, given in (("nll", ""), ("nll_given_labels", ", each given its label")):
+        if part not in r:
+            continue
+        n = r[part]
+        unconditional = " with the null label" if "nll_given_labels" in r and not given else ""
+        print(f"NLL on {n['images']} {n.get('split', 'test')} images{unconditional}{given} "
+              f"({n['seconds']:.0f} s), bits/dim, mean ± s.e.:")
         for key, label in (("total", "total"), ("prior", "L_T"), ("denoising", "Σ L_{t-1}, t>=2"),
                            ("decoder", "L_0")):
             print(f"  {label:<16} {number(n[key]['mean'])} ± {number(n[key]['se'])}")

@@ -88,8 +88,10 @@ def main(argv=None):
     model = checkpoint.load_model(path, device, args.precision, use_ema=not args.no_ema,
                                   compile=args.compile, ema_length=args.ema_length)
     args.steps = sampling.steps_for(args.sampler, args.steps, model.diffusion)
-    args.guidance = sampling.guidance_for(args.guidance, model.config)
-    if args.inpaint or args.edit:
+    editing_ = args.inpaint or args.edit  # the images' own classes, or --class: classes asked
+    args.guidance = sampling.guidance_for(args.guidance, model.config,
+                                          args.classes or ("given" if editing_ else None))
+    if editing_:
         return fill_or_edit(args, model, path, device)
     name = sampling.describe(args.sampler, args.steps, args.eta, model.diffusion)
     calls = sampling.network_calls(args.sampler, args.steps, model.diffusion)

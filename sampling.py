@@ -55,19 +55,23 @@ def add_class_arguments(p, counts="each"):
     """--class and --guidance, as sample.py ("each": --n images of each class) and evaluate.py
     ("total": the samples shared among the classes) take them; see class_labels."""
     what = ("--n images of each (one grid row per class when there are several); with --inpaint "
-            "or --edit, one class for all the images or one each (default: classes drawn "
-            "uniformly from the seed, the grid ordered by class; with --inpaint or --edit, the "
-            ".npz's labels, if any)" if counts == "each" else
-            "the samples shared equally among them (default: all)")
+            "or --edit, one class for all the images or one each" if counts == "each" else
+            "the samples shared equally among them")
+    default = (" (with --inpaint or --edit: the .npz's labels, if any)" if counts == "each"
+               else "")
     p.add_argument("--class", dest="classes", metavar="C", help="for a class-conditional model: "
                    "a class (7), several (0,1,2) or all, by index or by the data's class names, "
-                   f"{what}")
+                   f"{what}; {NO_CLASS}: the null label, the model's unconditional half (default: "
+                   "classes drawn from the seed as often as the training labels have them, so "
+                   f"the samples model the data as a whole, ordered by class{default})")
     p.add_argument("--guidance", type=float, metavar="W",
                    help="for a class-conditional model: classifier-free guidance weight w (Ho & "
                    "Salimans 2022): ε = (1 + w) ε(x, class) - w ε(x, no class); 0 is the "
                    "conditional model alone. Each step then calls the network on twice "
                    "--batch-size images (the conditional and the unconditional half); diffusers' "
-                   f"guidance_scale is 1 + w (default: {DEFAULT_GUIDANCE:g})")
+                   f"guidance_scale is 1 + w (default: {DEFAULT_GUIDANCE:g} for the classes of "
+                   "--class or of the images; 0 for classes drawn as the training labels have "
+                   "them)")
 
 
 def check_class_arguments(args):
@@ -76,17 +80,24 @@ def check_class_arguments(args):
     if args.guidance is not None:
         check_number("--guidance", args.guidance, 0, 1000)
     check(args.classes is None or args.classes.strip(), "--class is empty; give a class, "
-          "several (0,1,2) or all")
+          f"several (0,1,2), all or {NO_CLASS}")
 
 
-def guidance_for(guidance, config):
-    """The guidance weight for a model with config `config`: --guidance (None: DEFAULT_GUIDANCE);
-    UserError for --guidance on a model that is not class-conditional, where it would do
-    nothing."""
+NO_CLASS = "none"  # --class none: the null label (where the data has no class of that name)
+
+
+def guidance_for(guidance, config, asked=None):
+    """The guidance weight for a model with config `config` asked for classes `asked`: --guidance;
+    else DEFAULT_GUIDANCE for classes asked (--class, or an edit's images' own labels), 0 for
+    classes drawn as the training labels have them (asked None: the samples then model the data
+    as a whole, not typical members of each class) or the null label. UserError for --guidance
+    on a model that is not class-conditional, where it would do nothing."""
     conditional = config["net"].get("num_classes") is not None
     check(guidance is None or conditional, "--guidance weighs a class-conditional model's "
           "classes, and this model is not class-conditional; drop --guidance")
-    return DEFAULT_GUIDANCE if guidance is None else guidance
+    if guidance is not None:
+        return guidance
+    return 0.0 if asked is None or asked.strip() == NO_CLASS else DEFAULT_GUIDANCE
 
 
 # What class_labels' n counts: the images of each class asked (sample.py's --n), the images in
@@ -97,29 +108,39 @@ COUNTS = ("each", "total", "images")
 
 def class_labels(asked, n, config, seed=0, counts="each"):
     """(labels LongTensor, images per grid row or None) for --class `asked` ("7", "0,1,2", "all",
-    by index or by class name) on a model with config `config`, in the order asked; what n counts:
-      "each"    n of each class asked (one grid row of n per class when there are several); None
-                draws n classes uniformly from the seed, sorted (the grid ordered by class);
+    by index or by class name, or NO_CLASS) on a model with config `config`, in the order asked;
+    what n counts:
+      "each"    n of each class asked (one grid row of n per class when there are several);
       "total"   about n in all: one class n times, several max(1, n // classes) times each (one
-                grid row each); None asks for all;
+                grid row each);
       "images"  n images, one label each: one class for all, or exactly n classes one each; None
                 gives (None, None) (the images' own labels, if any, stand).
-    (None, None) for a model without classes. UserError for --class on such a model, a class it
-    does not have, or (images) a count of classes that is neither 1 nor n."""
+    None (each, total) draws n classes from the seed, each as often as the training labels have
+    it (config["class_counts"]; uniformly where the model does not know them), sorted (the grid
+    ordered by class); NO_CLASS gives n null labels (index K: the unconditional model). (None,
+    None) for a model without classes. UserError for --class on such a model, a class it does not
+    have, or (images) a count of classes that is neither 1 nor n."""
     num_classes = config["net"].get("num_classes")
     if num_classes is None:
         check(asked is None, "--class asks for a class, and this model is not class-conditional "
               "(train one with --class-cond)")
         return None, None
-    if asked is None and counts != "total":
+    if asked is None:
         if counts == "images":
             return None, None
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
+        frequencies = config.get("class_counts")
+        if frequencies is None:
+            return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
+        drawn = torch.multinomial(torch.tensor(frequencies, dtype=torch.float64), n,
+                                  replacement=True, generator=g)
+        return drawn.sort().values, None
     names = list(config.get("class_names") or ())
     if len(names) != num_classes:  # none, or a run resumed on changed classes before that was
         names = list(map(str, range(num_classes)))  # refused: the network's indices alone
-    if asked is None or asked.strip() == "all":
+    if asked.strip() == NO_CLASS and NO_CLASS not in names:
+        return torch.full((n,), num_classes, dtype=torch.long), None
+    if asked.strip() == "all":
         chosen = list(range(num_classes))
     else:
         chosen = [_class_index(part.strip(), names) for part in asked.split(",")]

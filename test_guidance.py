@@ -274,7 +274,8 @@ def test_class_cond_needs_labels_and_class_needs_a_conditional_model(tmp_path, c
 def test_evaluate_scores_the_class_asked_for(tmp_path, monkeypatch):
     """On labelled 28x28 data: with --class all, as many samples of each class, and the share
     the classifier assigns to the class asked beside the other scores. Train.py's grid and score
-    and evaluate.py sample with the null label the network was trained with (num_classes). With
+    are unguided (the classes drawn as the training labels have them); evaluate.py guides with
+    the null label the network was trained with (num_classes). With
     known-answer stand-ins for the sampler: one that always draws the class asked scores a class
     accuracy near 1, one that draws the next class near 0; one that returns training images is
     found to copy (in pixels and in the classifier's features), one that draws new images of the
@@ -290,8 +291,10 @@ def test_evaluate_scores_the_class_asked_for(tmp_path, monkeypatch):
     train.train({**TINY, "dataset": "mnist", "attn_resolutions": (14,), "steps": 2,
                  "out": str(tmp_path / "run"), "class_cond": True, "eval_every": 2,
                  "eval_samples": 10}, progress=False)
-    assert nulls == [10, 10]  # the score at step 2, then the final grid
-    nulls.clear()
+    assert nulls == []  # the score at step 2 and the final grid are unguided (w = 0)
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        scores = [r for r in map(json.loads, f) if r.get("kind") == "eval"]
+    assert [r["guidance"] for r in scores] == [0.0]
     evaluate_args = ["--ckpt", str(tmp_path / "run"), "--n", "0", "--samples", "20",
                      "--steps", "2", "--class", "all", "--guidance", "1",
                      "--json", str(tmp_path / "e.json")]
@@ -301,6 +304,20 @@ def test_evaluate_scores_the_class_asked_for(tmp_path, monkeypatch):
         s = json.load(f)["samples"]
     assert s["count"] == 20 and s["guidance"] == 1 and s["classes"] == "all"
     assert 0 <= s["class_accuracy"] <= 1 and "fd" in s
+
+    # Without --class: the classes drawn as the training labels have them (the run stored their
+    # counts), unguided; the bound twice, with the null label and with each image's label.
+    ckpt = checkpoint.load_model(str(tmp_path / "run"), torch.device("cpu"))
+    assert ckpt.config["class_counts"] == np.bincount(sets["train"].labels, minlength=10).tolist()
+    nulls.clear()
+    cli.run_script(evaluate.main, ["--ckpt", str(tmp_path / "run"), "--n", "4", "--samples", "20",
+                                   "--steps", "2", "--json", str(tmp_path / "d.json")])
+    assert nulls == []
+    with open(tmp_path / "d.json") as f:
+        d = json.load(f)
+    assert d["samples"]["guidance"] == 0 and d["samples"]["count"] == 20
+    assert d["nll"]["images"] == d["nll_given_labels"]["images"] == 4
+    assert np.isfinite(d["nll"]["total"]["mean"]) and np.isfinite(d["nll_given_labels"]["total"]["mean"])
 
     def stand_in(draw):
         def generate(network, diffusion, shape, count, *args, labels=None, **kwargs):
@@ -333,3 +350,41 @@ def test_evaluate_scores_the_class_asked_for(tmp_path, monkeypatch):
         for space in ("pixels", "features"):
             assert (c[space]["fraction"] >= 0.95) if copying else (c[space]["fraction"] <= 0.3), \
                 (space, copying, c)
+
+
+@pytest.mark.parametrize("flags, classes, expected", [
+    ({}, 10, True),                                    # the cpu recipe on labelled data
+    ({"recipe": "ho"}, 10, False),                     # Ho et al.'s: unconditional
+    ({}, None, False),                                 # no labels: unconditional
+    ({"class_cond": False}, 10, False),                # --no-class-cond
+    ({"recipe": "ho", "class_cond": True}, 10, True),  # --class-cond with any recipe
+])
+def test_the_cpu_recipe_trains_with_labels_where_the_data_has_them(flags, classes, expected):
+    cfg = config.automatic({"dataset": "mnist", **flags}, torch.device("cpu"), (1, 28, 28),
+                           classes)
+    assert cfg.train.class_cond is expected
+    assert cfg.net.get("num_classes") == (classes if expected else None)
+
+
+def test_class_cond_asked_for_on_data_without_labels_is_one_line():
+    with pytest.raises(cli.UserError, match="--class-cond needs labels"):
+        config.automatic({"dataset": "npz:x.npz", "class_cond": True}, torch.device("cpu"),
+                         (1, 28, 28), None)
+
+
+def test_the_bound_given_labels_hands_each_batch_its_images_labels():
+    """evaluate.nll_bits_per_dim with labels: every network call of a batch gets that batch's
+    labels (5 images in batches of 2: [3, 1], [4, 1], [5]); without labels, none."""
+    seen = []
+
+    def network(x, t, y=None):
+        seen.append(None if y is None else y.tolist())
+        return torch.zeros_like(x)
+
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 4))
+    images = np.zeros((5, 1, 2, 2), dtype=np.uint8)
+    evaluate.nll_bits_per_dim(network, d, images, 2, progress=False, labels=np.array([3, 1, 4, 1, 5]))
+    assert seen == [[3, 1]] * 4 + [[4, 1]] * 4 + [[5]] * 4
+    seen.clear()
+    evaluate.nll_bits_per_dim(network, d, images, 2, progress=False)
+    assert seen == [None] * 12

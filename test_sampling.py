@@ -3,6 +3,7 @@ number of network calls a loop makes, the one name every report gives a sampler,
 of the classes asked for."""
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import ddpm
@@ -98,7 +99,9 @@ FOUR = {"net": {"num_classes": 4}, "class_names": ["ant", "bee", "cat", "dog"]}
     ("2", 3, "each", [2, 2, 2], None),                        # sample.py --class 2 --n 3
     ("cat,ant", 2, "each", [2, 2, 0, 0], 2),                  # by name, in the order asked
     ("all", 1, "each", [0, 1, 2, 3], 1),
-    (None, 9, "total", [0, 0, 1, 1, 2, 2, 3, 3], 2),          # evaluate.py, training grids
+    ("all", 9, "total", [0, 0, 1, 1, 2, 2, 3, 3], 2),         # evaluate.py --class all
+    ("none", 3, "total", [4, 4, 4], None),                    # the null label (index K = 4)
+    ("none", 2, "each", [4, 4], None),
     ("all", 2, "total", [0, 1, 2, 3], 1),                     # at least one of each
     ("1, 3", 5, "total", [1, 1, 3, 3], 2),
     ("2", 5, "total", [2, 2, 2, 2, 2], None),
@@ -128,5 +131,32 @@ def test_class_labels_drawn_from_the_seed_and_refused():
             sampling.class_labels("1", 3, {"net": {}}, counts=counts_of)
     with pytest.raises(UserError, match="'emu' is not one of the model's 4 classes"):
         sampling.class_labels("ant,emu", 2, FOUR)
+
+
+@pytest.mark.parametrize("counts", ["each", "total"])
+def test_classes_not_asked_for_are_drawn_as_often_as_the_training_labels_have_them(counts):
+    """A model that knows its training labels' counts (1:2:3:0, config["class_counts"]) and no
+    --class: 6,000 labels drawn from the seed, sorted, pass a chi-square test of those
+    frequencies at level 0.01 and never draw the class no training image had; the same seed
+    draws the same labels. A data class named "none" is that class, not the null label."""
+    config = {**FOUR, "class_counts": [100, 200, 300, 0]}
+    drawn, rows = sampling.class_labels(None, 6000, config, seed=3, counts=counts)
+    assert rows is None and torch.equal(drawn, drawn.sort().values)
+    assert torch.equal(drawn, sampling.class_labels(None, 6000, config, seed=3, counts=counts)[0])
+    seen = torch.bincount(drawn, minlength=4).numpy()
+    assert seen[3] == 0
+    assert scipy.stats.chisquare(seen[:3], [1000, 2000, 3000]).pvalue > 0.01
+    named = {"net": {"num_classes": 2}, "class_names": ["some", "none"]}
+    assert sampling.class_labels("none", 2, named)[0].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("asked, given, expected", [
+    (None, None, 0.0),                # classes drawn as the data has them: unguided
+    ("none", None, 0.0),              # the null label: guidance does nothing
+    ("3", None, sampling.DEFAULT_GUIDANCE), ("all", None, sampling.DEFAULT_GUIDANCE),
+    ("given", None, sampling.DEFAULT_GUIDANCE),   # an edit's images' own classes
+    (None, 2.0, 2.0), ("3", 0.0, 0.0)])
+def test_the_default_guidance_is_for_classes_asked_for(asked, given, expected):
+    assert sampling.guidance_for(given, FOUR, asked) == expected
     with pytest.raises(UserError, match="names 2 classes for 3 images"):
         sampling.class_labels("1,2", 3, FOUR, counts="images")

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: hardware.py says why
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -89,6 +90,8 @@ def train(given, progress=True, started=None):
     if state is not None:
         check_resumed_data(state, train_set, dataset, speak=rank == 0)
     cfg.class_names = class_names_of(train_set)
+    if cfg.train.class_cond:  # what the samplers draw the classes from, unless asked for some
+        cfg.class_counts = np.bincount(train_set.labels, minlength=cfg.net["num_classes"]).tolist()
     if rank == 0:
         describe_data(dataset, train_set, state)
     with contextlib.ExitStack() as held:  # the run directory's lock and the log, until the end
@@ -386,23 +389,31 @@ def make_scorer(opts, train_set, device):
 def score(run, step):
     """The log record of one --eval-every score: cfg.eval_samples DDIM samples of the EMA model
     from a generator of their own (seed + 1), scored; with the seconds it took. A conditional
-    model draws every class equally often, at the default guidance, and is scored on its class
-    accuracy too."""
+    model draws its classes as sample.py does by default (as often as the training labels have
+    each, unguided) and is scored on its class accuracy too."""
     cfg, start = run.cfg.train, time.perf_counter()
-    labels, _ = sampling.class_labels(None, cfg.eval_samples, {"net": run.cfg.net}, counts="total")
-    n = cfg.eval_samples if labels is None else len(labels)
+    labels = drawn_classes(run.cfg, cfg.eval_samples)
+    n = cfg.eval_samples
     x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, max(cfg.batch_size, 100), "ddim", cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed + 1, device=run.device, progress=False,
-                             labels=labels, null_label=run.cfg.net.get("num_classes"),
+                             labels=labels, guidance=0.0, null_label=run.cfg.net.get("num_classes"),
                              self_cond=run.cfg.net.get("self_cond", False))
     samples = imaging.to_uint8(x).cpu().numpy()
     scores = {"fid": run.scorer.score(samples)} if cfg.fid else \
         run.scorer.score(samples, None if labels is None else labels.numpy())
     return {"step": step, "kind": "eval", "samples": n,
             "sampler": sampling.describe("ddim", cfg.sample_steps, cfg.sample_eta, run.diffusion),
-            **({} if labels is None else {"guidance": sampling.DEFAULT_GUIDANCE}),
+            **({} if labels is None else {"guidance": 0.0}),
             **scores, "eval_seconds": time.perf_counter() - start, "time_s": elapsed(run)}
+
+
+def drawn_classes(cfg, n):
+    """The labels of n samples of a class-conditional run as sample.py draws them by default
+    (from the seed, as often as the training labels have each class; sorted, so a grid's rows
+    go by class); None for an unconditional run."""
+    config = {"net": cfg.net, "class_counts": cfg.class_counts}
+    return sampling.class_labels(None, n, config, cfg.train.seed, counts="total")[0]
 
 
 def ema_network(run):
@@ -560,18 +571,17 @@ def write_snapshots(run, step):
 def write_grid(run, tag, progress):
     """samples_<tag>.png: cfg.num_samples images of the EMA model with the grid sampler, drawn from
     a generator of their own (the training run is the same with or without grids); for a
-    class-conditional run one row per class, at the default guidance."""
+    class-conditional run its classes drawn as sample.py draws them by default (unguided, so a
+    grid costs what an unconditional one does)."""
     cfg = run.cfg.train
-    labels, per_row = sampling.class_labels(None, cfg.num_samples, {"net": run.cfg.net},
-                                            counts="total")
-    n = cfg.num_samples if labels is None else len(labels)
+    labels, n = drawn_classes(run.cfg, cfg.num_samples), cfg.num_samples
     x, _ = sampling.generate(ema_network(run), run.diffusion, run.data.images.shape[1:],
                              n, n, cfg.sampler, cfg.sample_steps,
                              cfg.sample_eta, seed=cfg.seed, device=run.device, progress=progress,
-                             labels=labels, null_label=run.cfg.net.get("num_classes"),
+                             labels=labels, guidance=0.0, null_label=run.cfg.net.get("num_classes"),
                              self_cond=run.cfg.net.get("self_cond", False))
     path = os.path.join(cfg.out, rundir.grid_name(tag))
-    imaging.save_grid(path, x, nrow=per_row)
+    imaging.save_grid(path, x)
     return path
 
 
