@@ -130,7 +130,7 @@ def class_labels(asked, n, config, seed=0, counts="each"):
             return None, None
         g = torch.Generator().manual_seed(seed)
         frequencies = config.get("class_counts")
-        if frequencies is None:
+        if frequencies is None or n == 0:  # (multinomial draws at least one)
             return torch.randint(0, num_classes, (n,), generator=g).sort().values, None
         drawn = torch.multinomial(torch.tensor(frequencies, dtype=torch.float64), n,
                                   replacement=True, generator=g)

@@ -146,6 +146,7 @@ def test_classes_not_asked_for_are_drawn_as_often_as_the_training_labels_have_th
     seen = torch.bincount(drawn, minlength=4).numpy()
     assert seen[3] == 0
     assert scipy.stats.chisquare(seen[:3], [1000, 2000, 3000]).pvalue > 0.01
+    assert sampling.class_labels(None, 0, config, counts=counts)[0].tolist() == []  # --samples 0
     named = {"net": {"num_classes": 2}, "class_names": ["some", "none"]}
     assert sampling.class_labels("none", 2, named)[0].tolist() == [1, 1]
 
