@@ -21,7 +21,6 @@ Table 1: CIFAR-10 FID 3.17); FID falls as N grows, so compare numbers at the sam
 
 Results go to stdout as a table and to eval.json beside the checkpoint (or --json).
 """
-import functools
 import json
 import math
 import os
@@ -67,8 +66,8 @@ def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu
 
     for i in batches:
         x0 = imaging.to_model_range(torch.from_numpy(images[i:i + batch_size]).to(device))
-        given = network if labels is None else functools.partial(
-            conditioned, network, torch.as_tensor(labels[i:i + batch_size], device=device))
+        given = network if labels is None else sampling.conditioned(  # unguided: the model alone
+            network, torch.as_tensor(labels[i:i + batch_size], device=device), None, 0.0, diffusion)
         out = diffusion.calc_bpd_loop(given, x0, clip_denoised=True, generator=g,
                                       progress=sampling.ticking(bar))
         for key, value in (("total", out["total_bpd"]), ("prior", out["prior_bpd"]),
@@ -76,11 +75,6 @@ def nll_bits_per_dim(network, diffusion, images, batch_size, seed=0, device="cpu
             parts[key].append(value.double().cpu().numpy())
     bar.close()
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def conditioned(network, y, x, t):
-    """network(x, t, y): the class-conditional network given the labels y."""
-    return network(x, t, y)
 
 
 def mean_and_se(x):
