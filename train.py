@@ -434,8 +434,7 @@ def draw_batch(run, step):
     where --hflip draws it; its labels for a class-conditional run, the null label where
     --cond-drop draws it, else None; t; ε), from the seed and the step alone (exact resume,
     DDP); also seeds dropout for the step."""
-    cfg, local = run.cfg.train, run.cfg.train.batch_size // run.world
-    mine = slice(run.rank * local, (run.rank + 1) * local)
+    cfg, mine = run.cfg.train, my_share(run)
     idx = run.data.batches.indices(step)[mine]
     t, noise = optim.step_noise(cfg, step, run.data.images.shape[1:], run.device, run.diffusion)
     torch.manual_seed(optim.stream_seed(cfg.seed, optim.DROPOUT, step, run.rank))  # dropout
@@ -456,8 +455,13 @@ def self_cond_share(run, step):
     optim.step_self_cond), or None for a network without self-conditioning."""
     if not run.cfg.net.get("self_cond"):
         return None
+    return optim.step_self_cond(run.cfg.train, step)[my_share(run)]
+
+
+def my_share(run):
+    """This process's slice of the global batch (all of it in a single process)."""
     local = run.cfg.train.batch_size // run.world
-    return optim.step_self_cond(run.cfg.train, step)[run.rank * local:(run.rank + 1) * local]
+    return slice(run.rank * local, (run.rank + 1) * local)
 
 
 class Meter:
