@@ -370,41 +370,58 @@ def sdedit(diffusion, model, x0, strength, sampler="ddim", steps=sampling.DEFAUL
     return x
 
 
-def network_calls(job, diffusion, sampler, steps, resample=1, jump=1, strength=1.0):
-    """The network calls of one batch of `job` ("inpaint" or "edit")."""
+def network_calls(job, diffusion, sampler, steps, resample=1, jump=1, strength=1.0,
+                  particles=1):
+    """The network calls of one batch of `job` ("inpaint" or "edit"); the twisted sampler's
+    (particles > 1) are on particles times the batch, each with a backward pass but the last."""
     n = len(chain(diffusion, sampler, steps))
-    return repaint_calls(n, resample, jump) if job == "inpaint" else strength_steps(strength, n)
+    if job == "inpaint":
+        return n if particles > 1 else repaint_calls(n, resample, jump)
+    return strength_steps(strength, n)
 
 
 def run(job, network, diffusion, images, masks=None, labels=None, batch_size=256,
         sampler=sampling.DEFAULT_SAMPLER, steps=sampling.DEFAULT_STEPS, eta=sampling.DEFAULT_ETA,
         resample=DEFAULT_RESAMPLE, jump=DEFAULT_JUMP, strength=DEFAULT_STRENGTH, seed=0,
         device="cpu", clip_denoised=True, guidance=sampling.DEFAULT_GUIDANCE, null_label=None,
-        progress=True, self_cond=False):
-    """inpaint or sdedit over `images` ([N, C, H, W] in [-1, 1]), batch by batch, from one
-    generator on `device` seeded with `seed` (and, for inpainting, a second one for the known
-    pixels), as sampling.generate draws: the same seed and batch size give the same images.
-    masks: bool [N or 1, C or 1, H, W] for "inpaint". labels: LongTensor [N] for a
+        progress=True, self_cond=False, particles=DEFAULT_PARTICLES):
+    """inpaint (or, with particles K > 1, twisted_inpaint: K particles an image, the network
+    called on batch_size K images) or sdedit over `images` ([N, C, H, W] in [-1, 1]), batch by
+    batch, from one generator on `device` seeded with `seed` (and, for RePaint, a second one for
+    the known pixels), as sampling.generate draws: the same seed and batch size give the same
+    images. masks: bool [N or 1, C or 1, H, W] for "inpaint". labels: LongTensor [N] for a
     class-conditional network(x, t, y), guided with weight `guidance` (sampling.conditioned);
     None calls network(x, t). self_cond: a self-conditioned network, fed the previous step's x̂_0
-    (sampling.chain_model). Returns [N, C, H, W]."""
+    (sampling.chain_model; not with particles > 1). Returns [N, C, H, W]."""
+    twisted = job == "inpaint" and particles > 1
+    if twisted:
+        check_twisted(sampler, eta, particles)
+        check(not self_cond, f"--particles {particles}: a self-conditioned model feeds each "
+              "step the x̂_0 of its own chain, which resampling the particles would cut; give "
+              "--particles 1 (RePaint)")
     g = torch.Generator(device).manual_seed(seed)
     g_known = torch.Generator(device).manual_seed(seed + KNOWN_SEED_OFFSET)
     starts = range(0, len(images), batch_size)
-    calls = network_calls(job, diffusion, sampler, steps, resample, jump, strength)
+    calls = network_calls(job, diffusion, sampler, steps, resample, jump, strength, particles)
     what = "filling" if job == "inpaint" else "editing"
-    bar = tqdm(total=len(starts) * calls, desc=f"{what} {len(images)} images", unit="step",
+    each = f" x {particles} particles" if twisted else ""
+    bar = tqdm(total=len(starts) * calls, desc=f"{what} {len(images)} images{each}", unit="step",
                disable=not progress, leave=False)
     out = []
     with bar:
         for start in starts:
             x0 = images[start:start + batch_size].to(device)
-            model = sampling.chain_model(
-                network, diffusion, None if labels is None else labels[start:start + len(x0)],
-                null_label, guidance, clip_denoised, self_cond)
+            y = None if labels is None else labels[start:start + len(x0)]
+            if twisted and y is not None:
+                y = y.repeat_interleave(particles)      # the particles of image i: i K .. i K + K-1
+            model = sampling.chain_model(network, diffusion, y, null_label, guidance,
+                                         clip_denoised, self_cond)
             kw = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised,
                       generator=g, tick=lambda: bar.update(1))
-            if job == "inpaint":
+            if twisted:
+                mask = masks if len(masks) == 1 else masks[start:start + len(x0)]
+                out.append(twisted_inpaint(diffusion, model, x0, mask.to(device), particles, **kw))
+            elif job == "inpaint":
                 mask = masks if len(masks) == 1 else masks[start:start + len(x0)]
                 out.append(inpaint(diffusion, model, x0, mask.to(device), resample=resample,
                                    jump=jump, known_generator=g_known, **kw))
@@ -435,6 +452,13 @@ def add_arguments(p):
     p.add_argument("--jump-length", type=int, metavar="J", help="with --inpaint and --resample "
                    "above 1: go back J steps of the chain actually sampled (the --steps of DDIM, "
                    f"all T of ddpm) at every J-th step (default: {DEFAULT_JUMP})")
+    p.add_argument("--particles", type=int, metavar="K", help="with --inpaint: K > 1 uses the "
+                   "twisted SMC sampler (Wu et al. 2023) instead of RePaint: K particles an image "
+                   "run down the chain, pulled towards the kept pixels, weighted and resampled, "
+                   "one returned; a draw from the model's exact conditional as K grows; about K "
+                   "times the network calls of plain sampling, each with a backward pass, on "
+                   "--batch-size times K images (Algorithm 2 or DDIM with --eta above 0; not with "
+                   f"--resample or --jump-length) (default: {DEFAULT_PARTICLES}: RePaint)")
     p.add_argument("--edit", metavar="IMAGE", help="SDEdit: noise IMAGE (PNG or .npz as for "
                    "--inpaint) to the step nearest --strength times the chain's length and "
                    "denoise it; writes each input | --n edits to --out, or the edits to an .npz")
@@ -453,11 +477,21 @@ def check_arguments(args):
     check(not args.inpaint or args.mask, "--inpaint needs --mask MASK (white keeps, black fills)")
     for flag, value, owner in (("--resample", args.resample, "inpaint"),
                                ("--jump-length", args.jump_length, "inpaint"),
+                               ("--particles", args.particles, "inpaint"),
                                ("--strength", args.strength, "edit")):
         check(value is None or job == owner, f"{flag} goes with --{owner}; give --{owner} IMAGE")
     if job is None:
         return None
     if job == "inpaint":
+        args.particles = DEFAULT_PARTICLES if args.particles is None else args.particles
+        cli.check_number("--particles", args.particles, 1, 100_000)
+        if args.particles > 1:
+            for flag, value in (("--resample", args.resample), ("--jump-length", args.jump_length)):
+                check(value is None or value == 1, f"--particles {args.particles} runs the "
+                      f"twisted SMC sampler, which does not take RePaint's {flag}; drop {flag} "
+                      "or give --particles 1")
+            args.resample, args.jump_length = 1, 1
+            check_twisted(args.sampler, 1.0 if args.eta is None else args.eta, args.particles)
         args.resample = DEFAULT_RESAMPLE if args.resample is None else args.resample
         args.jump_length = DEFAULT_JUMP if args.jump_length is None else args.jump_length
         cli.check_number("--resample", args.resample, 1, 10_000)

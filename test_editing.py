@@ -175,7 +175,8 @@ def twisted_fill(data, known, betas, sampler="ddpm", steps=None, seed=0, n=TWIST
     x0 = torch.tensor([[known, 0.0]], dtype=F64).expand(n, 2).clone()
     out = editing.twisted_inpaint(d, data.eps_model(betas), x0, torch.tensor([[True, False]]),
                                   particles=particles, sampler=sampler, steps=steps, eta=1.0,
-                                  clip_denoised=False, generator=torch.Generator().manual_seed(seed))
+                                  clip_denoised=False,
+                                  generator=torch.Generator().manual_seed(seed))
     assert torch.equal(out[:, 0], x0[:, 0])
     return out[:, 1].numpy()
 
@@ -347,7 +348,8 @@ def test_systematic_resampling():
     for _ in range(50):
         ancestors, new = editing.systematic_resample(log_w, g)
         assert torch.equal(ancestors[:2], torch.arange(K).expand(2, K))
-        assert torch.equal(new[:2], log_w[:2]) and torch.equal(new[2:], torch.zeros(2, K, dtype=F64))
+        assert torch.equal(new[:2], log_w[:2])
+        assert torch.equal(new[2:], torch.zeros(2, K, dtype=F64))
         for row in (2, 3):
             counts = torch.bincount(ancestors[row], minlength=K).to(F64)
             assert ((counts >= torch.floor(K * w[row] - 1e-9))
@@ -429,6 +431,28 @@ def test_the_driver_with_guidance_is_the_sampling_driver_when_nothing_is_kept():
     assert torch.equal(edited, sampled)
 
 
+def test_the_twisted_driver_gives_each_particle_its_images_class():
+    """editing.run with particles K over several batches of a class-conditional network, guided:
+    every network call sees each image's class on its K particles (and the null label on the
+    guided half), and the kept pixels come back exactly."""
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 30))
+    labels, K = torch.tensor([0, 1, 2, 1, 0]), 3
+    calls = []
+
+    def network(x, t, y):
+        calls.append(y.tolist())
+        return 0.2 * torch.tanh(x) + 0.05 * y.view(-1, 1, 1, 1).float()
+
+    images = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., :2] = True
+    out = editing.run("inpaint", network, d, images, mask, labels, batch_size=2, sampler="ddim",
+                      steps=6, guidance=0.5, null_label=3, progress=False, particles=K)
+    assert torch.equal(out[..., :2], images[..., :2])
+    batches = [labels[i:i + 2].repeat_interleave(K).tolist() for i in (0, 2, 4)]
+    assert calls == [b + [3] * len(b) for b in batches for _ in range(6)]
+
+
 def test_the_classes_of_the_images():
     """A class-conditional model: --class for all images or one each; else an npz's labels; else
     none (the network's "no class"). An unconditional model refuses --class."""
@@ -497,6 +521,25 @@ def test_inpaint_writes_the_grid_and_the_npz(world):
     assert not np.array_equal(filled[:, ~kept], expected[:, ~kept])
 
 
+def test_twisted_inpaint_from_sample_py(world):
+    """--particles 3: an npz of 3 images with one mask each gives --n 2 fillings each whose kept
+    pixels are the input's exactly; the driver refuses a self-conditioned network in one line."""
+    root = world["root"]
+    run_sample(world, "--inpaint", root / "images.npz", "--mask", root / "masks.npz", "--n", 2,
+               "--particles", 3, "--steps", 5, "--out", root / "twisted.npz")
+    filled = np.load(root / "twisted.npz")["images"]
+    assert filled.shape == (6, 8, 8)
+    kept = world["mask"] >= 128
+    expected = np.repeat(world["images"], 2, axis=0)
+    assert np.array_equal(filled[:, kept], expected[:, kept])
+    assert not np.array_equal(filled[:, ~kept], expected[:, ~kept])
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 30))
+    with pytest.raises(cli.UserError, match="a self-conditioned model"):
+        editing.run("inpaint", toy_model, d, torch.zeros(2, 1, 4, 4),
+                    torch.ones(1, 1, 4, 4, dtype=torch.bool), particles=2, self_cond=True,
+                    progress=False)
+
+
 def test_edit_writes_the_input_at_strength_0_and_new_images_at_1(world):
     root = world["root"]
     run_sample(world, "--edit", root / "images.npz", "--strength", 0, "--out", root / "same.npz")
@@ -538,6 +581,12 @@ def bad_cases(w):
         (["--inpaint", r / "images.npz", "--mask", r / "two_masks.npz"], "2 masks for 3 images"),
         ([*fill, "--class", 3], "this model is not class-conditional"),
         ([*fill, "--n", 0], "--n must be an integer"),
+        ([*fill, "--particles", 0], "--particles must be an integer in [1, 100000], got 0"),
+        ([*fill, "--particles", "nan"], "invalid int value: 'nan'"),
+        (["--edit", r / "image.png", "--particles", 4], "--particles goes with --inpaint"),
+        ([*fill, "--particles", 4, "--resample", 3], "does not take RePaint's --resample"),
+        ([*fill, "--particles", 4, "--jump-length", 2], "does not take RePaint's --jump-length"),
+        ([*fill, "--particles", 4, "--eta", 0], "DDIM at --eta 0 is deterministic"),
     ]
 
 
@@ -557,14 +606,17 @@ def test_bad_inputs_get_one_line(world, capsys):
 # ---- the MNIST measurement (docs/results.md), not a test -----------------------------------
 
 def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
-                figure="assets/mnist_inpainting.png", seed=0, device="cpu"):
+                figure="assets/mnist_inpainting.png", seed=0, device="cpu", particles=1,
+                halves=("left half", "bottom half"), batch_size=None):
     """The table of docs/results.md: the first n MNIST test digits with the left half, then the
     bottom half, to fill; each filled by sample.py's default sampler (DDIM-50, eta 1) at each r
     of `resamples` (j = 1), and classified by evaluate.py's classifier (metrics.classifier_for,
     trained once and cached). Writes {mask: {r: agreement with the true label, its standard
     error, seconds per image}} to `out` (as JSON) and prints it; draws `figure`: for the first 8
     digits and each mask, the kept pixels (the rest grey), the fillings at the smallest and
-    largest r, and the digits themselves (a row each). A class-conditional model is asked for the true class."""
+    largest r, and the digits themselves (a row each). A class-conditional model is asked for
+    the true class. particles K > 1: the twisted SMC sampler with K particles instead of RePaint (one row, "K=8";
+    `resamples` unused), in batches of batch_size digits (default: all n); halves: which masks."""
     import json
     import time
 
@@ -581,6 +633,9 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
     x0 = editing.to_model_range(digits)
     rows, cols = torch.arange(28)[:, None], torch.arange(28)[None, :]
     masks = {"left half": (cols >= 14).expand(28, 28), "bottom half": (rows < 14).expand(28, 28)}
+    masks = {name: masks[name] for name in halves}
+    runs = ({f"r={r}": dict(resample=r, jump=1) for r in resamples} if particles == 1 else
+            {f"K={particles}": dict(particles=particles)})
     agree = lambda images: float((metrics.embed(classifier, images)[1].argmax(1)
                                   == labels.numpy()).mean())
     results = {"checkpoint": ckpt, "digits": n, "classifier_test_accuracy": accuracy,
@@ -592,19 +647,20 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
         half = imaging.to_uint8(torch.where(mask, x0, -torch.ones(()))).numpy()    # black
         results[name] = {"unfilled (black)": agree(half)}
         filled = {}
-        for r in resamples:
+        for key, how in runs.items():
             start = time.perf_counter()
             x = editing.run("inpaint", model.network, model.diffusion, x0, mask, asked,
-                            batch_size=n, resample=r, jump=1, seed=seed, device=device,
-                            null_label=model.module.null_label)
+                            batch_size=batch_size or n, seed=seed, device=device,
+                            null_label=model.module.null_label, **how)
             seconds = (time.perf_counter() - start) / n
-            filled[r] = imaging.to_uint8(x).cpu().numpy()
-            p = agree(filled[r])
-            results[name][f"r={r}"] = {"agreement": p, "se": math.sqrt(p * (1 - p) / n),
-                                       "seconds_per_image": seconds}
-            print(name, r, results[name][f"r={r}"], flush=True)
+            filled[key] = imaging.to_uint8(x).cpu().numpy()
+            p = agree(filled[key])
+            results[name][key] = {"agreement": p, "se": math.sqrt(p * (1 - p) / n),
+                                  "seconds_per_image": seconds}
+            print(name, key, results[name][key], flush=True)
             files.write_file(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-        shown += [blank[:8], filled[min(resamples)][:8], filled[max(resamples)][:8], digits[:8]]
+        keys = list(runs)
+        shown += [blank[:8], filled[keys[0]][:8], filled[keys[-1]][:8], digits[:8]]
         # rows: per mask, the kept pixels, the smallest r's fillings, the largest r's, the digits
         imaging.save_png(figure, imaging.make_grid(np.concatenate(shown), nrow=8))
     print(json.dumps(results, indent=1))
