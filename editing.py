@@ -12,7 +12,7 @@ References:
   [Ho]      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
   [Wu]      Wu, Trippe, Naesseth, Blei, Cunningham 2023, "Practical and Asymptotically Exact
             Conditional Sampling in Diffusion Models" (the Twisted Diffusion Sampler, TDS):
-            §3 (twisting functions, the twisted proposal, the weights), §4 (inpainting).
+            its Algorithm 1 (twisted targets, twisted proposals, weights) in its inpainting case.
   [Kitagawa] Kitagawa 1996, "Monte Carlo Filter and Smoother for Non-Gaussian Nonlinear State
             Space Models" (systematic resampling).
 
@@ -226,7 +226,7 @@ def step_gaussian(diffusion, model, x, t, t_prev, sampler, eta, clip_denoised):
 
 def twist_variance(diffusion, t):
     """s_t² = (1 - ᾱ_t)/ᾱ_t, the variance of the twisting function p̃_t(y | x_t) = N(y; x̂_0(x_t)
-    on the known pixels, s_t² I) ([Wu] §4 and its inpainting code): x_t/√ᾱ_t = x_0 + s_t ε
+    on the known pixels, s_t² I) (the choice of [Wu]'s inpainting experiments): x_t/√ᾱ_t = x_0 + s_t ε
     under q, so s_t is the noise x_t leaves on x_0 (the posterior std of x_0 under a flat prior).
     It is wide where x_t says little (x_T: about 1/ᾱ_T) and goes to ᾱ_1's β_1/(1 - β_1), about
     the decoder's variance, at the last step, where the twist meets the exact likelihood."""
@@ -286,12 +286,13 @@ def twisted_inpaint(diffusion, model, x0, mask, particles=8, sampler="ddim",
     p_θ the sampler's chain (all T steps of Algorithm 2, or DDIM's N at eta > 0: Gaussian steps
     N(μ_θ(x_L), σ_L² I), step_gaussian). The kept pixels are x0's exactly.
 
-    K particles an image, x_N ~ N(0, I). The targets ([Wu] Eq. 8): γ_L(x_{L:N}) ∝ p_θ(x_{L:N})
-    p̃_L(y | x_L), with the twisting function p̃_L(y | x_L) = N(y; x̂_0(x_L) on the known pixels,
-    s_L² I), s_L² = (1 - ᾱ)/ᾱ at x_L's index (twist_variance). Each step from level L to L - 1
-    draws from the twisted proposal ([Wu] Eq. 9)
+    [Wu] Algorithm 1: K particles an image, x_N ~ N(0, I), the twisted targets γ_L(x_{L:N}) ∝
+    p_θ(x_{L:N}) p̃_L(y | x_L), with the twisting function p̃_L(y | x_L) = N(y; x̂_0(x_L) on the
+    known pixels, s_L² I), s_L² = (1 - ᾱ)/ᾱ at x_L's index (twist_variance). Each step from level
+    L to L - 1
+    draws from the twisted proposal
         r(x_{L-1} | x_L) = N(μ_θ(x_L) + σ_L² ∇_{x_L} log p̃_L(y | x_L), σ_L² I)
-    (the gradient through the network) and multiplies the weight by ([Wu] Eq. 10)
+    (the gradient through the network) and multiplies the weight by
         w_L = p_θ(x_{L-1} | x_L) p̃_{L-1}(y | x_{L-1}) / [p̃_L(y | x_L) r(x_{L-1} | x_L)],
     in log space (the first weight is p̃_N(y | x_N)). Before each step an image whose particles'
     effective sample size is below K/2 is resampled, systematically (systematic_resample). The
