@@ -10,6 +10,11 @@ References:
   [Meng]    Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
             Differential Equations", Algorithm 1.
   [Ho]      Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
+  [Wu]      Wu, Trippe, Naesseth, Blei, Cunningham 2023, "Practical and Asymptotically Exact
+            Conditional Sampling in Diffusion Models" (the Twisted Diffusion Sampler, TDS):
+            its Algorithm 1 (twisted targets, twisted proposals, weights) in its inpainting case.
+  [Kitagawa] Kitagawa 1996, "Monte Carlo Filter and Smoother for Non-Gaussian Nonlinear State
+            Space Models" (systematic resampling).
 
 The chain. Both methods run on the chain the sampler visits: all T indices for Algorithm 2
 (--sampler ddpm), the N indices k_0 < ... < k_{N-1} of ddim_timesteps(--steps) for DDIM (e.g.
@@ -25,6 +30,13 @@ taken back up to level L + j by one draw of the forward process q(x_{L+j} | x_L)
 are sampled again, r - 1 times; so every step but the last is taken r times when j = 1, and r = 1
 is plain replacement. The known pixels' noise and the jumps' noise come from a second generator,
 so with r = 1 the sampler's own draws are those of unconditional sampling with the same seed.
+
+Twisted inpainting (--particles K > 1, twisted_inpaint). RePaint does not reach the exact
+conditional (test_editing.py measures how far it stays); [Wu]'s sequential Monte Carlo sampler
+does, as K grows, for the model's own chain p_θ: K particles an image run down the sampler's
+chain, each step drawn from a proposal pulled towards the known pixels, weighted and resampled
+so that at level L they target p_θ(x_{L:N}) p̃_L(y | x_L), and the last step's weight is the
+chain's own p_θ(x_0 = y on the known pixels | x_1). See twisted_inpaint.
 
 SDEdit. --strength s runs the last n = floor(s N + 1/2) steps of the N-step chain (the step
 nearest s N; s T for Algorithm 2): x is drawn from q(x_t | x_0) at the 0-based index t = k_{n-1}
@@ -58,6 +70,10 @@ KEEP_THRESHOLD = 128          # a mask pixel whose grey value is >= this keeps t
 # The second generator (known pixels, jumps) is seeded seed + KNOWN_SEED_OFFSET: never any
 # --seed (those are < 2^31), so its draws are never the sampler's of another run.
 KNOWN_SEED_OFFSET = 2 ** 31
+# --particles: 1 is RePaint (inpaint); K > 1 the twisted SMC sampler (twisted_inpaint), K particles
+# an image. The SMC literature resamples when the effective sample size falls below half of K.
+DEFAULT_PARTICLES = 1
+ESS_FRACTION = 0.5
 
 
 # ---- the chain ---------------------------------------------------------------------------------
@@ -171,6 +187,167 @@ def inpaint(diffusion, model, x0, mask, sampler="ddim", steps=sampling.DEFAULT_S
     return x
 
 
+# ---- the twisted SMC sampler ([Wu]) ------------------------------------------------------------
+
+def check_twisted(sampler, eta, particles):
+    """UserError unless the sampler's steps are Gaussian (Algorithm 2, or DDIM with eta > 0) and
+    particles >= 1."""
+    cli.check_number("--particles", particles, 1, 100_000)
+    check(sampler == "ddpm" or eta > 0, f"--particles {particles} weighs each step by its Gaussian "
+          "density, and DDIM at --eta 0 is deterministic; give --eta above 0 (1: the default)")
+
+
+def step_gaussian(diffusion, model, x, t, t_prev, sampler, eta, clip_denoised):
+    """The sampler's step from index t to t_prev as a Gaussian N(mean, std² I): (mean, std,
+    x̂_0), one network call. Algorithm 2: μ_θ(x_t) and σ_t = exp(½ log Σ_θ) ([Ho] Eq. 1, 11, as
+    p_sample draws it); DDIM: [Song DDIM] Eq. 12's mean and σ of Eq. 16 (ddim_sample at zero
+    noise, and the same σ it draws with). The last step (t_prev = -1) of both samplers is
+    x̂_0(x_t) itself, drawn without noise; its std here is Algorithm 2's decoder σ_1 (the log
+    β̃ of index 0, clipped as p_mean_variance clips it; the learned one for Algorithm 2 with a
+    learned variance), under which twisted_inpaint weighs the known pixels. std: [B, 1, ...],
+    or [B, ...] for a learned variance."""
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    if sampler == "ddpm":
+        out = diffusion.p_mean_variance(model, x, tt, clip_denoised)
+        return out["mean"], torch.exp(0.5 * out["log_variance"]), out["pred_x0"]
+    out = diffusion.ddim_sample(model, x, tt, t_prev, eta, clip_denoised,
+                                noise=torch.zeros_like(x))
+    if t_prev < 0:
+        log_var = diffusion.posterior_log_variance_clipped[0]
+        std = torch.exp(0.5 * log_var)
+    else:   # Eq. 16 as ddim_sample computes it, from the same float64 tables
+        log_ac, one_minus = diffusion.log_alphas_cumprod_ext, diffusion.one_minus_alphas_cumprod_ext
+        var = eta ** 2 * one_minus[t_prev + 1] / one_minus[t + 1] * -torch.expm1(
+            log_ac[t + 1] - log_ac[t_prev + 1])
+        std = torch.sqrt(var)
+    std = std.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+    return out["sample"], std.reshape(-1, *[1] * (x.dim() - 1)), out["pred_x0"]
+
+
+def twist_variance(diffusion, t):
+    """s_t² = (1 - ᾱ_t)/ᾱ_t, the variance of the twisting function p̃_t(y | x_t) = N(y; x̂_0(x_t)
+    on the known pixels, s_t² I) (the choice of [Wu]'s inpainting experiments): x_t/√ᾱ_t = x_0 + s_t ε
+    under q, so s_t is the noise x_t leaves on x_0 (the posterior std of x_0 under a flat prior).
+    It is wide where x_t says little (x_T: about 1/ᾱ_T) and goes to ᾱ_1's β_1/(1 - β_1), about
+    the decoder's variance, at the last step, where the twist meets the exact likelihood."""
+    return float(torch.expm1(-torch.log(diffusion.alphas_cumprod[t])))
+
+
+def log_normal_known(y, mean, var, mask):
+    """log N(y; mean, var I) over the pixels where mask is True, summed per particle: [P] from
+    [P, ...] (var a number or [P, 1 or ..., ...]); the unknown pixels of y are never read."""
+    var = torch.as_tensor(var, dtype=mean.dtype, device=mean.device)
+    terms = (y - mean) ** 2 / var + torch.log(2 * math.pi * var)
+    return -0.5 * torch.where(mask, terms, torch.zeros((), dtype=mean.dtype,
+                                                       device=mean.device)).flatten(1).sum(1)
+
+
+def twisted_state(diffusion, model, x, t, t_prev, y, mask, sampler, eta, clip_denoised, grad):
+    """At particles x at index t: the step to t_prev (step_gaussian: mean, std) and log p̃_t(y |
+    x_t) (twist_variance) with, if `grad`, its gradient ∇_{x_t} log p̃_t through the network
+    (one backward pass; the model is called with gradients on). All returned detached."""
+    with torch.set_grad_enabled(grad):
+        x = x.detach().requires_grad_(grad)
+        mean, std, pred_x0 = step_gaussian(diffusion, model, x, t, t_prev, sampler, eta,
+                                           clip_denoised)
+        log_twist = log_normal_known(y, pred_x0, twist_variance(diffusion, t), mask)
+        g = torch.autograd.grad(log_twist.sum(), x)[0] if grad else None
+    return mean.detach(), std.detach(), log_twist.detach(), g
+
+
+def systematic_resample(log_w, generator):
+    """Ancestors [B, K] by systematic resampling ([Kitagawa]: one uniform u per image, the K
+    points (u + k)/K through the cumulative weights) for the images whose effective sample size
+    1/Σ w_k² (w normalised) is below ESS_FRACTION K; the others keep their particles (and where
+none is below, no uniform is drawn). Returns
+    (ancestors, log weights: 0 where resampled, else as given). log_w: [B, K]."""
+    B, K = log_w.shape
+    w = torch.softmax(log_w, 1)
+    low = 1.0 / (w ** 2).sum(1) < ESS_FRACTION * K
+    keep = torch.arange(K, device=log_w.device).expand(B, K)
+    if not low.any():                # no draw: equal weights use the generator as sampling does
+        return keep, log_w
+    u = (torch.rand((B, 1), generator=generator, device=log_w.device, dtype=log_w.dtype)
+         + torch.arange(K, device=log_w.device, dtype=log_w.dtype)) / K
+    cdf = torch.cumsum(w, 1)
+    cdf = cdf / cdf[:, -1:]          # ends at 1: a particle of weight 0 is never picked
+    picked = torch.searchsorted(cdf, u).clamp(max=K - 1)
+    return (torch.where(low[:, None], picked, keep),
+            torch.where(low[:, None], torch.zeros_like(log_w), log_w))
+
+
+@torch.no_grad()
+def twisted_inpaint(diffusion, model, x0, mask, particles=8, sampler="ddim",
+                    steps=sampling.DEFAULT_STEPS, eta=sampling.DEFAULT_ETA, clip_denoised=True,
+                    generator=None, tick=None):
+    """x_0 with the pixels where `mask` is False filled by [Wu]'s Twisted Diffusion Sampler: a
+    draw, asymptotically exact as `particles` K grows, from the model's own chain conditioned on
+    the known pixels y: p_θ(x_0 | x_0 = y on the known pixels) ∝ ∫ p_θ(x_{0:N}) dx_{1:N}, with
+    p_θ the sampler's chain (all T steps of Algorithm 2, or DDIM's N at eta > 0: Gaussian steps
+    N(μ_θ(x_L), σ_L² I), step_gaussian). The kept pixels are x0's exactly.
+
+    [Wu] Algorithm 1: K particles an image, x_N ~ N(0, I), the twisted targets γ_L(x_{L:N}) ∝
+    p_θ(x_{L:N}) p̃_L(y | x_L), with the twisting function p̃_L(y | x_L) = N(y; x̂_0(x_L) on the
+    known pixels, s_L² I), s_L² = (1 - ᾱ)/ᾱ at x_L's index (twist_variance). Each step from level
+    L to L - 1
+    draws from the twisted proposal
+        r(x_{L-1} | x_L) = N(μ_θ(x_L) + σ_L² ∇_{x_L} log p̃_L(y | x_L), σ_L² I)
+    (the gradient through the network) and multiplies the weight by
+        w_L = p_θ(x_{L-1} | x_L) p̃_{L-1}(y | x_{L-1}) / [p̃_L(y | x_L) r(x_{L-1} | x_L)],
+    in log space (the first weight is p̃_N(y | x_N)). Before each step an image whose particles'
+    effective sample size is below K/2 is resampled, systematically (systematic_resample). The
+    last step, to x_0 = x̂_0(x_1) (as the samplers take it, without noise), is weighed by the
+    chain's own decoder at the known pixels, p_θ(x_0 = y there | x_1) = N(y; x̂_0(x_1), σ_1² I)
+    (step_gaussian), over p̃_1(y | x_1); the known pixels are set to y, the unknown ones are
+    x̂_0(x_1)'s, and one particle an image is returned, drawn by the final weights.
+
+    K = 1 has no weights to act on: it is the twisted proposal alone, each step's mean moved by
+    σ_L² ∇ log p̃_L (reconstruction guidance, biased), and with a mask that keeps nothing (no
+    twist) it is unconditional sampling, the same seed giving the same samples. N network calls,
+    each on B K images with a backward pass (none at the last).
+
+    x0: [B, ...] (its values where mask is False are never read); mask: bool, broadcastable to
+    x0, True = keep. Everything random (x_N, each step's noise, the resampling and the final
+    draw) comes from `generator`, in that order. tick(): called once a network call. Returns
+    [B, ...].
+    """
+    check_twisted(sampler, eta, particles)
+    seq = chain(diffusion, sampler, steps)
+    index = [-1] + seq                                  # level L -> its 0-based index
+    B, K, n = x0.shape[0], particles, len(seq)
+    y = x0.repeat_interleave(K, 0)                      # particle i belongs to image i // K
+    mask = mask.to(x0.device).bool().expand(x0.shape).repeat_interleave(K, 0)
+    x = torch.randn(y.shape, generator=generator, device=x0.device, dtype=x0.dtype)    # x_N
+    state = lambda x, level: twisted_state(diffusion, model, x, index[level],
+                                           index[level - 1], y, mask, sampler, eta,
+                                           clip_denoised, grad=level > 1)
+    mean, std, log_twist, g = state(x, n)
+    log_w = log_twist.view(B, K)                        # γ_N / N(0, I) = p̃_N(y | x_N)
+    for level in range(n, 0, -1):
+        if tick:
+            tick()
+        ancestors, log_w = systematic_resample(log_w, generator)
+        pick = (ancestors + K * torch.arange(B, device=x.device)[:, None]).flatten()
+        x, mean, log_twist = x[pick], mean[pick], log_twist[pick]
+        std = std[pick]
+        if level == 1:                                  # p_θ(x_0 = y on the known pixels | x_1)
+            log_w = log_w + (log_normal_known(y, mean, std ** 2, mask) - log_twist).view(B, K)
+            x = torch.where(mask, y, mean)
+            break
+        shift = std ** 2 * g[pick]                      # σ_L² ∇ log p̃_L(y | x_L)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = mean + shift + std * z                      # x_{L-1} ~ r(· | x_L)
+        # log p_θ(x_{L-1} | x_L) - log r(x_{L-1} | x_L), with x_{L-1} - μ_θ = shift + σ z:
+        # -(|shift + σ z|² - |σ z|²) / (2 σ²), summed over the pixels
+        log_ratio = -(shift ** 2 / (2 * std ** 2) + shift * z / std).flatten(1).sum(1)
+        mean, std, new_twist, g = state(x, level - 1)
+        log_w = log_w + (log_ratio + new_twist - log_twist).view(B, K)
+        log_w = log_w - torch.logsumexp(log_w, 1, keepdim=True)
+        log_twist = new_twist
+    chosen = torch.multinomial(torch.softmax(log_w, 1), 1, generator=generator)[:, 0]
+    return x[chosen + K * torch.arange(B, device=x.device)]
+
+
 @torch.no_grad()
 def sdedit(diffusion, model, x0, strength, sampler="ddim", steps=sampling.DEFAULT_STEPS,
            eta=sampling.DEFAULT_ETA, clip_denoised=True, generator=None, tick=None):
@@ -194,41 +371,58 @@ def sdedit(diffusion, model, x0, strength, sampler="ddim", steps=sampling.DEFAUL
     return x
 
 
-def network_calls(job, diffusion, sampler, steps, resample=1, jump=1, strength=1.0):
-    """The network calls of one batch of `job` ("inpaint" or "edit")."""
+def network_calls(job, diffusion, sampler, steps, resample=1, jump=1, strength=1.0,
+                  particles=1):
+    """The network calls of one batch of `job` ("inpaint" or "edit"); the twisted sampler's
+    (particles > 1) are on particles times the batch, each with a backward pass but the last."""
     n = len(chain(diffusion, sampler, steps))
-    return repaint_calls(n, resample, jump) if job == "inpaint" else strength_steps(strength, n)
+    if job == "inpaint":
+        return n if particles > 1 else repaint_calls(n, resample, jump)
+    return strength_steps(strength, n)
 
 
 def run(job, network, diffusion, images, masks=None, labels=None, batch_size=256,
         sampler=sampling.DEFAULT_SAMPLER, steps=sampling.DEFAULT_STEPS, eta=sampling.DEFAULT_ETA,
         resample=DEFAULT_RESAMPLE, jump=DEFAULT_JUMP, strength=DEFAULT_STRENGTH, seed=0,
         device="cpu", clip_denoised=True, guidance=sampling.DEFAULT_GUIDANCE, null_label=None,
-        progress=True, self_cond=False):
-    """inpaint or sdedit over `images` ([N, C, H, W] in [-1, 1]), batch by batch, from one
-    generator on `device` seeded with `seed` (and, for inpainting, a second one for the known
-    pixels), as sampling.generate draws: the same seed and batch size give the same images.
-    masks: bool [N or 1, C or 1, H, W] for "inpaint". labels: LongTensor [N] for a
+        progress=True, self_cond=False, particles=DEFAULT_PARTICLES):
+    """inpaint (or, with particles K > 1, twisted_inpaint: K particles an image, the network
+    called on batch_size K images) or sdedit over `images` ([N, C, H, W] in [-1, 1]), batch by
+    batch, from one generator on `device` seeded with `seed` (and, for RePaint, a second one for
+    the known pixels), as sampling.generate draws: the same seed and batch size give the same
+    images. masks: bool [N or 1, C or 1, H, W] for "inpaint". labels: LongTensor [N] for a
     class-conditional network(x, t, y), guided with weight `guidance` (sampling.conditioned);
     None calls network(x, t). self_cond: a self-conditioned network, fed the previous step's x̂_0
-    (sampling.chain_model). Returns [N, C, H, W]."""
+    (sampling.chain_model; not with particles > 1). Returns [N, C, H, W]."""
+    twisted = job == "inpaint" and particles > 1
+    if twisted:
+        check_twisted(sampler, eta, particles)
+        check(not self_cond, f"--particles {particles}: a self-conditioned model feeds each "
+              "step the x̂_0 of its own chain, which resampling the particles would cut; give "
+              "--particles 1 (RePaint)")
     g = torch.Generator(device).manual_seed(seed)
     g_known = torch.Generator(device).manual_seed(seed + KNOWN_SEED_OFFSET)
     starts = range(0, len(images), batch_size)
-    calls = network_calls(job, diffusion, sampler, steps, resample, jump, strength)
+    calls = network_calls(job, diffusion, sampler, steps, resample, jump, strength, particles)
     what = "filling" if job == "inpaint" else "editing"
-    bar = tqdm(total=len(starts) * calls, desc=f"{what} {len(images)} images", unit="step",
+    each = f" x {particles} particles" if twisted else ""
+    bar = tqdm(total=len(starts) * calls, desc=f"{what} {len(images)} images{each}", unit="step",
                disable=not progress, leave=False)
     out = []
     with bar:
         for start in starts:
             x0 = images[start:start + batch_size].to(device)
-            model = sampling.chain_model(
-                network, diffusion, None if labels is None else labels[start:start + len(x0)],
-                null_label, guidance, clip_denoised, self_cond)
+            y = None if labels is None else labels[start:start + len(x0)]
+            if twisted and y is not None:
+                y = y.repeat_interleave(particles)      # the particles of image i: i K .. i K + K-1
+            model = sampling.chain_model(network, diffusion, y, null_label, guidance,
+                                         clip_denoised, self_cond)
             kw = dict(sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised,
                       generator=g, tick=lambda: bar.update(1))
-            if job == "inpaint":
+            if twisted:
+                mask = masks if len(masks) == 1 else masks[start:start + len(x0)]
+                out.append(twisted_inpaint(diffusion, model, x0, mask.to(device), particles, **kw))
+            elif job == "inpaint":
                 mask = masks if len(masks) == 1 else masks[start:start + len(x0)]
                 out.append(inpaint(diffusion, model, x0, mask.to(device), resample=resample,
                                    jump=jump, known_generator=g_known, **kw))
@@ -259,6 +453,13 @@ def add_arguments(p):
     p.add_argument("--jump-length", type=int, metavar="J", help="with --inpaint and --resample "
                    "above 1: go back J steps of the chain actually sampled (the --steps of DDIM, "
                    f"all T of ddpm) at every J-th step (default: {DEFAULT_JUMP})")
+    p.add_argument("--particles", type=int, metavar="K", help="with --inpaint: K > 1 uses the "
+                   "twisted SMC sampler (Wu et al. 2023) instead of RePaint: K particles an image "
+                   "run down the chain, pulled towards the kept pixels, weighted and resampled, "
+                   "one returned; a draw from the model's exact conditional as K grows; about K "
+                   "times the network calls of plain sampling, each with a backward pass, on "
+                   "--batch-size times K images (Algorithm 2 or DDIM with --eta above 0; not with "
+                   f"--resample or --jump-length) (default: {DEFAULT_PARTICLES}: RePaint)")
     p.add_argument("--edit", metavar="IMAGE", help="SDEdit: noise IMAGE (PNG or .npz as for "
                    "--inpaint) to the step nearest --strength times the chain's length and "
                    "denoise it; writes each input | --n edits to --out, or the edits to an .npz")
@@ -277,11 +478,21 @@ def check_arguments(args):
     check(not args.inpaint or args.mask, "--inpaint needs --mask MASK (white keeps, black fills)")
     for flag, value, owner in (("--resample", args.resample, "inpaint"),
                                ("--jump-length", args.jump_length, "inpaint"),
+                               ("--particles", args.particles, "inpaint"),
                                ("--strength", args.strength, "edit")):
         check(value is None or job == owner, f"{flag} goes with --{owner}; give --{owner} IMAGE")
     if job is None:
         return None
     if job == "inpaint":
+        args.particles = DEFAULT_PARTICLES if args.particles is None else args.particles
+        cli.check_number("--particles", args.particles, 1, 100_000)
+        if args.particles > 1:
+            for flag, value in (("--resample", args.resample), ("--jump-length", args.jump_length)):
+                check(value is None or value == 1, f"--particles {args.particles} runs the "
+                      f"twisted SMC sampler, which does not take RePaint's {flag}; drop {flag} "
+                      "or give --particles 1")
+            args.resample, args.jump_length = 1, 1
+            check_twisted(args.sampler, 1.0 if args.eta is None else args.eta, args.particles)
         args.resample = DEFAULT_RESAMPLE if args.resample is None else args.resample
         args.jump_length = DEFAULT_JUMP if args.jump_length is None else args.jump_length
         cli.check_number("--resample", args.resample, 1, 10_000)

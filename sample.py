@@ -9,6 +9,7 @@ the same seed gives the same images.
     python sample.py --out samples.npz --n 10000          # uint8 array [N, H, W(, C)]
     python sample.py --trajectory 10 --n 8                # x_t at 10 values of t, one row a sample
     python sample.py --inpaint digit.png --mask mask.png  # fill in where the mask is black
+    python sample.py --inpaint digit.png --mask mask.png --particles 8   # twisted SMC
     python sample.py --edit sketch.png --strength 0.5     # SDEdit: noise half-way, denoise
 """
 import os
@@ -125,7 +126,9 @@ def fill_or_edit(args, model, path, device):
     masks = editing.read_masks(args.mask, shape, len(images)) if job == "inpaint" else None
     labels = editing.labels_for(args.classes, len(images), model.config, given)
     chain = editing.chain(model.diffusion, args.sampler, args.steps)
-    if job == "inpaint":
+    if job == "inpaint" and args.particles > 1:
+        how = f"twisted SMC, {args.particles} particles an image"
+    elif job == "inpaint":
         editing.check_repaint(len(chain), args.resample, args.jump_length)
         how = f"RePaint r = {args.resample}, j = {args.jump_length}"
     else:
@@ -141,7 +144,7 @@ def fill_or_edit(args, model, path, device):
                     args.batch_size, args.sampler, args.steps, args.eta, args.resample,
                     args.jump_length, args.strength, args.seed, device,
                     sampling.clips(model.config, args), args.guidance, model.module.null_label,
-                    self_cond=model.module.self_cond)
+                    self_cond=model.module.self_cond, particles=args.particles or 1)
     out = imaging.to_uint8(x).cpu().numpy()
     if args.out.endswith(".npz"):
         write(args.out, out, labels=repeat(labels))
