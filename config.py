@@ -63,10 +63,11 @@ class Flags:
     val_fraction: float = _flag("data", None, userdata.HELP["val_fraction"][0],
                                 auto=userdata.HELP["val_fraction"][1])
     class_cond: bool = _flag(
-        "data", False, "a class-conditional model (classifier-free guidance, Ho & "
+        "data", None, "a class-conditional model (classifier-free guidance, Ho & "
         "Salimans 2022): the label is a learned embedding added to the time "
         "embedding, replaced by the null label with probability --cond-drop; "
-        "needs labelled data")
+        "needs labelled data (--no-class-cond: an unconditional model)",
+        auto="the recipe's: on with cpu when the data has labels, off with ho")
     cond_drop: float = _flag(
         "data", 0.1, "--class-cond: the probability that a training image's label is "
         "replaced by the null label, so that one network learns the "
@@ -230,11 +231,11 @@ RECIPES = {
     # linear schedule, L_simple unweighted.
     "ho": dict(batch_size=128, lr=2e-4, warmup=5000, lr_schedule="constant", ema_decay=0.9999,
                ema_warmup=10.0, schedule="linear", mean_type="eps", loss_weighting="none",
-               t_sampling="uniform"),
+               t_sampling="uniform", class_cond=False),
     # A good model in --minutes on a CPU: docs/results.md says what each difference bought.
-    "cpu": dict(batch_size=64, lr=2e-3, warmup=100, lr_schedule="wsd", ema_decay=0.9999,
+    "cpu": dict(batch_size=64, lr=4e-3, warmup=100, lr_schedule="wsd", ema_decay=0.9999,
                 ema_warmup=10.0, schedule="cosine", mean_type="eps", loss_weighting="min_snr",
-                t_sampling="logitnormal"),
+                t_sampling="logitnormal", class_cond=True),
 }
 
 
@@ -428,6 +429,8 @@ def automatic(flags, device, image_shape, num_classes):
         net["attn_resolutions"] = (H // 2 ** (len(net["channel_mult"]) - 1),)  # the coarsest
     net.update(in_channels=C, image_size=H)
     net["out_channels"] = 2 * C if f["var_type"] == "learned_range" else C
+    if f["class_cond"] and not num_classes and "class_cond" not in flags:
+        f["class_cond"] = False  # the cpu recipe trains with labels where the data has them
     if f["class_cond"]:
         check(num_classes, f"--class-cond needs labels, and {f['dataset']} has none; labels come "
               "with mnist, fashion-mnist and cifar10, a folder's subfolders (--labels "

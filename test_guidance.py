@@ -353,12 +353,13 @@ def test_evaluate_scores_the_class_asked_for(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, classes, expected", [
-    ({}, 10, False),                                   # unconditional unless asked
-    ({"recipe": "ho"}, 10, False),
-    ({"class_cond": True}, 10, True),                  # --class-cond
-    ({"recipe": "ho", "class_cond": True}, 10, True),  # with any recipe
+    ({}, 10, True),                                    # the cpu recipe on labelled data
+    ({"recipe": "ho"}, 10, False),                     # Ho et al.'s: unconditional
+    ({}, None, False),                                 # no labels: unconditional
+    ({"class_cond": False}, 10, False),                # --no-class-cond
+    ({"recipe": "ho", "class_cond": True}, 10, True),  # --class-cond with any recipe
 ])
-def test_a_run_is_class_conditional_when_asked(flags, classes, expected):
+def test_the_cpu_recipe_trains_with_labels_where_the_data_has_them(flags, classes, expected):
     cfg = config.automatic({"dataset": "mnist", **flags}, torch.device("cpu"), (1, 28, 28),
                            classes)
     assert cfg.train.class_cond is expected
