@@ -651,7 +651,8 @@ class GaussianDiffusion:
         σ = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev)   ([Song] Eq. 16).
 
         ε̂ is recomputed from the (possibly clipped) x̂_0, so that η = 1 over consecutive steps is
-        exactly [Ho]'s step with σ² = β̃_t. Returns {"sample", "pred_x0"}.
+        exactly [Ho]'s step with σ² = β̃_t. Returns {"sample", "pred_x0", "variance"}, the last
+        σ² per example in float64 (the step's Gaussian, which editing.twisted_inpaint weighs).
 
         Checked by test_math.py section 11 (docs/derivations.md walks each step).
         """
@@ -668,11 +669,11 @@ class GaussianDiffusion:
         mean = (_broadcast(torch.exp(0.5 * log_ac_prev), x_t) * out["pred_x0"]
                 + _broadcast(torch.sqrt((om_prev - var).clamp(min=0)), x_t) * eps)
         if eta == 0:
-            return {"sample": mean, "pred_x0": out["pred_x0"]}
+            return {"sample": mean, "pred_x0": out["pred_x0"], "variance": var}
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return {"sample": mean + _broadcast(torch.sqrt(var), x_t) * noise,
-                "pred_x0": out["pred_x0"]}
+                "pred_x0": out["pred_x0"], "variance": var}
 
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, steps, eta, noise=None, clip_denoised=True,

@@ -213,14 +213,10 @@ def step_gaussian(diffusion, model, x, t, t_prev, sampler, eta, clip_denoised):
     out = diffusion.ddim_sample(model, x, tt, t_prev, eta, clip_denoised,
                                 noise=torch.zeros_like(x))
     if t_prev < 0:
-        log_var = diffusion.posterior_log_variance_clipped[0]
-        std = torch.exp(0.5 * log_var)
-    else:   # Eq. 16 as ddim_sample computes it, from the same float64 tables
-        log_ac, one_minus = diffusion.log_alphas_cumprod_ext, diffusion.one_minus_alphas_cumprod_ext
-        var = eta ** 2 * one_minus[t_prev + 1] / one_minus[t + 1] * -torch.expm1(
-            log_ac[t + 1] - log_ac[t_prev + 1])
-        std = torch.sqrt(var)
-    std = std.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        std = torch.exp(0.5 * diffusion.posterior_log_variance_clipped[0]).expand(x.shape[0])
+    else:   # Eq. 16's σ, as ddim_sample drew with it
+        std = torch.sqrt(out["variance"])
+    std = std.to(device=x.device, dtype=x.dtype)
     return out["sample"], std.reshape(-1, *[1] * (x.dim() - 1)), out["pred_x0"]
 
 

@@ -546,6 +546,17 @@ def run_sample(w, *flags):
     cli.run_script(sample.main, ["--ckpt", w["run"], "--device", "cpu", *map(str, flags)])
 
 
+def assert_two_fillings_each_keep_the_input(world, path):
+    """The npz at path holds --n 2 fillings of each of world's 3 images: their kept pixels are
+    the input's exactly, and the filled ones are new."""
+    filled = np.load(path)["images"]
+    assert filled.shape == (6, 8, 8)
+    kept = world["mask"] >= 128
+    expected = np.repeat(world["images"], 2, axis=0)
+    assert np.array_equal(filled[:, kept], expected[:, kept])
+    assert not np.array_equal(filled[:, ~kept], expected[:, ~kept])
+
+
 def test_inpaint_writes_the_grid_and_the_npz(world):
     """A PNG and its mask give one row: input | mask | --n fillings; an npz of 3 images with one
     mask each gives their fillings, --n each, whose kept pixels are the input's exactly."""
@@ -556,12 +567,7 @@ def test_inpaint_writes_the_grid_and_the_npz(world):
     assert Image.open(root / "grid.png").size == (4 * 10 + 2, 10 + 2)
     run_sample(world, "--inpaint", root / "images.npz", "--mask", root / "masks.npz", "--n", 2,
                "--steps", 5, "--out", root / "filled.npz")
-    filled = np.load(root / "filled.npz")["images"]
-    assert filled.shape == (6, 8, 8)
-    kept = world["mask"] >= 128
-    expected = np.repeat(world["images"], 2, axis=0)
-    assert np.array_equal(filled[:, kept], expected[:, kept])
-    assert not np.array_equal(filled[:, ~kept], expected[:, ~kept])
+    assert_two_fillings_each_keep_the_input(world, root / "filled.npz")
 
 
 def test_twisted_inpaint_from_sample_py(world):
@@ -570,12 +576,7 @@ def test_twisted_inpaint_from_sample_py(world):
     root = world["root"]
     run_sample(world, "--inpaint", root / "images.npz", "--mask", root / "masks.npz", "--n", 2,
                "--particles", 3, "--steps", 5, "--out", root / "twisted.npz")
-    filled = np.load(root / "twisted.npz")["images"]
-    assert filled.shape == (6, 8, 8)
-    kept = world["mask"] >= 128
-    expected = np.repeat(world["images"], 2, axis=0)
-    assert np.array_equal(filled[:, kept], expected[:, kept])
-    assert not np.array_equal(filled[:, ~kept], expected[:, ~kept])
+    assert_two_fillings_each_keep_the_input(world, root / "twisted.npz")
     d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 30))
     with pytest.raises(cli.UserError, match="a self-conditioned model"):
         editing.run("inpaint", toy_model, d, torch.zeros(2, 1, 4, 4),
