@@ -651,7 +651,7 @@ def test_bad_inputs_get_one_line(world, capsys):
 
 def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
                 figure="assets/mnist_inpainting.png", seed=0, device="cpu", particles=1,
-                halves=("left half", "bottom half"), batch_size=None):
+                halves=("left half", "bottom half"), batch_size=None, true_class=True):
     """The table of docs/results.md: the first n MNIST test digits with the left half, then the
     bottom half, to fill; each filled by sample.py's default sampler (DDIM-50, eta 1) at each r
     of `resamples` (j = 1), and classified by evaluate.py's classifier (metrics.classifier_for,
@@ -659,7 +659,8 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
     error, seconds per image}} to `out` (as JSON) and prints it; draws `figure`: for the first 8
     digits and each mask, the kept pixels (the rest grey), the fillings at the smallest and
     largest r, and the digits themselves (a row each). A class-conditional model is asked for
-    the true class. particles K > 1: the twisted SMC sampler with K particles instead of RePaint (one row, "K=8";
+    the true class (true_class=False: given no class, i.e. its null label, as sample.py without
+    --class and without labels does). particles K > 1: the twisted SMC sampler with K particles instead of RePaint (one row, "K=8";
     `resamples` unused), in batches of batch_size digits (default: all n); halves: which masks."""
     import json
     import time
@@ -673,7 +674,7 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
     train_set, test_set = (data.load_dataset("mnist", split) for split in ("train", "test"))
     classifier, accuracy = metrics.classifier_for("mnist", train_set, test_set, device)
     digits, labels = test_set.images[:n], torch.as_tensor(test_set.labels[:n])
-    asked = labels if model.module.null_label is not None else None
+    asked = labels if true_class and model.module.null_label is not None else None
     x0 = editing.to_model_range(digits)
     rows, cols = torch.arange(28)[:, None], torch.arange(28)[None, :]
     masks = {"left half": (cols >= 14).expand(28, 28), "bottom half": (rows < 14).expand(28, 28)}
@@ -683,7 +684,8 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
     agree = lambda images: float((metrics.embed(classifier, images)[1].argmax(1)
                                   == labels.numpy()).mean())
     results = {"checkpoint": ckpt, "digits": n, "classifier_test_accuracy": accuracy,
-               "originals": agree(digits), "sampler": "DDIM-50 eta=1", "j": 1}
+               "originals": agree(digits), "sampler": "DDIM-50 eta=1", "j": 1,
+               "class_asked": asked is not None}
     shown = []
     for name, keep in masks.items():
         mask = keep[None, None]
