@@ -660,8 +660,9 @@ def mnist_table(ckpt, n=200, resamples=(1, 2, 5, 10), out="inpainting.json",
     digits and each mask, the kept pixels (the rest grey), the fillings at the smallest and
     largest r, and the digits themselves (a row each). A class-conditional model is asked for
     the true class (true_class=False: given no class, i.e. its null label, as sample.py without
-    --class and without labels does). particles K > 1: the twisted SMC sampler with K particles instead of RePaint (one row, "K=8";
-    `resamples` unused), in batches of batch_size digits (default: all n); halves: which masks."""
+    --class and without labels does). particles K > 1: the twisted SMC sampler with K particles
+    instead of RePaint (one row, "K=8"; `resamples` unused), in batches of batch_size digits
+    (default: all n); halves: which masks."""
     import json
     import time
 
